@@ -1,0 +1,183 @@
+"""The diffusion core: schedule, x0/ε/v conversions, a denoiser wrapper and samplers.
+
+Built on diffusers' DDIMScheduler (zero terminal SNR, v-prediction, trailing spacing). Notation as
+in the paper: x_t = α_t·x0 + σ_t·ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), v = α_t·ε − σ_t·x0.
+
+Samplers share one signature (k-diffusion style) and are chosen by name from ``SAMPLERS``:
+    sampler(denoiser, noise, labels, steps, cfg_scale=1.0, generator=None) -> x0 images
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler
+
+from add_bench.config import ScheduleConfig, check_positive, choose
+
+
+# ------------------------------------------------------------------------------------- schedule
+def make_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        timestep_spacing=cfg.timestep_spacing,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+
+
+class Schedule:
+    """α_t, σ_t lookup for integer timesteps, plus the scheduler's timestep spacing."""
+
+    def __init__(self, cfg: ScheduleConfig | None = None):
+        self.cfg = cfg or ScheduleConfig()
+        self.scheduler = make_scheduler(self.cfg)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        self.num_train_timesteps = self.cfg.num_train_timesteps
+        self.prediction_type = self.cfg.prediction_type
+
+    def alpha_sigma(self, t: torch.Tensor | int, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """α_t and σ_t, shaped to broadcast against a batch of ``ndim``-dimensional images.
+
+        t = -1 means "the end of sampling": α = 1, σ = 0 (diffusers' final_alpha_cumprod).
+        """
+        t = torch.as_tensor(t).long()
+        abar = torch.where(t < 0, torch.ones((), dtype=torch.float64), self.alphas_cumprod[t.clamp(min=0)])
+        shape = (-1,) + (1,) * (ndim - 1) if t.ndim else ()
+        return abar.sqrt().float().reshape(shape), (1 - abar).sqrt().float().reshape(shape)
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The sampler's timesteps for a step count: trailing spacing, 4 → [999, 749, 499, 249]."""
+        check_positive(steps, "steps")
+        if steps > self.num_train_timesteps:
+            from add_bench.errors import ConfigError
+
+            raise ConfigError(f"steps={steps}: must be at most num_train_timesteps={self.num_train_timesteps}")
+        sched = make_scheduler(self.cfg)
+        sched.set_timesteps(steps)
+        return [int(t) for t in sched.timesteps]
+
+    def previous(self, t: int, steps: int) -> int:
+        """The timestep DDIM goes to from t with ``steps`` total steps (−1 = clean image)."""
+        return t - self.num_train_timesteps // steps
+
+
+# ----------------------------------------------------------------------------------- conversions
+def add_noise(x0, eps, alpha, sigma):
+    """x_t = α_t·x0 + σ_t·ε (forward process)."""
+    return alpha * x0 + sigma * eps
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(x_t, v, alpha, sigma):
+    return alpha * x_t - sigma * v
+
+
+def eps_from_v(x_t, v, alpha, sigma):
+    return sigma * x_t + alpha * v
+
+
+def eps_from_x0(x_t, x0, alpha, sigma):
+    """ε = (x_t − α·x0)/σ; undefined at σ = 0."""
+    return (x_t - alpha * x0) / sigma
+
+
+def x0_from_eps(x_t, eps, alpha, sigma):
+    """x0 = (x_t − σ·ε)/α; undefined at α = 0 (zero terminal SNR): use v- or x-prediction there."""
+    return (x_t - sigma * eps) / alpha
+
+
+def ddim_step(x0_hat, eps_hat, alpha_next, sigma_next):
+    """Deterministic DDIM (η = 0): x_{t'} = α_{t'}·x̂0 + σ_{t'}·ε̂."""
+    return alpha_next * x0_hat + sigma_next * eps_hat
+
+
+# ------------------------------------------------------------------------------------- denoiser
+@dataclass
+class Prediction:
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class Denoiser:
+    """Wraps a class-conditional diffusers UNet: (x_t, t, labels) → x̂0 and ε̂, with optional CFG.
+
+    ``null_label`` is the unconditional class used for classifier-free guidance.
+    """
+
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_label: int):
+        self.unet, self.schedule, self.null_label = unet, schedule, null_label
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, class_labels=labels).sample
+
+    def model_output(self, x_t, t, labels, cfg_scale: float = 1.0, uncond_labels=None) -> torch.Tensor:
+        """The network's output (v, ε or x0 by prediction_type), guided when cfg_scale ≠ 1.
+
+        guided = out(∅) + s·(out(c) − out(∅)); ``uncond_labels`` replaces ∅ (e.g. a negative prompt).
+        """
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        if cfg_scale == 1.0:
+            return self.raw(x_t, t, labels)
+        uncond = torch.full_like(labels, self.null_label) if uncond_labels is None else uncond_labels
+        out = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, uncond]))
+        cond, unc = out.chunk(2)
+        return unc + cfg_scale * (cond - unc)
+
+    def to_prediction(self, x_t, t, out) -> Prediction:
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).expand(x_t.shape[0]), x_t.ndim)
+        kind = self.schedule.prediction_type
+        if kind == "v_prediction":
+            return Prediction(x0_from_v(x_t, out, alpha, sigma), eps_from_v(x_t, out, alpha, sigma))
+        if kind == "epsilon":
+            return Prediction(x0_from_eps(x_t, out, alpha, sigma), out)
+        return Prediction(out, eps_from_x0(x_t, out, alpha, sigma))
+
+    def __call__(self, x_t, t, labels, cfg_scale: float = 1.0, uncond_labels=None) -> Prediction:
+        return self.to_prediction(x_t, t, self.model_output(x_t, t, labels, cfg_scale, uncond_labels))
+
+
+# ------------------------------------------------------------------------------------- samplers
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float = 1.0, generator=None):
+    """Deterministic DDIM through diffusers' DDIMScheduler (η = 0), ``steps`` network evaluations."""
+    check_positive(steps, "steps")
+    sched = make_scheduler(denoiser.schedule.cfg)
+    sched.set_timesteps(steps)
+    x = noise
+    for t in sched.timesteps:
+        out = denoiser.model_output(x, t, labels, cfg_scale)
+        x = sched.step(out, t, x, eta=0.0).prev_sample
+    return x
+
+
+@torch.no_grad()
+def sample_add(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float = 1.0, generator=None):
+    """ADD multi-step sampling: predict x0 at τ_N = 999, re-noise to the next τ with fresh noise, repeat.
+
+    The student timesteps for ``steps`` are the trailing ones (4 → 999, 749, 499, 249).
+    """
+    x = noise
+    taus = denoiser.schedule.timesteps(steps)
+    for i, tau in enumerate(taus):
+        x0 = denoiser(x, tau, labels, cfg_scale).x0
+        if i + 1 < len(taus):
+            alpha, sigma = denoiser.schedule.alpha_sigma(taus[i + 1])
+            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = add_noise(x0, fresh, alpha, sigma)
+    return x0
+
+
+Sampler = Callable[..., torch.Tensor]
+SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "add": sample_add}
+
+
+def get_sampler(name: str) -> Sampler:
+    return choose(SAMPLERS, name, "sampler")

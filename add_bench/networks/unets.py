@@ -1,0 +1,132 @@
+"""Teacher and student UNets: class-conditional diffusers ``UNet2DModel`` presets and their I/O.
+
+The class embedding has one extra row, the null class (index ``num_classes``), used for condition
+dropout in training, classifier-free guidance and NFSD's unconditional prediction.
+
+Shipped weights are a folder with ``model.safetensors`` (EMA weights, fp16) and ``card.json``
+(the UNet config, how it was trained, its metrics).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from add_bench.config import choose
+from add_bench.data import NUM_CLASSES
+from add_bench.errors import CheckpointError
+
+_COMMON = dict(
+    num_class_embeds=NUM_CLASSES + 1,
+    time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, attention_head_dim=None,
+    dropout=0.0,
+)
+# The image (1×28×28) is pixel-unshuffled to 4×14×14 before the UNet (patch=2): on this CPU a UNet
+# at full 28×28 resolution costs ~200 MFLOP per image and makes a 50-step, 5k-sample FID an hour's
+# work; at 14×14 → 7×7 the small preset costs ~1.4 ms per image per step (see README).
+_TWO_LEVELS = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                   up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(  # tests only
+        patch=2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ),
+    "small": dict(patch=2, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, **_TWO_LEVELS),
+    "large": dict(patch=2, block_out_channels=(48, 96), layers_per_block=2, norm_num_groups=8, **_TWO_LEVELS),
+}
+
+
+def unet_config(size: str, image_size: int = 28, channels: int = 1) -> dict[str, Any]:
+    preset = dict(choose(UNET_PRESETS, size, "size"))
+    patch = preset.get("patch", 1)
+    return {**_COMMON, **preset, "sample_size": image_size // patch,
+            "in_channels": channels * patch * patch, "out_channels": channels * patch * patch}
+
+
+class PatchUNet(torch.nn.Module):
+    """A diffusers ``UNet2DModel`` applied to the pixel-unshuffled image (space-to-depth by ``patch``).
+
+    Called like the UNet: ``net(x, t, class_labels=y).sample``.
+    """
+
+    def __init__(self, patch: int = 1, **unet_kwargs: Any):
+        super().__init__()
+        self.patch = patch
+        self.config = {"patch": patch, **unet_kwargs}
+        self.unet = UNet2DModel(**unet_kwargs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> UNet2DOutput:
+        p = self.patch
+        h = F.pixel_unshuffle(x, p) if p > 1 else x
+        out = self.unet(h, t, class_labels=class_labels).sample
+        return UNet2DOutput(sample=F.pixel_shuffle(out, p) if p > 1 else out)
+
+
+def build_unet(size_or_config: str | dict[str, Any]) -> PatchUNet:
+    cfg = unet_config(size_or_config) if isinstance(size_or_config, str) else dict(size_or_config)
+    return PatchUNet(**cfg)
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- shipped weights
+def save_weights(folder: str | Path, module: torch.nn.Module, card: dict[str, Any], fp16: bool = True) -> None:
+    """Write ``model.safetensors`` + ``card.json`` atomically (each file replaced in one step)."""
+    from safetensors.torch import save_file
+
+    from add_bench.provenance import atomic_write_json, atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
+             for k, v in module.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write_json(folder / "card.json", card)
+
+
+def read_card(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    card_file = folder / "card.json"
+    if not card_file.is_file():
+        raise CheckpointError(f"{card_file}: missing; a weights folder holds model.safetensors and card.json")
+    try:
+        return json.loads(card_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{card_file}: corrupt JSON ({e})") from None
+
+
+def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; re-run the pretrain command or check the path")
+    try:
+        return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+
+
+def load_into(module: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    try:
+        module.load_state_dict(load_state(folder))
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: weights do not fit the network ({str(e).splitlines()[0]})") from None
+    return module
+
+
+def load_unet(folder: str | Path) -> PatchUNet:
+    """A UNet from a shipped weights folder (config from card.json)."""
+    card = read_card(folder)
+    if "unet" not in card:
+        raise CheckpointError(f"{Path(folder) / 'card.json'}: no 'unet' config; is this a UNet weights folder?")
+    return load_into(build_unet(card["unet"]), folder).eval()

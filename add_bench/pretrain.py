@@ -1,0 +1,239 @@
+"""Pre-train the embedded benchmark's shipped networks.
+
+    python -m add_bench.pretrain teacher [size=small|large] [key=value ...]
+    python -m add_bench.pretrain evalnet [key=value ...]
+
+Each run keeps a work folder (``runs/<name>/``: checkpoint.pt, log.jsonl) and resumes from it
+exactly; ``--budget-minutes M`` stops cleanly after M minutes (re-run the same command to go on).
+When the run is complete the EMA weights are written to ``add_bench/weights/<name>/`` as fp16
+safetensors with a ``card.json`` (config, git commit, data, steps, wall time, metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from add_bench import checkpoint
+from add_bench.config import EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
+from add_bench.data import NUM_CLASSES, load_split
+from add_bench.diffusion import Schedule
+from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
+from add_bench.networks.evalnet import EvalNet
+from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
+from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, git_commit, provenance
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to base·min_ratio at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class JsonlLog:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **row: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ teacher
+def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0) -> bool:
+    """Train (or resume) a teacher; return True when finished and exported."""
+    choose(dict.fromkeys(TEACHER_WEIGHTINGS), cfg.loss_weighting, "loss_weighting")
+    check_positive(cfg.steps, "steps")
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x_train, y_train = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download).tensors()
+    schedule = Schedule(cfg.schedule)
+    unet = build_unet(cfg.size)
+    ema = checkpoint.EMA(unet, cfg.ema_decay, cfg.ema_warmup_steps)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objects = {"unet": unet, "ema": ema, "opt": opt}
+    step, wall = 0, 0.0
+    if checkpoint.exists(workdir):
+        state = checkpoint.load(workdir)
+        step = checkpoint.restore(state, objects, gen)
+        wall = state["extra"].get("wall_time_s", 0.0)
+        print(f"resuming {workdir} at step {step}", file=sys.stderr)
+    log = JsonlLog(workdir / "log.jsonl")
+    print(f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, "
+          f"weights → {out}", file=sys.stderr)
+    start = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"teacher-{cfg.size}", dynamic_ncols=True)
+    loss_avg = None
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        loss = denoising_loss(unet, schedule, x_train[idx], y_train[idx], gen, cfg.cond_drop_prob,
+                              NUM_CLASSES, cfg.loss_weighting, cfg.min_snr_gamma)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"teacher loss is {loss.item()} at step {step}; last good checkpoint "
+                                   f"kept in {workdir}; lower lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(unet, step)
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step % cfg.log_every == 0:
+            log.write(step=step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
+                      lr=opt.param_groups[0]["lr"], wall_time_s=wall + time.time() - start)
+        out_of_time = budget_minutes > 0 and time.time() - start > budget_minutes * 60
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
+        if out_of_time and step < cfg.steps:
+            bar.close()
+            print(f"budget of {budget_minutes} min used at step {step}/{cfg.steps}; "
+                  f"re-run the same command to resume from {workdir}", file=sys.stderr)
+            return False
+    bar.close()
+    wall += time.time() - start
+    card = {
+        "kind": "teacher", "name": out.name, "unet": unet_config(cfg.size), "schedule": to_dict(cfg.schedule),
+        "null_label": NUM_CLASSES, "params": num_params(unet), "weights": "EMA, fp16",
+        "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {cfg.data.val_size})",
+        "steps": step, "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(cfg, cfg.seed, wall, command=f"python -m add_bench.pretrain teacher size={cfg.size}"),
+        "metrics": {},
+    }
+    save_weights(out, ema.module, card)
+    print(f"wrote {out}/model.safetensors and card.json ({wall / 60:.1f} min)", file=sys.stderr)
+    return True
+
+
+# ------------------------------------------------------------------------------------ evalnet
+def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0) -> bool:
+    check_positive(cfg.epochs, "epochs")
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    d = cfg.data
+    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    x_val, y_val = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
+    net = EvalNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(x_train) // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    objects = {"net": net, "opt": opt}
+    step, wall = 0, 0.0
+    if checkpoint.exists(workdir):
+        state = checkpoint.load(workdir)
+        step = checkpoint.restore(state, objects, gen)
+        wall = state["extra"].get("wall_time_s", 0.0)
+    log = JsonlLog(workdir / "log.jsonl")
+    start = time.time()
+    bar = tqdm(total=total, initial=step, desc="evalnet", dynamic_ncols=True)
+    while step < total:
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, steps_per_epoch // 2, total, 0.01)
+        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        x = random_shift(x_train[idx], cfg.max_shift, gen)
+        loss = F.cross_entropy(net(x), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % steps_per_epoch == 0 or step == total:
+            acc = accuracy(net, x_val, y_val)
+            log.write(step=step, epoch=step / steps_per_epoch, loss=loss.item(), val_acc=acc,
+                      wall_time_s=wall + time.time() - start)
+            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
+            if budget_minutes > 0 and time.time() - start > budget_minutes * 60 and step < total:
+                bar.close()
+                print(f"budget used at step {step}/{total}; re-run to resume", file=sys.stderr)
+                return False
+    bar.close()
+    wall += time.time() - start
+    x_test, y_test = load_split("test", d.root, download=d.download).tensors()
+    metrics = {"val_accuracy": accuracy(net, x_val, y_val), "test_accuracy": accuracy(net, x_test, y_test)}
+    card = {
+        "kind": "evalnet", "name": out.name, "params": num_params(net), "feature_dim": EvalNet.feature_dim,
+        "weights": "fp32", "data": f"Fashion-MNIST train split ({len(x_train)} images)",
+        "steps": step, "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.pretrain evalnet"),
+        "metrics": metrics,
+    }
+    save_weights(out, net.eval(), card, fp16=False)
+    print(f"evalnet: {metrics}; wrote {out}", file=sys.stderr)
+    return True
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (zero = background −1 fill)."""
+    if max_shift <= 0:
+        return x
+    pad = F.pad(x, (max_shift,) * 4, value=-1.0)
+    n, _, h, w = x.shape
+    dx, dy = (torch.randint(0, 2 * max_shift + 1, (n,), generator=gen) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h)[None]).clamp(max=h + 2 * max_shift - 1)
+    cols = (dx[:, None] + torch.arange(w)[None])
+    return pad[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    net.eval()
+    correct = sum((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["teacher", "evalnet"])
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--config", help="YAML file of config values")
+    p.add_argument("--name", help="weights name (default teacher_<size> / evalnet)")
+    p.add_argument("--workdir", help="checkpoint/log folder (default runs/<name>)")
+    p.add_argument("--out", help="weights folder (default add_bench/weights/<name>)")
+    p.add_argument("--budget-minutes", type=float, default=0, help="stop cleanly after this long; re-run resumes")
+    a = p.parse_args(argv)
+    try:
+        if a.what == "teacher":
+            cfg = load(TeacherPretrainConfig, a.config, a.overrides)
+            name = a.name or f"teacher_{cfg.size}"
+            run = pretrain_teacher
+        else:
+            cfg = load(EvalNetPretrainConfig, a.config, a.overrides)
+            name = a.name or "evalnet"
+            run = pretrain_evalnet
+        workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
+        out = Path(a.out) if a.out else WEIGHTS_DIR / name
+        done = run(cfg, workdir, out, a.budget_minutes)
+    except AddBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if done else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
