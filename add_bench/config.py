@@ -91,6 +91,97 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+# ------------------------------------------------------------------------ ADD training (one cell)
+@dataclass
+class StudentConfig:
+    """The ADD-student x̂θ. Its architecture is the ``network`` weights folder's UNet."""
+
+    network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
+    init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # T_student
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen DM-teacher x̂ψ that produces the distillation target (Eq. 4)."""
+
+    network: str = "teacher_small"  # shipped weights name or folder (Table 1e: teacher_small | teacher_large)
+    steps: int = 1  # k consecutive DDIM teacher steps from t produce the target (Table 1f: 1, 2, 4)
+    cfg_scale: float = 1.0  # classifier-free guidance when making targets (1 = none); NFSD's s
+    timestep_sampling: str = "uniform"  # t ~ U{t_min..t_max} | student (t drawn from T_student)
+    t_min: int = 20
+    t_max: int = 980
+
+
+@dataclass
+class FeatureNetworkConfig:
+    """The frozen feature network F of the discriminator (Table 1a)."""
+
+    name: str = "dino_s"  # see add_bench.networks.featnets.FEATURE_NETWORKS
+    weights: Optional[str] = None  # local weights path (cluster) or None for the shipped/hub default
+    layers: Optional[list[int]] = None  # feature depths (0 = patch embedding); None = the preset's
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Trainable heads D_φ,k on F_k (StyleGAN-T), conditioning and augmentation (Table 1b)."""
+
+    c_text: bool = True  # project on the prompt's text embedding
+    c_img: bool = True  # project on the CLS embedding of x0 from ``c_img_network``
+    c_text_network: str = "clip_s"  # text tower giving c_text (embedded: the contrastive ViT's)
+    c_text_weights: Optional[str] = None  # its weights folder (None = the shipped one)
+    c_img_network: str = "dino_s"  # feature network whose CLS embedding of x0 is c_img
+    c_img_weights: Optional[str] = None  # its weights (None = the shipped / hub default)
+    cmap_dim: int = 64
+    augment: str = "color,translation,cutout"  # DiffAugment policy ("" = none)
+    r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
+
+
+@dataclass
+class LossConfig:
+    """Eq. 1: L = L_adv^G + λ·L_distill, each term switchable (Table 1d)."""
+
+    adversarial: bool = True
+    distillation: bool = True
+    lambda_distill: float = 2.5  # λ
+    weighting: str = "exp"  # c(t): exp | sds | nfsd (see add_bench.losses.C_WEIGHTINGS)
+    reduction: str = "mean"  # d(x, y) = squared L2 averaged (mean) or summed (sum) over pixels
+    nfsd_negative: str = "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null
+
+
+@dataclass
+class OptimConfig:
+    student_lr: float = 2e-5
+    discriminator_lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])  # Adam, as in GAN training
+    weight_decay: float = 0.0
+    student_grad_clip: float = 1.0  # clip the student's gradient norm (0 = off)
+    discriminator_grad_clip: float = 0.0  # clip the discriminator heads' gradient norm (0 = off)
+    ema_decay: float = 0.99  # EMA of the student (the weights that are evaluated)
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    """``python -m add_bench.train``: one ADD cell on the embedded benchmark."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    ckpt_every: int = 100
+    log_every: int = 10
+    threads: int = 0
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    feature_network: FeatureNetworkConfig = field(default_factory=FeatureNetworkConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
 # --------------------------------------------------------------------------------------- loading
 def load(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
          extra: Mapping[str, Any] | None = None) -> T:
@@ -174,4 +265,11 @@ def check_positive(value: int, key: str) -> int:
 
 
 def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    """A plain dict of an OmegaConf config, a dataclass instance or a mapping."""
+    import dataclasses
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)

@@ -33,3 +33,94 @@ def denoising_loss(unet, schedule: Schedule, x0, labels, generator: torch.Genera
 
 
 TEACHER_WEIGHTINGS = ("v_mse", "min_snr")
+
+
+# ============================================================================ ADD (paper section 1)
+# Notation: x̂θ = student's x0 prediction, x̂ψ = teacher's x0 prediction, D_k = k-th discriminator head
+# applied to the k-th feature level F_k of the frozen feature network.
+
+def generator_adversarial_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 2: L_adv^G = −E[ Σ_k D_k(F_k(x̂θ)) ] (each head's logits averaged over tokens and batch)."""
+    return -sum(logits.mean() for logits in fake_logits)
+
+
+def discriminator_hinge_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 3 without R1: E_x0[ Σ_k max(0, 1 − D_k(F_k(x0))) ] + E_x̂θ[ Σ_k max(0, 1 + D_k(F_k(x̂θ))) ]."""
+    real = sum(torch.relu(1 - logits).mean() for logits in real_logits)
+    fake = sum(torch.relu(1 + logits).mean() for logits in fake_logits)
+    return real + fake
+
+
+def r1_penalty(real_logits: list[torch.Tensor], real_features: list[torch.Tensor], gamma: float) -> torch.Tensor:
+    """Eq. 3's γ·R1(φ): γ · E_x0[ Σ_k ||∂D_k/∂F_k(x0)||² ], the gradient taken w.r.t. each head's INPUT
+    features (not the pixels, not the head parameters). ``real_features`` must require grad."""
+    if gamma == 0:
+        return real_logits[0].new_zeros(())
+    grads = torch.autograd.grad([logits.sum() for logits in real_logits], real_features, create_graph=True)
+    return gamma * sum(g.pow(2).flatten(1).sum(1).mean() for g in grads)
+
+
+def distillation_loss(x_student: torch.Tensor, x_teacher: torch.Tensor, c_t: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Eq. 4: E[ c(t)·d(x̂θ, x̂ψ) ], d = squared L2 (``reduction``: mean or sum over pixels), target detached."""
+    sq = (x_student - x_teacher.detach()).pow(2).flatten(1)
+    d = sq.mean(1) if reduction == "mean" else sq.sum(1)
+    return (c_t.flatten() * d).mean()
+
+
+# ------------------------------------------------------------------ c(t): the distillation weighting
+def c_exp(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Exponential weighting c(t) = α_t (the paper's default in the ablations)."""
+    return alpha
+
+
+def sds_w(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """DreamFusion's w(t), here w(t) = σ_t² = 1 − ᾱ_t."""
+    return sigma**2
+
+
+def c_sds(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """SDS weighting c(t) = α_t/(2σ_t)·w(t): makes Eq. 4's gradient the SDS gradient w(t)(ε̂ − ε) (App. A)."""
+    return alpha / (2 * sigma) * sds_w(alpha, sigma)
+
+
+C_WEIGHTINGS = {"exp": c_exp, "sds": c_sds, "nfsd": c_sds}
+
+
+# ------------------------------------------------------------------ NFSD (Katzir et al. 2023)
+NFSD_T_SWITCH = 200
+
+
+def nfsd_delta(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eps_negative: torch.Tensor, t: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """NFSD's replacement of the SDS residual: δ_D + s·δ_C with δ_C = ε(z;y) − ε(z;∅) and
+    δ_D = ε(z;∅) for t < 200, else ε(z;∅) − ε(z;negative)."""
+    late = (t >= NFSD_T_SWITCH).view(-1, *([1] * (eps_cond.ndim - 1)))
+    delta_d = torch.where(late, eps_uncond - eps_negative, eps_uncond)
+    return delta_d + scale * (eps_cond - eps_uncond)
+
+
+def nfsd_target(x_student: torch.Tensor, delta: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The x0 target whose Eq. 4 gradient, with c = c_sds, is w(t)·(δ_D + s·δ_C):
+    x̂ψ = x̂θ − (σ_t/α_t)·δ  (from 2c(t)(x̂θ − x̂ψ) = w(t)·δ with c = α_t w(t)/(2σ_t))."""
+    return x_student.detach() - sigma / alpha * delta
+
+
+# ------------------------------------------------------------------ the teacher's target x̂ψ
+@torch.no_grad()
+def teacher_target(teacher, x_student: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   steps: int = 1, cfg_scale: float = 1.0) -> torch.Tensor:
+    """x̂ψ(sg(x̂θ,t); t): diffuse the student's sample, x̂θ,t = α_t·sg(x̂θ) + σ_t·ε', and let the frozen
+    teacher predict x0; with ``steps`` = k > 1, k consecutive DDIM steps t → …→ 0 (timesteps
+    t·(k−i)/k) and the last x0 prediction is the target (Table 1f)."""
+    from add_bench.diffusion import ddim_step
+
+    schedule = teacher.schedule
+    alpha, sigma = schedule.alpha_sigma(t, x_student.ndim)
+    x = add_noise(x_student.detach(), eps, alpha, sigma)
+    times = [torch.div(t * (steps - i), steps, rounding_mode="floor") for i in range(steps)]
+    for i, t_i in enumerate(times):
+        pred = teacher(x, t_i, labels, cfg_scale)
+        if i + 1 < steps:
+            x = ddim_step(pred.x0, pred.eps, *schedule.alpha_sigma(times[i + 1], x.ndim))
+    return pred.x0

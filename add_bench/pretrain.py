@@ -2,6 +2,7 @@
 
     python -m add_bench.pretrain teacher [size=small|large] [key=value ...]
     python -m add_bench.pretrain evalnet [key=value ...]
+    python -m add_bench.pretrain featnet dino_s|dino_l|clip_s [key=value ...]   (add_bench.featnet_pretrain)
 
 Each run keeps a work folder (``runs/<name>/``: checkpoint.pt, log.jsonl) and resumes from it
 exactly; ``--budget-minutes M`` stops cleanly after M minutes (re-run the same command to go on).
@@ -11,13 +12,9 @@ safetensors with a ``card.json`` (config, git commit, data, steps, wall time, me
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -26,34 +23,12 @@ from add_bench import checkpoint
 from add_bench.config import EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
-from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.errors import AddBenchError, TrainingDiverged
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
-from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, git_commit, provenance
-
-
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to base·min_ratio at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class JsonlLog:
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, **row: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
+from add_bench.loop import JsonlLog, lr_at, set_threads
+from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
 # ------------------------------------------------------------------------------------ teacher
@@ -207,6 +182,10 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
 
 # ------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["featnet"]:  # embedded feature networks: their own command line
+        from add_bench.featnet_pretrain import main as featnet_main
+        return featnet_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m add_bench.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["teacher", "evalnet"])

@@ -80,20 +80,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_root(root: str | None = None, download: bool = True) -> Path:
-    """The first folder, in the documented order, that holds the four files."""
-    candidates = [Path(root)] if root else []
-    if os.environ.get(ENV_VAR):
-        candidates.append(Path(os.environ[ENV_VAR]))
-    candidates += [DEBIAN_DIR, CACHE_DIR]
+    """The folder holding the four files: ``root`` if given (no fallback), else the documented order."""
     names = [n for pair in FILES.values() for n in pair]
-    if root and not Path(root).is_dir():
-        raise DataError(f"data.root={root}: no such directory; {INSTALL_HINT}")
+    if root:
+        if not Path(root).is_dir():
+            raise DataError(f"data.root={root}: no such directory; {INSTALL_HINT}")
+        missing = [n for n in names if not (Path(root) / n).is_file()]
+        if missing:
+            raise DataError(f"data.root={root}: missing {', '.join(missing)}; {INSTALL_HINT}")
+        return Path(root)
+    candidates = ([Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []) + [DEBIAN_DIR, CACHE_DIR]
     for c in candidates:
         if all((c / n).is_file() for n in names):
             return c
-    if root:  # an explicit folder that lacks files is an error, not a reason to look elsewhere
-        missing = [n for n in names if not (Path(root) / n).is_file()]
-        raise DataError(f"data.root={root}: missing {', '.join(missing)}; {INSTALL_HINT}")
     if download:
         try:
             return _download(CACHE_DIR)

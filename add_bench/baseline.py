@@ -1,0 +1,154 @@
+"""The teacher baseline: shipped teachers at 1–50 DDIM steps, with and without CFG, plus a real-data floor.
+
+    python -m add_bench.baseline [--teachers teacher_small teacher_large] [--out results/teacher]
+
+Writes ``<out>/rows/*.json`` (one per setting, atomically; a re-run skips finished rows),
+``table.md``, ``table.csv``, ``fid_vs_steps.png`` and ``provenance.json``. The CFG scale of the
+"best CFG" rows is chosen per teacher by FID against the *validation* split (never the test split)
+at 50 steps on ``--cfg-search-samples`` samples; the search is stored in ``rows/`` too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from add_bench.config import EvalConfig, load
+from add_bench.data import load_split
+from add_bench.errors import AddBenchError
+from add_bench.evaluate import generate, load_denoiser
+from add_bench.metrics import FID, EvalNetScorer, SampleSet, build_suite, score
+from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, resolve_weights
+
+STEPS = (1, 2, 4, 8, 25, 50)
+CFG_GRID = (1.5, 2.0, 3.0)
+
+
+def cached_row(path: Path, compute) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    start = time.time()
+    row = compute()
+    row["provenance"] = provenance(seed=row.get("seed"), wall_time_s=time.time() - start,
+                                   command="python -m add_bench.baseline")
+    atomic_write_json(path, row)
+    return row
+
+
+def floor_row(cfg: EvalConfig, suite) -> dict[str, Any]:
+    """The real-data floor: 5k random training images scored like samples."""
+    train = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download)
+    idx = np.random.default_rng(cfg.seed).choice(len(train), cfg.num_samples, replace=False)
+    real = SampleSet(train.images[idx], train.labels[idx])
+    return {"model": "real data (train split)", "steps": 0, "cfg_scale": None, "nfe": 0, "seed": cfg.seed,
+            **score(suite, real)}
+
+
+def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int) -> dict[str, Any]:
+    """FID against the validation split at 50 DDIM steps for each scale in CFG_GRID."""
+    denoiser, _ = load_denoiser(teacher)
+    scorer = EvalNetScorer(cfg.evalnet)
+    d = cfg.data
+    val = lambda: load_split("val", d.root, d.val_size, d.split_seed, d.download).images  # noqa: E731
+    fid_val = FID(scorer.features, val, f"{scorer.id}_fashion-mnist-val{d.val_size}-{d.split_seed}")
+    fids = {}
+    for s in CFG_GRID:
+        g = generate(denoiser, "ddim", 50, num_samples, cfg.seed + 1, cfg.batch_size, s)
+        fids[str(s)] = fid_val.distance(g.samples.images)
+        print(f"{teacher} cfg {s}: val FID-{num_samples} {fids[str(s)]:.3f}", file=sys.stderr)
+    best = min(fids, key=fids.get)
+    return {"teacher": teacher, "steps": 50, "num_samples": num_samples, "seed": cfg.seed + 1,
+            "val_fid": fids, "best_cfg_scale": float(best)}
+
+
+def teacher_row(teacher: str, steps: int, cfg_scale: float, cfg: EvalConfig, suite) -> dict[str, Any]:
+    denoiser, card = load_denoiser(teacher)
+    g = generate(denoiser, "ddim", steps, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale)
+    return {"model": teacher, "params": card.get("params"), "steps": steps, "cfg_scale": cfg_scale, "nfe": g.nfe,
+            "seed": cfg.seed, "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
+
+
+def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search_samples: int = 1000) -> list[dict]:
+    suite = build_suite(cfg)
+    rows_dir = out / "rows"
+    print(f"teacher baseline → {out}", file=sys.stderr)
+    rows = [cached_row(rows_dir / "floor.json", lambda: floor_row(cfg, suite))]
+    for teacher in teachers:
+        if not resolve_weights(teacher).is_dir():
+            print(f"skipping {teacher}: no weights at {resolve_weights(teacher)}", file=sys.stderr)
+            continue
+        search = cached_row(rows_dir / f"{teacher}_cfg_search.json", lambda: cfg_search(teacher, cfg, cfg_search_samples))
+        for scale in (1.0, search["best_cfg_scale"]):
+            for s in steps:
+                rows.append(cached_row(rows_dir / f"{teacher}_{s}steps_cfg{scale:g}.json",
+                                       lambda: teacher_row(teacher, s, scale, cfg, suite)))
+                print(f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
+                      file=sys.stderr)
+    write_tables(rows, out)
+    atomic_write_json(out / "provenance.json", provenance(cfg, cfg.seed, None, command="python -m add_bench.baseline",
+                                                           teachers=teachers, rows=sorted(p.name for p in rows_dir.glob("*.json"))))
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "provenance"} for r in rows])
+    floor = float(df.loc[df["steps"] == 0, "fid"].iloc[0])
+    df["fid_over_floor"] = df["fid"] / floor
+    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc", "sec_per_1000"]
+    df = df[[c for c in cols if c in df]]
+    with_cfg = df["cfg_scale"].fillna(1.0)
+    df["cfg_scale"] = df["cfg_scale"].map(lambda v: "—" if v is None or v != v else f"{v:g}")
+    atomic_write_text(out / "table.csv", df.to_csv(index=False, float_format="%.4g"))
+    header = (f"# Teacher baseline (DDIM, Fashion-MNIST)\n\nFID-{len(df)} rows: FID of 5k balanced samples against the "
+              "10k test split in the evaluation network's feature space; alignment = evaluation-network probability "
+              "of the conditioning class / accuracy. Floor: 5k real training images. Produced by "
+              "`python -m add_bench.baseline`; provenance in rows/*.json.\n\n")
+    atomic_write_text(out / "table.md", header.replace(f"FID-{len(df)} rows: ", "") + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gen = df[df["steps"] > 0]
+    for (model, scale), g in gen.groupby([gen["model"], with_cfg[gen.index]]):
+        ax.plot(g["steps"], g["fid"], marker="o", label=f"{model}, CFG {scale:g}" if scale != 1 else f"{model}, no CFG")
+    ax.axhline(floor, color="k", ls="--", lw=1, label="real data floor")
+    ax.set(xscale="log", yscale="log", xlabel="DDIM steps", ylabel="FID-5k (evaluation-network features)",
+           title="Teacher FID vs sampling steps")
+    ax.set_xticks(sorted(gen["steps"].unique()), [str(s) for s in sorted(gen["steps"].unique())])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / ".fid_vs_steps.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(out / "fid_vs_steps.png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.baseline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value")
+    p.add_argument("--teachers", nargs="+", default=["teacher_small", "teacher_large"])
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    p.add_argument("--cfg-search-samples", type=int, default=1000)
+    p.add_argument("--out", default=str(REPO_ROOT / "results" / "teacher"))
+    a = p.parse_args(argv)
+    try:
+        cfg = load(EvalConfig, overrides=a.overrides)
+        run(a.teachers, Path(a.out), cfg, a.steps, a.cfg_search_samples)
+    except AddBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

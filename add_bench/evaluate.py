@@ -1,0 +1,127 @@
+"""Score a generator (teacher or ADD student) at several step counts.
+
+    python -m add_bench.evaluate add_bench/weights/teacher_small --steps 1 4 50 [--cfg-scale 2]
+    python -m add_bench.evaluate runs/<cell> --steps 1 2 4 --out metrics.json --export-samples s.npz
+
+A checkpoint is a weights folder (model.safetensors + card.json). The sampler defaults to DDIM for a
+teacher and ADD multi-step sampling for a student. Samples use balanced classes and a fixed seed, so
+every step count starts from the same noise; ``--export-samples`` writes uint8 images (N, 28, 28) and
+int labels so any other tool can score the same samples.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from add_bench.config import EvalConfig, check_positive, load
+from add_bench.data import balanced_labels, to_uint8
+from add_bench.diffusion import Denoiser, Schedule, get_sampler
+from add_bench.errors import AddBenchError, CheckpointError, ConfigError
+from add_bench.metrics import SampleSet, build_suite, score
+from add_bench.networks.unets import load_unet, read_card
+from add_bench.provenance import atomic_path, atomic_write_json, provenance, resolve_weights
+
+
+def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
+    folder = resolve_weights(checkpoint)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder (expected model.safetensors + card.json)")
+    card = read_card(folder)
+    if card.get("kind") not in ("teacher", "student"):
+        raise CheckpointError(f"{folder}/card.json: kind={card.get('kind')!r}; accepted: teacher, student")
+    from add_bench.config import ScheduleConfig
+    from omegaconf import OmegaConf
+
+    schedule = Schedule(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"]))
+    return Denoiser(load_unet(folder), schedule, card["null_label"]), card
+
+
+@dataclass
+class Generated:
+    samples: SampleSet
+    seconds: float
+    nfe: int  # network evaluations per sample
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, sampler: str, steps: int, num_samples: int, seed: int = 0,
+             batch_size: int = 500, cfg_scale: float = 1.0, progress: bool = True) -> Generated:
+    """Balanced-class samples from fixed-seed noise; the same seed gives the same noise at every step count."""
+    check_positive(steps, "steps")
+    check_positive(num_samples, "num_samples")
+    sample_fn = get_sampler(sampler)
+    labels = balanced_labels(num_samples)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, 1, 28, 28), generator=gen)
+    out = []
+    start = time.perf_counter()
+    batches = range(0, num_samples, batch_size)
+    for i in tqdm(batches, desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
+        x = sample_fn(denoiser, noise[i:i + batch_size], labels[i:i + batch_size], steps, cfg_scale, gen)
+        out.append(to_uint8(x))
+    seconds = time.perf_counter() - start
+    nfe = steps * (2 if cfg_scale != 1.0 else 1)
+    return Generated(SampleSet(np.concatenate(out), labels.numpy()), seconds, nfe)
+
+
+def export_samples(path: str | Path, samples: SampleSet) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=samples.images, labels=samples.labels.astype(np.int64))
+
+
+def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler: str | None = None,
+             cfg_scale: float = 1.0, export: str | Path | None = None, suite=None) -> dict[str, Any]:
+    for s in steps:
+        check_positive(s, "steps")
+    denoiser, card = load_denoiser(checkpoint)
+    sampler = sampler or ("ddim" if card["kind"] == "teacher" else "add")
+    suite = suite if suite is not None else build_suite(cfg)
+    rows = []
+    for s in steps:
+        g = generate(denoiser, sampler, s, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale)
+        row = {"steps": s, "sampler": sampler, "cfg_scale": cfg_scale, "nfe": g.nfe,
+               "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr)
+        if export:
+            path = Path(export)
+            export_samples(path if len(steps) == 1 else path.with_name(f"{path.stem}_{s}steps{path.suffix}"), g.samples)
+    return {"checkpoint": str(checkpoint), "kind": card["kind"], "num_samples": cfg.num_samples, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="weights folder or shipped name (e.g. teacher_small)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--sampler", choices=["ddim", "add"], default=None)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
+    p.add_argument("--export-samples", metavar="PATH.npz")
+    p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
+    a = p.parse_args(argv)
+    try:
+        cfg = load(EvalConfig, overrides=a.overrides)
+        start = time.time()
+        result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples)
+        result["provenance"] = provenance(cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]]))
+        out = Path(a.out) if a.out else resolve_weights(a.checkpoint) / "metrics.json"
+        atomic_write_json(out, result)
+        print(f"wrote {out}", file=sys.stderr)
+    except (AddBenchError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Launchers that run a sweep's cells: in this process / local worker processes, or as one SLURM job array.
+
+A *cell* is ``(cell_id, fn)`` where ``fn(cell_id: str, workdir: str) -> dict`` is a picklable,
+module-level callable. ``workdir`` is ``<folder>/<cell_id>`` (created before the call); the cell writes
+its results and its own resumable checkpoints there, so calling it again after an interruption
+resumes it. That is all a requeue does on SLURM: :class:`CellJob` asks submitit to resubmit the same
+call when SLURM signals an upcoming time limit or a preemption.
+
+* ``run_local(cells, workers=1)``: sequential in this process, or ``workers`` spawned processes each
+  using ``cores // workers`` torch threads; a failing cell is recorded and the others still run.
+* ``submit_slurm(cells, folder, cfg)``: one job array (one task per cell) via submitit; returns the job
+  ids at once and records ``folder/slurm_jobs.json`` (cell_id → job_id). ``status_slurm(folder)``
+  reports each cell's state (sacct, else squeue, else submitit's result file).
+
+A local single-node cluster for trying this out: ``scripts/slurm_cluster.sh`` (see
+``scripts/README_slurm.md``); ``tests/test_slurm.py`` runs against it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import submitit
+
+from add_bench.errors import ConfigError, DataError
+from add_bench.provenance import REPO_ROOT, atomic_write_json
+
+Cell = tuple[str, Callable[[str, str], dict]]
+
+LAUNCHERS = ("local", "slurm")
+JOBS_FILE = "slurm_jobs.json"
+LOGS_DIR = "slurm_logs"
+
+
+# ----------------------------------------------------------------------------------------- config
+@dataclass
+class SlurmConfig:
+    """SLURM resources for each cell of a sweep (one array task per cell)."""
+
+    partition: str = "debug"  # sbatch --partition
+    timeout_min: int = 60  # time limit of ONE run of a cell; a cell that hits it is requeued and resumes
+    cpus_per_task: int = 2  # sbatch --cpus-per-task; also the cell's OMP_NUM_THREADS
+    gpus_per_node: int = 0  # sbatch --gpus-per-node (0: not requested)
+    mem_gb: float = 4  # sbatch --mem, per cell
+    max_num_timeout: int = 3  # how many times a cell may be requeued after hitting its time limit
+    array_parallelism: int = 8  # at most this many cells of the array run at once (--array=0-N%P)
+    # seconds before the time limit at which SLURM sends USR2 so that submitit requeues the cell;
+    # None: min(90, timeout_min*60 // 4). Must stay below timeout_min*60.
+    signal_delay_s: Optional[int] = None
+    additional_parameters: Dict[str, str] = field(default_factory=dict)  # extra sbatch flags: {"qos": "low"}
+
+    def __post_init__(self) -> None:  # direct construction is checked; OmegaConf nodes: check_slurm_config
+        _validated(self, "slurm")
+
+
+def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={value!r}: must be {what}")
+    return value
+
+
+def _validated(cfg: Any, key: str) -> dict[str, Any]:
+    """The SlurmConfig fields of ``cfg`` (a SlurmConfig or an OmegaConf node / mapping), checked."""
+    defaults = SlurmConfig.__dataclass_fields__
+    if hasattr(cfg, "keys"):
+        def get(name: str) -> Any:
+            f = defaults[name]
+            return cfg.get(name, f.default_factory() if callable(f.default_factory) else f.default)
+    else:
+        def get(name: str) -> Any:
+            return getattr(cfg, name)
+    partition = get("partition")
+    if not isinstance(partition, str) or not partition.strip():
+        raise ConfigError(f"{key}.partition={partition!r}: must be a non-empty partition name")
+    timeout_min = _positive_int(get("timeout_min"), f"{key}.timeout_min")
+    mem_gb = get("mem_gb")
+    if isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or not mem_gb > 0:
+        raise ConfigError(f"{key}.mem_gb={mem_gb!r}: must be a positive number of GB")
+    delay = get("signal_delay_s")
+    if delay is not None:
+        _positive_int(delay, f"{key}.signal_delay_s")
+        if delay >= timeout_min * 60:
+            raise ConfigError(f"{key}.signal_delay_s={delay}: must be below {key}.timeout_min*60={timeout_min * 60}"
+                              " (else every run is signalled at once and requeued)")
+    extra = get("additional_parameters")
+    extra = {} if extra is None else extra
+    if not hasattr(extra, "items"):
+        raise ConfigError(f"{key}.additional_parameters={extra!r}: must be a mapping of sbatch flag → value")
+    return dict(
+        partition=partition, timeout_min=timeout_min,
+        cpus_per_task=_positive_int(get("cpus_per_task"), f"{key}.cpus_per_task"),
+        gpus_per_node=_positive_int(get("gpus_per_node"), f"{key}.gpus_per_node", minimum=0),
+        mem_gb=float(mem_gb),
+        max_num_timeout=_positive_int(get("max_num_timeout"), f"{key}.max_num_timeout", minimum=0),
+        array_parallelism=_positive_int(get("array_parallelism"), f"{key}.array_parallelism"),
+        signal_delay_s=delay,
+        additional_parameters={str(k): v for k, v in extra.items()},
+    )
+
+
+def check_slurm_config(cfg: Any, key: str = "slurm") -> SlurmConfig:
+    """Validate a SlurmConfig (dataclass or OmegaConf node); returns a plain SlurmConfig copy."""
+    return SlurmConfig(**_validated(cfg, key))
+
+
+def signal_delay(cfg: SlurmConfig) -> int:
+    """Seconds before the time limit at which the requeue signal is asked for."""
+    if cfg.signal_delay_s is not None:
+        return cfg.signal_delay_s
+    return max(1, min(90, cfg.timeout_min * 60 // 4))
+
+
+def check_cells(cells: Sequence[Cell]) -> list[Cell]:
+    cells = list(cells)
+    seen: set[str] = set()
+    for i, cell in enumerate(cells):
+        if not (isinstance(cell, tuple) and len(cell) == 2 and callable(cell[1])):
+            raise ConfigError(f"cells[{i}]: expected a (cell_id, callable) pair, got {type(cell).__name__}")
+        cid = cell[0]
+        if not isinstance(cid, str) or not cid or cid in (".", "..") or "/" in cid or os.sep in cid:
+            raise ConfigError(f"cells[{i}] id {cid!r}: must be a non-empty string usable as a folder name "
+                              "(no '/', not '.' or '..')")
+        if cid in seen:
+            raise ConfigError(f"cells[{i}] id {cid!r}: duplicate cell id")
+        seen.add(cid)
+    return cells
+
+
+def check_launcher(name: str) -> str:
+    if name not in LAUNCHERS:
+        raise ConfigError(f"launcher={name!r}: unknown; accepted: {', '.join(LAUNCHERS)}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------ slurm
+class CellJob(submitit.helpers.Checkpointable):
+    """One cell as a submitit job: ``fn(cell_id, workdir)``, requeued (not restarted from scratch by
+    us, but called again) when SLURM signals a time limit or preemption; the cell resumes from the
+    checkpoints it keeps in ``workdir``."""
+
+    def __init__(self, fn: Callable[[str, str], dict], cell_id: str, workdir: str) -> None:
+        self.fn = fn
+        self.cell_id = cell_id
+        self.workdir = str(workdir)
+        self.requeues = 0  # incremented in the pickled copy at every requeue
+
+    def __call__(self) -> dict:
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:
+            os.environ.setdefault("OMP_NUM_THREADS", cpus)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(int(cpus))
+        return self.fn(self.cell_id, self.workdir)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit in the signal handler: resubmit this same call (the cell resumes itself)."""
+        self.requeues += 1
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"CellJob({self.cell_id!r}, requeues={self.requeues})"
+
+
+def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> list[str]:
+    """Submit all cells as ONE job array and return their job ids (``<array>_<index>``) at once.
+
+    Logs and submitit's pickles go to ``folder/slurm_logs/<job_id>/``; each cell's workdir is
+    ``folder/<cell_id>``; ``folder/slurm_jobs.json`` maps cell_id → job_id (merged with earlier
+    submissions to the same folder).
+    """
+    cells = check_cells(cells)
+    cfg = check_slurm_config(SlurmConfig() if cfg is None else cfg)
+    if not cells:
+        return []
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        executor = submitit.AutoExecutor(folder=folder / LOGS_DIR / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=cfg.max_num_timeout,
+                                         slurm_python=shlex.quote(sys.executable))
+    except RuntimeError as e:
+        raise ConfigError(f"launcher='slurm': no SLURM client here ({e}); start one with "
+                          "scripts/slurm_cluster.sh or use launcher=local") from None
+    executor.update_parameters(
+        name="add-bench",
+        timeout_min=cfg.timeout_min,
+        cpus_per_task=cfg.cpus_per_task,
+        gpus_per_node=cfg.gpus_per_node or None,  # --gpus-per-node=0 is refused where no GRES exist
+        mem_gb=cfg.mem_gb,
+        slurm_partition=cfg.partition,
+        slurm_array_parallelism=cfg.array_parallelism,
+        slurm_signal_delay_s=signal_delay(cfg),
+        slurm_additional_parameters=dict(cfg.additional_parameters),
+        # the array tasks must import add_bench (CellJob) even when it is not pip-installed
+        slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+    )
+    jobs = []
+    try:
+        with executor.batch():
+            for cell_id, fn in cells:
+                jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id))))
+    except submitit.core.utils.FailedJobError as e:
+        msg = " ".join(str(e).split()) or "no message"
+        raise ConfigError(f"sbatch refused the submission (slurm.partition={cfg.partition!r}, "
+                          f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}): {msg}") from None
+    ids = [str(job.job_id) for job in jobs]
+    path = folder / JOBS_FILE
+    recorded = _read_jobs(path) if path.exists() else {}
+    recorded.update({cid: jid for (cid, _), jid in zip(cells, ids)})
+    atomic_write_json(path, recorded)
+    return ids
+
+
+def _read_jobs(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; submit_slurm writes it (is this a sweep folder?)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or malformed JSON ({e}); expected {{cell_id: job_id}}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise DataError(f"{path}: expected a JSON object {{cell_id: job_id}}")
+    return data
+
+
+def _run(cmd: list[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _sacct_states(job_ids: set[str]) -> dict[str, str]:
+    mains = sorted({j.split("_")[0] for j in job_ids})
+    out = _run(["sacct", "-o", "JobID,State", "--parsable2", *[a for m in mains for a in ("-j", m)]])
+    if not out:  # no sacct, or accounting disabled ("Slurm accounting storage is disabled")
+        return {}
+    info = submitit.slurm.slurm.SlurmInfoWatcher().read_info(out)
+    return {jid: info[jid]["State"].split()[0] for jid in job_ids if jid in info and info[jid].get("State")}
+
+
+def _squeue_states(job_ids: set[str]) -> dict[str, str]:
+    mains = sorted({j.split("_")[0] for j in job_ids})
+    out = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(mains), "-o", "%i|%T"])
+    states = {}
+    for line in (out or "").splitlines():
+        jid, _, state = line.strip().partition("|")
+        if jid in job_ids and state:
+            states[jid] = state
+    return states
+
+
+def _result_state(folder: Path, job_id: str) -> Optional[str]:
+    paths = submitit.core.utils.JobPaths(folder / LOGS_DIR / "%j", job_id=job_id, task_id=0)
+    if not paths.result_pickle.exists():
+        return None
+    try:
+        outcome = submitit.core.utils.pickle_load(paths.result_pickle)[0]
+    except Exception:  # noqa: BLE001 - a half-written or foreign pickle
+        return "UNKNOWN"
+    return "COMPLETED" if outcome == "success" else "FAILED"
+
+
+def status_slurm(folder: str | Path) -> dict[str, str]:
+    """cell_id → SLURM state (PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, TIMEOUT, ...).
+
+    Asks sacct; without accounting, squeue (which forgets jobs MinJobAge after they end); then
+    submitit's result file (COMPLETED / FAILED); "UNKNOWN" when none of them knows the job.
+    """
+    folder = Path(folder).resolve()
+    jobs = _read_jobs(folder / JOBS_FILE)
+    wanted = set(jobs.values())
+    states = _sacct_states(wanted)
+    missing = wanted - set(states)
+    if missing:
+        states.update(_squeue_states(missing))
+    for jid in wanted - set(states):
+        states[jid] = _result_state(folder, jid) or "UNKNOWN"
+    return {cid: states[jid] for cid, jid in jobs.items()}
+
+
+# ------------------------------------------------------------------------------------------ local
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _call_pickled(payload: bytes, cell_id: str, workdir: str) -> dict:
+    import cloudpickle
+
+    fn = cloudpickle.loads(payload)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return fn(cell_id, workdir)
+
+
+def _error_text(e: BaseException) -> str:
+    return f"error: {type(e).__name__}: {e}"
+
+
+def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None = None) -> dict[str, Any]:
+    """Run cells here; returns cell_id → the cell's result dict, or ``"error: <Type>: <message>"``.
+
+    ``workers=1`` runs them one after another in this process; ``workers>1`` uses that many spawned
+    processes (each with ``cores // workers`` torch threads). Each cell's workdir is
+    ``folder/<cell_id>`` (``folder`` defaults to a new temporary directory). A failing cell's
+    traceback goes to stderr and does not stop the other cells.
+    """
+    cells = check_cells(cells)
+    workers = _positive_int(workers, "workers")
+    base = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="add-bench-local-"))
+    results: dict[str, Any] = {}
+
+    def record_error(cell_id: str, e: BaseException) -> None:
+        results[cell_id] = _error_text(e)
+        print(f"cell {cell_id!r} failed:\n" + "".join(traceback.format_exception(e)), file=sys.stderr, end="")
+
+    if workers == 1 or len(cells) <= 1:
+        for cell_id, fn in cells:
+            workdir = base / cell_id
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+                results[cell_id] = fn(cell_id, str(workdir))
+            except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                record_error(cell_id, e)
+        return results
+
+    import cloudpickle  # lambdas and closures too, not only importable functions
+
+    workers = min(workers, len(cells))
+    threads = max(1, _cores() // workers)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(threads,)) as pool:
+        futures = {}
+        for cell_id, fn in cells:
+            try:
+                payload = cloudpickle.dumps(fn)
+            except Exception as e:  # noqa: BLE001
+                record_error(cell_id, e)
+                continue
+            futures[pool.submit(_call_pickled, payload, cell_id, str(base / cell_id))] = cell_id
+        for fut in cf.as_completed(futures):
+            try:
+                results[futures[fut]] = fut.result()
+            except Exception as e:  # noqa: BLE001 - incl. BrokenProcessPool when a worker dies
+                record_error(futures[fut], e)
+    return {cid: results[cid] for cid, _ in cells if cid in results}
+
+
+def launch(launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers: int = 1,
+           slurm: Any = None) -> dict[str, Any] | list[str]:
+    """``launcher='local'``: run_local's results; ``launcher='slurm'``: submit_slurm's job ids."""
+    check_launcher(launcher)
+    if launcher == "slurm":
+        return submit_slurm(cells, folder, slurm)
+    return run_local(cells, workers=workers, folder=folder)
+
+
+__all__ = ["SlurmConfig", "CellJob", "submit_slurm", "status_slurm", "run_local", "launch",
+           "check_slurm_config", "check_launcher", "LAUNCHERS"]

@@ -1,0 +1,323 @@
+"""Train one ADD cell: the student x̂θ against a frozen teacher x̂ψ and a discriminator on a frozen
+feature network (paper section 1).
+
+    python -m add_bench.train [config.yaml] [key=value ...] [--workdir runs/<name>] [--evaluate]
+
+Each step: draw x0, s ∈ T_student, ε; x_s = α_s·x0 + σ_s·ε; the student predicts x̂θ(x_s, s).
+  generator:      L = L_adv^G (Eq. 2) + λ·L_distill (Eq. 4)       → student update, EMA
+  discriminator:  L_adv^D (Eq. 3, hinge + γ·R1 on head inputs)      → heads update
+The work folder keeps checkpoint.pt (exact resume), log.jsonl (every loss term, the discriminator's
+real/fake logits) and, when done, ``student/`` (EMA weights + card.json) for ``add_bench.evaluate``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from add_bench import checkpoint
+from add_bench.augment import diff_augment
+from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load, to_dict
+from add_bench.data import NUM_CLASSES, load_split
+from add_bench.diffusion import Denoiser, Schedule, add_noise
+from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.losses import (
+    C_WEIGHTINGS, discriminator_hinge_loss, distillation_loss, generator_adversarial_loss, nfsd_delta,
+    nfsd_target, r1_penalty, teacher_target,
+)
+from add_bench.networks.discriminator import Discriminator
+from add_bench.networks.featnets import build_feature_network, prompt_embeddings
+from add_bench.networks.unets import build_unet, load_into, read_card, save_weights
+from add_bench.loop import JsonlLog, set_threads
+from add_bench.provenance import REPO_ROOT, provenance, resolve_weights
+
+TEACHER_SAMPLING = ("uniform", "student")
+NFSD_NEGATIVES = ("other_class", "null")
+
+
+# ------------------------------------------------------------------------------------ networks
+@dataclass
+class Networks:
+    student: Denoiser  # trainable x̂θ (its .unet is optimised)
+    ema: checkpoint.EMA  # EMA of the student's weights: what is evaluated
+    teacher: Denoiser  # frozen x̂ψ
+    feature_network: torch.nn.Module  # frozen F
+    c_img_network: torch.nn.Module | None  # frozen; CLS embedding of x0 = c_img
+    c_text: torch.Tensor | None  # (num_classes, E) fixed prompt embeddings
+    discriminator: Discriminator  # trainable heads D_φ,k
+
+
+def schedule_from_card(card: dict[str, Any]) -> Schedule:
+    from omegaconf import OmegaConf
+
+    return Schedule(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"]))
+
+
+def validate(cfg: TrainConfig) -> None:
+    check_positive(cfg.steps, "steps")
+    check_positive(cfg.batch_size, "batch_size")
+    choose(C_WEIGHTINGS, cfg.loss.weighting, "loss.weighting")
+    choose(dict.fromkeys(TEACHER_SAMPLING), cfg.teacher.timestep_sampling, "teacher.timestep_sampling")
+    choose(dict.fromkeys(NFSD_NEGATIVES), cfg.loss.nfsd_negative, "loss.nfsd_negative")
+    choose(dict.fromkeys(("pretrained", "random")), cfg.student.init, "student.init")
+    choose(dict.fromkeys(("mean", "sum")), cfg.loss.reduction, "loss.reduction")
+    check_positive(cfg.teacher.steps, "teacher.steps")
+    if not cfg.loss.adversarial and not cfg.loss.distillation:
+        raise ConfigError("loss.adversarial=false and loss.distillation=false: at least one loss term is needed")
+    if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
+        raise ConfigError(f"teacher.t_min={cfg.teacher.t_min}, teacher.t_max={cfg.teacher.t_max}: need 0 ≤ t_min < t_max ≤ 999")
+    bad = [t for t in cfg.student.timesteps if not 0 <= t <= 999]
+    if bad or not cfg.student.timesteps:
+        raise ConfigError(f"student.timesteps={list(cfg.student.timesteps)}: need a non-empty list of values in 0..999")
+    if cfg.loss.weighting == "nfsd" and cfg.teacher.steps != 1:
+        raise ConfigError(f"teacher.steps={cfg.teacher.steps} with loss.weighting=nfsd: NFSD is a one-evaluation score; use teacher.steps=1")
+    for s in cfg.eval_steps:
+        check_positive(s, "eval_steps")
+
+
+def build_networks(cfg: TrainConfig) -> Networks:
+    validate(cfg)
+    t_folder, s_folder = resolve_weights(cfg.teacher.network), resolve_weights(cfg.student.network)
+    t_card, s_card = read_card(t_folder), read_card(s_folder)
+    schedule = schedule_from_card(t_card)
+    if s_card["schedule"] != t_card["schedule"]:
+        raise ConfigError(f"student.network={cfg.student.network} and teacher.network={cfg.teacher.network} "
+                          "use different noise schedules")
+    teacher = load_into(build_unet(t_card["unet"]), t_folder).eval().requires_grad_(False)
+    student = build_unet(s_card["unet"])  # seeded by torch.manual_seed: random init is reproducible
+    if cfg.student.init == "pretrained":
+        load_into(student, s_folder)
+    student.train()
+    fn = cfg.feature_network
+    feature_network = build_feature_network(fn.name, fn.weights, fn.layers)
+    d = cfg.discriminator
+    c_img_network = None
+    if d.c_img:
+        same = (d.c_img_network, d.c_img_weights) == (fn.name, fn.weights)
+        c_img_network = feature_network if same else build_feature_network(d.c_img_network, d.c_img_weights)
+    c_text = prompt_embeddings(d.c_text_network, d.c_text_weights) if d.c_text else None
+    c_img_dim = c_img_network.cls_embedding(torch.zeros(1, 1, 28, 28)).shape[1] if c_img_network is not None else 0
+    disc = Discriminator(feature_network.dims, c_text.shape[1] if c_text is not None else 0, c_img_dim,
+                         d.c_text, d.c_img, d.cmap_dim)
+    return Networks(Denoiser(student, schedule, NUM_CLASSES), checkpoint.EMA(student, cfg.optim.ema_decay),
+                    Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+
+
+# ------------------------------------------------------------------------------------ one step
+def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+    tc = cfg.teacher
+    if tc.timestep_sampling == "student":
+        grid = torch.tensor(list(cfg.student.timesteps))
+        return grid[torch.randint(0, len(grid), (n,), generator=gen)]
+    return torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=gen)
+
+
+def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen) -> torch.Tensor:
+    """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample."""
+    n = x_student.shape[0]
+    t = sample_teacher_t(cfg, n, gen)
+    eps = torch.randn(x_student.shape, generator=gen)
+    alpha, sigma = nets.teacher.schedule.alpha_sigma(t, x_student.ndim)
+    c_t = C_WEIGHTINGS[cfg.loss.weighting](alpha, sigma)
+    if cfg.loss.weighting == "nfsd":
+        target = nfsd_x0_target(nets, cfg, x_student, labels, t, eps, alpha, sigma, gen)
+    else:
+        target = teacher_target(nets.teacher, x_student, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
+    return distillation_loss(x_student, target, c_t, cfg.loss.reduction)
+
+
+@torch.no_grad()
+def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, alpha, sigma, gen):
+    """NFSD: ε(z;y), ε(z;∅), ε(z;negative) in one batched teacher pass, then the equivalent x0 target."""
+    n = len(labels)
+    null = torch.full_like(labels, NUM_CLASSES)
+    if cfg.loss.nfsd_negative == "other_class":  # a random different class plays the negative prompt
+        negative = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen)) % NUM_CLASSES
+    else:
+        negative = null
+    z = add_noise(x_student.detach(), eps, alpha, sigma)
+    tt = t.repeat(3)
+    eps_all = nets.teacher(z.repeat(3, 1, 1, 1), tt, torch.cat([labels, null, negative])).eps
+    eps_cond, eps_uncond, eps_neg = eps_all.chunk(3)
+    delta = nfsd_delta(eps_cond, eps_uncond, eps_neg, t, cfg.teacher.cfg_scale)
+    return nfsd_target(x_student, delta, alpha, sigma)
+
+
+def conditioning(nets: Networks, x0: torch.Tensor, labels: torch.Tensor):
+    with torch.no_grad():
+        c_text = nets.c_text[labels] if nets.c_text is not None else None
+        c_img = nets.c_img_network.cls_embedding(x0) if nets.c_img_network is not None else None
+    return c_text, c_img
+
+
+def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int) -> dict[str, float]:
+    """One ADD iteration: a generator (student) update, then a discriminator update."""
+    n = x0.shape[0]
+    grid = torch.tensor(list(cfg.student.timesteps))
+    s = grid[torch.randint(0, len(grid), (n,), generator=gen)]
+    eps = torch.randn(x0.shape, generator=gen)
+    alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
+    x_s = add_noise(x0, eps, alpha_s, sigma_s)
+    x_student = nets.student(x_s, s, labels).x0  # x̂θ(x_s, s)
+    c_text, c_img = conditioning(nets, x0, labels)
+    aug = cfg.discriminator.augment
+    log: dict[str, float] = {}
+
+    # ---- generator (student) update: Eq. 1
+    loss_g = x0.new_zeros(())
+    fake_features = None
+    if cfg.loss.adversarial:
+        nets.discriminator.requires_grad_(False)
+        fake_features = nets.feature_network(diff_augment(x_student, aug, gen))
+        loss_adv = generator_adversarial_loss(nets.discriminator(fake_features, c_text, c_img))
+        nets.discriminator.requires_grad_(True)
+        loss_g = loss_g + loss_adv
+        log["loss_g_adv"] = loss_adv.item()
+    if cfg.loss.distillation:
+        loss_distill = distillation_term(nets, cfg, x_student, labels, gen)
+        loss_g = loss_g + cfg.loss.lambda_distill * loss_distill
+        log["loss_distill"] = loss_distill.item()
+    check_finite(loss_g, "generator loss", step)
+    opt_s.zero_grad(set_to_none=True)
+    loss_g.backward()
+    log["grad_norm_student"] = clip(nets.student.unet, cfg.optim.student_grad_clip)
+    opt_s.step()
+    nets.ema.update(nets.student.unet, step)
+    log["loss_g"] = loss_g.item()
+
+    # ---- discriminator update: Eq. 3 (the fake features are those of this step's x̂θ, detached)
+    if cfg.loss.adversarial:
+        with torch.no_grad():
+            real_features = nets.feature_network(diff_augment(x0, aug, gen))
+        real_features = [f.requires_grad_(cfg.discriminator.r1_gamma > 0) for f in real_features]
+        real_logits = nets.discriminator(real_features, c_text, c_img)
+        fake_logits = nets.discriminator([f.detach() for f in fake_features], c_text, c_img)
+        loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
+        loss_r1 = r1_penalty(real_logits, real_features, cfg.discriminator.r1_gamma)
+        loss_d = loss_hinge + loss_r1
+        check_finite(loss_d, "discriminator loss", step)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        log["grad_norm_discriminator"] = clip(nets.discriminator, cfg.optim.discriminator_grad_clip)
+        opt_d.step()
+        real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
+        fake_mean = torch.stack([f.mean() for f in fake_logits]).mean().item()
+        log.update(loss_d=loss_hinge.item(), loss_r1=loss_r1.item(), d_real=real_mean, d_fake=fake_mean,
+                   d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
+                                + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
+    return log
+
+
+def clip(module: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+
+
+def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"{what} is {loss.item()} at step {step}; the last good checkpoint is kept; "
+                               "lower optim.student_lr / optim.discriminator_lr or enable gradient clipping")
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
+    """Train (or resume) the cell in ``workdir``; return the student weights folder when finished."""
+    from tqdm import tqdm
+
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    nets = build_networks(cfg)
+    d = cfg.data
+    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    betas = tuple(float(b) for b in cfg.optim.betas)
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=betas,
+                             weight_decay=cfg.optim.weight_decay)
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=betas,
+                             weight_decay=cfg.optim.weight_decay)
+    objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
+               "opt_student": opt_s, "opt_discriminator": opt_d}
+    step, wall = 0, 0.0
+    if checkpoint.exists(workdir):
+        state = checkpoint.load(workdir)
+        step = checkpoint.restore(state, objects, gen)
+        wall = state["extra"].get("wall_time_s", 0.0)
+    log = JsonlLog(workdir / "log.jsonl")
+    if step == 0:
+        (workdir / "log.jsonl").unlink(missing_ok=True)
+    start = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="ADD", dynamic_ncols=True, disable=not progress)
+    while step < cfg.steps:
+        warm = min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
+        for opt, lr in ((opt_s, cfg.optim.student_lr), (opt_d, cfg.optim.discriminator_lr)):
+            for g in opt.param_groups:
+                g["lr"] = lr * warm
+        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        row = add_step(nets, cfg, x_train[idx], y_train[idx], gen, opt_s, opt_d, step)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.write(step=step, wall_time_s=round(wall + time.time() - start, 2), **row)
+        out_of_time = budget_minutes > 0 and time.time() - start > budget_minutes * 60
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
+        if out_of_time and step < cfg.steps:
+            bar.close()
+            print(f"budget of {budget_minutes} min used at step {step}/{cfg.steps}; re-run to resume {workdir}",
+                  file=sys.stderr)
+            return None
+    bar.close()
+    wall += time.time() - start
+    return export_student(nets, cfg, workdir / "student", wall, step)
+
+
+def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, step: int) -> Path:
+    s_card = read_card(resolve_weights(cfg.student.network))
+    card = {
+        "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": s_card["schedule"],
+        "null_label": NUM_CLASSES, "weights": "EMA, fp32", "steps": step, "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),
+    }
+    save_weights(out, nets.ema.module, card, fp16=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", help="an optional YAML config, then key=value overrides")
+    p.add_argument("--workdir", default=None, help="work folder (default runs/train)")
+    p.add_argument("--budget-minutes", type=float, default=0)
+    p.add_argument("--evaluate", action="store_true", help="score the student at eval_steps when done")
+    a = p.parse_args(argv)
+    path = a.args[0] if a.args and "=" not in a.args[0] else None
+    overrides = a.args[1:] if path else a.args
+    try:
+        cfg = load(TrainConfig, path, overrides)
+        workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / "train"
+        print(f"ADD cell → {workdir}", file=sys.stderr)
+        student = train(cfg, workdir, a.budget_minutes)
+        if student is None:
+            return 3
+        print(f"student weights: {student}", file=sys.stderr)
+        if a.evaluate:
+            from add_bench.evaluate import evaluate
+            from add_bench.provenance import atomic_write_json
+
+            result = evaluate(student, list(cfg.eval_steps), cfg.eval)
+            atomic_write_json(workdir / "metrics.json", result)
+            print(f"wrote {workdir / 'metrics.json'}", file=sys.stderr)
+    except AddBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

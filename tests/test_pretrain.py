@@ -1,0 +1,85 @@
+"""Checkpoint save/resume continues bit-exactly; bad checkpoints and configs fail with one clear line."""
+import pytest
+import torch
+
+from add_bench import checkpoint
+from add_bench.config import TeacherPretrainConfig, load
+from add_bench.errors import CheckpointError, ConfigError
+from add_bench.networks.unets import load_state, load_unet
+from add_bench.pretrain import main, pretrain_teacher
+
+
+def tiny_cfg(data, steps, **kw):
+    return load(TeacherPretrainConfig, overrides=[
+        "size=tiny", f"steps={steps}", "batch_size=8", "warmup_steps=2", "ckpt_every=3", "log_every=1",
+        "ema_warmup_steps=2", "threads=1", f"data.root={data}", "data.val_size=50", "data.download=false",
+        *[f"{k}={v}" for k, v in kw.items()]])
+
+
+def test_resume_is_bit_exact(fake_data, tmp_path):
+    full = tmp_path / "full"
+    assert pretrain_teacher(tiny_cfg(fake_data, 8), full / "work", full / "w")
+    part = tmp_path / "part"
+    # interrupt twice (a budget of ~0 minutes stops after one step, writing a checkpoint), then finish
+    assert not pretrain_teacher(tiny_cfg(fake_data, 8), part / "work", part / "w", budget_minutes=1e-9)
+    assert not pretrain_teacher(tiny_cfg(fake_data, 8), part / "work", part / "w", budget_minutes=1e-9)
+    assert checkpoint.load(part / "work")["step"] == 2 and not (part / "w").exists()
+    assert pretrain_teacher(tiny_cfg(fake_data, 8), part / "work", part / "w")
+    a, b = load_state(full / "w"), load_state(part / "w")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = checkpoint.load(full / "work"), checkpoint.load(part / "work")
+    for k, v in ca["objects"]["unet"].items():
+        assert torch.equal(v, cb["objects"]["unet"][k]), k
+    net = load_unet(full / "w")  # shipped weights load through the card
+    assert net(torch.randn(1, 1, 28, 28), torch.tensor([5]), class_labels=torch.tensor([10])).sample.shape == (1, 1, 28, 28)
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nothere/checkpoint.pt: checkpoint not found"):
+        checkpoint.load(tmp_path / "nothere" / "checkpoint.pt")
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: corrupt checkpoint"):
+        checkpoint.load(bad)
+    w = tmp_path / "weights"
+    w.mkdir()
+    with pytest.raises(CheckpointError, match=r"weights/card.json: missing"):
+        load_unet(w)
+    (w / "card.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"card.json: corrupt JSON"):
+        load_unet(w)
+    (w / "card.json").write_text('{"unet": {"patch": 2}}')
+    (w / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: corrupt safetensors"):
+        load_state(w)
+
+
+def test_unknown_config_key_and_wrong_type():
+    with pytest.raises(ConfigError, match=r"overrides: unknown config key 'stepz'; accepted keys: .*steps"):
+        load(TeacherPretrainConfig, overrides=["stepz=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.rooot'; accepted keys under data: .*root"):
+        load(TeacherPretrainConfig, overrides=["data.rooot=/x"])
+    with pytest.raises(ConfigError, match=r"config key 'steps': .*abc"):
+        load(TeacherPretrainConfig, overrides=["steps=abc"])
+    with pytest.raises(ConfigError, match=r"size='huge': unknown; accepted: large, small, tiny"):
+        from add_bench.networks.unets import build_unet
+        build_unet("huge")
+
+
+def test_cli_error_is_one_line(capsys, tmp_path):
+    assert main(["teacher", "steps=0", f"--workdir={tmp_path}/w", f"--out={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: steps=0: must be a positive integer"]
+    assert main(["teacher", f"data.root={tmp_path}/missing", f"--workdir={tmp_path}/w", f"--out={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing: no such directory" in err[0] and "dataset-fashion-mnist" in err[0]
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("steps: 3\nbatch_size: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
+        load(TeacherPretrainConfig, f)
+    f.write_text("steps: 3\nlrr: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'lrr'"):
+        load(TeacherPretrainConfig, f)

@@ -1,0 +1,227 @@
+"""add_bench.launchers against a REAL single-node SLURM cluster on this machine, and run_local.
+
+Run:  python -m pytest tests/test_slurm.py -x -q          (as root; about 1.5-2.5 minutes)
+      python -m pytest tests -m "not slurm"                (everything except the cluster tests)
+
+The module-scoped ``slurm_cluster`` fixture runs ``scripts/slurm_cluster.sh`` (idempotent: it starts
+munged, slurmctld and slurmd when they are not running, installing slurm-wlm/munge with apt-get if
+slurmctld is missing) and stops the cluster again afterwards only if it was not running before.
+The SLURM tests are skipped, with the reason, when not root or when the cluster does not come up.
+
+Cell functions are module-level and pickled *by value* (cloudpickle), because the array tasks run
+``python -m submitit.core._submit`` where this test module is not importable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from add_bench.errors import ConfigError
+from add_bench.launchers import (SlurmConfig, check_launcher, run_local, status_slurm,
+                                 submit_slurm)
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+# ------------------------------------------------------------------------------ cell functions
+def tiny_cell(cell_id: str, workdir: str) -> dict:
+    """Sleeps a little (so the submit call can be seen not to wait), then writes result.json."""
+    time.sleep(4)
+    result = {"cell": cell_id, "square": len(cell_id) ** 2, "pid": os.getpid(),
+              "job_id": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
+              "cpus": os.environ.get("SLURM_CPUS_PER_TASK")}
+    tmp = Path(workdir) / "result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, Path(workdir) / "result.json")
+    return result
+
+
+def resumable_cell(cell_id: str, workdir: str) -> dict:
+    """First run: writes a checkpoint marker and then 'trains' for longer than the time limit.
+    A later run finds the marker and finishes. Every run appends a line to runs.txt."""
+    wd = Path(workdir)
+    with open(wd / "runs.txt", "a") as f:
+        f.write(json.dumps({"t": time.time(), "job": os.environ.get("SLURM_JOB_ID"),
+                            "restarts": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+    runs = len((wd / "runs.txt").read_text().splitlines())
+    if not (wd / "ckpt.json").exists():
+        (wd / "ckpt.json").write_text(json.dumps({"step": 1}))
+        for _ in range(400):  # ~200 s, much more than timeout_min=1
+            time.sleep(0.5)
+        return {"cell": cell_id, "resumed": False, "runs": runs}  # only if never interrupted
+    result = {"cell": cell_id, "resumed": True, "runs": runs,
+              "step": json.loads((wd / "ckpt.json").read_text())["step"]}
+    (wd / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def good_cell(cell_id: str, workdir: str) -> dict:
+    import torch
+
+    (Path(workdir) / "done").write_text("ok")
+    return {"cell": cell_id, "ok": True, "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def bad_cell(cell_id: str, workdir: str) -> dict:
+    raise ValueError(f"boom in {cell_id}")
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _cluster(action: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), action], capture_output=True, text=True, timeout=timeout)
+
+
+def _logs(folder: Path) -> str:
+    """The tail of every submitit log under folder/slurm_logs, for assertion messages."""
+    parts = []
+    for p in sorted((folder / "slurm_logs").rglob("*_log.*")):
+        parts.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(parts)[-6000:]
+
+
+def _wait_for(paths: list[Path], timeout_s: float, folder: Path) -> float:
+    start = time.monotonic()
+    while not all(p.exists() for p in paths):
+        if time.monotonic() - start > timeout_s:
+            states = status_slurm(folder)
+            pytest.fail(f"not all of {[str(p) for p in paths]} within {timeout_s:.0f}s; states {states}\n"
+                        + _logs(folder))
+        time.sleep(1)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM tests start a cluster with scripts/slurm_cluster.sh, which needs root")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("slurmctld is not installed and apt-get is not available to install slurm-wlm")
+    was_running = _cluster("status", timeout=30).returncode == 0
+    try:
+        out = _cluster("start")
+    except subprocess.TimeoutExpired:
+        pytest.skip("scripts/slurm_cluster.sh did not finish within 600 s (apt-get or daemons hung)")
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"the SLURM cluster did not come up: {last}")
+    yield out.stdout.strip()
+    if not was_running:
+        _cluster("stop", timeout=60)
+
+
+@pytest.fixture
+def cancel_after():
+    """Job ids appended here are scancel'ed at teardown (no 200 s sleeper is left behind on failure)."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+# --------------------------------------------------------------------------------------- tests
+@pytest.mark.slurm
+def test_submit_array_returns_at_once_and_runs(slurm_cluster, tmp_path, cancel_after):
+    folder = tmp_path / "sweep"
+    cells = [(f"cell{i}", tiny_cell) for i in range(3)]
+    cfg = SlurmConfig(timeout_min=5, cpus_per_task=1, mem_gb=0.25, array_parallelism=3)
+
+    start = time.monotonic()
+    ids = submit_slurm(cells, folder, cfg)
+    took = time.monotonic() - start
+    cancel_after.extend(ids)
+    results = [folder / cid / "result.json" for cid, _ in cells]
+    early = [p.exists() for p in results]
+    states_at_return = status_slurm(folder)
+
+    assert took < 10, f"submit_slurm took {took:.1f}s; it must not wait for the jobs"
+    assert not all(early), "all cells had finished when submit_slurm returned: it waited for them"
+    assert len(ids) == 3
+    array_id = ids[0].split("_")[0]
+    assert ids == [f"{array_id}_{i}" for i in range(3)], f"not one job array: {ids}"
+    assert json.loads((folder / "slurm_jobs.json").read_text()) == {f"cell{i}": ids[i] for i in range(3)}
+    assert set(states_at_return) == {"cell0", "cell1", "cell2"}
+    assert not all(s == "COMPLETED" for s in states_at_return.values()), states_at_return
+
+    _wait_for(results, 120, folder)
+    for i, p in enumerate(results):
+        r = json.loads(p.read_text())
+        assert r["cell"] == f"cell{i}" and r["square"] == 25
+        assert r["array_task"] == str(i) and r["cpus"] == "1"
+    deadline = time.monotonic() + 30  # the result file is written a moment before the task ends
+    while (states := status_slurm(folder)) and set(states.values()) != {"COMPLETED"} \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert set(states.values()) == {"COMPLETED"}, states
+
+
+@pytest.mark.slurm
+def test_timeout_requeues_and_cell_resumes(slurm_cluster, tmp_path, cancel_after):
+    """timeout_min=1 with USR2 20 s before the limit: submitit requeues, the second run resumes."""
+    folder = tmp_path / "sweep"
+    cfg = SlurmConfig(timeout_min=1, cpus_per_task=1, mem_gb=0.25, max_num_timeout=2, signal_delay_s=20)
+    start = time.monotonic()
+    ids = submit_slurm([("slow", resumable_cell)], folder, cfg)
+    cancel_after.extend(ids)
+    wd = folder / "slow"
+
+    seen_states = set()
+    deadline = start + 210
+    while not (wd / "result.json").exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no result after {time.monotonic() - start:.0f}s; states seen {seen_states}; runs:\n"
+                        + ((wd / "runs.txt").read_text() if (wd / "runs.txt").exists() else "none\n")
+                        + _logs(folder))
+        state = status_slurm(folder)["slow"]
+        seen_states.add(state)
+        if state in FINAL_STATES - {"COMPLETED"}:
+            pytest.fail(f"job ended as {state} instead of being requeued\n" + _logs(folder))
+        time.sleep(2)
+    elapsed = time.monotonic() - start
+
+    result = json.loads((wd / "result.json").read_text())
+    runs = (wd / "runs.txt").read_text().splitlines()
+    assert result["resumed"] is True and result["step"] == 1
+    assert len(runs) >= 2, runs
+    assert json.loads(runs[-1])["restarts"] != "0", runs  # SLURM_RESTART_COUNT: a requeue, not a new job
+    log = _logs(folder)
+    assert "Requeued job" in log or "requeue" in log.lower(), log
+    print(f"\nrequeue test: result after {elapsed:.0f}s, {len(runs)} runs, states seen {sorted(seen_states)}")
+
+
+def test_run_local_failing_cell_does_not_stop_others(tmp_path):
+    cells = [("bad", bad_cell), ("good", good_cell)]
+    results = run_local(cells, workers=2, folder=tmp_path)
+    assert list(results) == ["bad", "good"]
+    assert results["good"]["ok"] is True and (tmp_path / "good" / "done").read_text() == "ok"
+    assert results["good"]["pid"] != os.getpid()  # ran in a worker process
+    cores = len(os.sched_getaffinity(0))
+    assert results["good"]["threads"] == max(1, cores // 2)
+    assert results["bad"].startswith("error: ValueError: boom in bad"), results["bad"]
+
+    seq = run_local(cells, workers=1, folder=tmp_path / "seq")
+    assert seq["good"]["ok"] is True and seq["good"]["pid"] == os.getpid()
+    assert seq["bad"] == "error: ValueError: boom in bad"
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"launcher='foo': unknown; accepted: local, slurm"):
+        check_launcher("foo")
+    with pytest.raises(ConfigError, match=r"slurm\.timeout_min=0"):
+        SlurmConfig(timeout_min=0)
+    with pytest.raises(ConfigError, match=r"signal_delay_s=90"):
+        SlurmConfig(timeout_min=1, signal_delay_s=90)
+    with pytest.raises(ConfigError, match=r"duplicate cell id"):
+        run_local([("a", good_cell), ("a", good_cell)])

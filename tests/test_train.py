@@ -1,0 +1,141 @@
+"""The ADD trainer: frozen networks, gradient paths, student timesteps, resume, divergence, config errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from add_bench import checkpoint, train as train_mod
+from add_bench.config import TrainConfig, load
+from add_bench.data import load_split
+from add_bench.errors import ConfigError, TrainingDiverged
+from conftest import tiny_train_overrides
+
+
+def cfg_for(assets, **extra):
+    return load(TrainConfig, overrides=tiny_train_overrides(assets, **extra))
+
+
+def batch(assets, n=8):
+    x, y = load_split("train", assets["data"], 50).tensors()
+    return x[:n], y[:n]
+
+
+def optimisers(nets):
+    return (torch.optim.Adam(nets.student.unet.parameters(), 1e-4, betas=(0.0, 0.99)),
+            torch.optim.Adam(nets.discriminator.parameters(), 1e-4, betas=(0.0, 0.99)))
+
+
+def test_frozen_networks_get_no_gradient_and_generator_loss_reaches_student(tiny_assets):
+    cfg = cfg_for(tiny_assets, **{"loss.distillation": False})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    x0, y = batch(tiny_assets)
+    gen = torch.Generator().manual_seed(0)
+    grads = {}
+
+    class NoStep(torch.optim.Adam):  # record the student's gradient before the update
+        def step(self, closure=None):
+            grads["student"] = [p.grad.clone() for p in nets.student.unet.parameters() if p.grad is not None]
+
+    opt_s = NoStep(nets.student.unet.parameters(), 1e-4)
+    _, opt_d = optimisers(nets)
+    train_mod.add_step(nets, cfg, x0, y, gen, opt_s, opt_d, step=0)
+    # the adversarial generator loss flowed back through the frozen feature network into the student
+    assert grads["student"] and sum(g.abs().sum() for g in grads["student"]) > 0
+    for name, module in (("teacher", nets.teacher.unet), ("feature network", nets.feature_network)):
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters()), name
+    assert not nets.teacher.unet.training and not nets.feature_network.training
+    # the discriminator was updated by its own loss
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.discriminator.parameters())
+
+
+def test_distillation_only_leaves_discriminator_untouched(tiny_assets):
+    cfg = cfg_for(tiny_assets, **{"loss.adversarial": False})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    before = {k: v.clone() for k, v in nets.discriminator.state_dict().items()}
+    opt_s, opt_d = optimisers(nets)
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    assert "loss_d" not in row and row["loss_distill"] > 0
+    assert all(torch.equal(before[k], v) for k, v in nets.discriminator.state_dict().items())
+
+
+def test_student_sees_x_s_at_exactly_t_student(tiny_assets):
+    cfg = cfg_for(tiny_assets, **{"student.timesteps": "[999,499]"})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    seen = []
+    inner = nets.student.unet.forward
+
+    def spy(x, t, class_labels=None):
+        seen.append((x.detach().clone(), t.clone()))
+        return inner(x, t, class_labels=class_labels)
+
+    nets.student.unet.forward = spy
+    opt_s, opt_d = optimisers(nets)
+    x0, y = batch(tiny_assets)
+    for step in range(3):
+        train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(step), opt_s, opt_d, step)
+    ts = torch.cat([t for _, t in seen])
+    assert set(ts.tolist()) <= {999, 499} and len(set(ts.tolist())) == 2
+    # x_s = α_s·x0 + σ_s·ε: at s = 999 (α = 0) the input is pure noise, uncorrelated with x0
+    x, t = seen[0]
+    g = torch.Generator().manual_seed(0)
+    s = torch.tensor([999, 499])[torch.randint(0, 2, (8,), generator=g)]
+    eps = torch.randn(x0.shape, generator=g)
+    alpha, sigma = nets.student.schedule.alpha_sigma(s)
+    torch.testing.assert_close(x, alpha * x0 + sigma * eps)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
+    cfg = cfg_for(tiny_assets, steps=5)
+    full = train_mod.train(cfg, tmp_path / "full", progress=False)
+    assert train_mod.train(cfg, tmp_path / "part", budget_minutes=1e-9, progress=False) is None
+    assert train_mod.train(cfg, tmp_path / "part", budget_minutes=1e-9, progress=False) is None
+    assert checkpoint.load(tmp_path / "part")["step"] == 2
+    part = train_mod.train(cfg, tmp_path / "part", progress=False)
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "part")
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert (full / "model.safetensors").read_bytes() == (part / "model.safetensors").read_bytes()
+    logs = [l for l in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
+
+
+def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch):
+    cfg = cfg_for(tiny_assets, steps=6)
+    calls = {"n": 0}
+    real = train_mod.distillation_loss
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(train_mod, "distillation_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="generator loss is nan at step 3; the last good checkpoint is kept"):
+        train_mod.train(cfg, tmp_path / "run", progress=False)
+    assert checkpoint.load(tmp_path / "run")["step"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.weighting=l1", r"loss.weighting='l1': unknown; accepted: exp, nfsd, sds"),
+    ("feature_network.name=vgg", r"feature_network.name='vgg': unknown; accepted: .*dino_s"),
+    ("student.init=imagenet", r"student.init='imagenet': unknown; accepted: pretrained, random"),
+    ("teacher.steps=0", r"teacher.steps=0: must be a positive integer"),
+    ("loss.lambda_distill=abc", r"config key 'loss.lambda_distill'"),
+    ("loss.lamda=2", r"unknown config key 'loss.lamda'; accepted keys under loss: .*lambda_distill"),
+])
+def test_config_errors_name_the_key(tiny_assets, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train_mod.build_networks(load(TrainConfig, overrides=tiny_train_overrides(tiny_assets) + [override]))
+
+
+def test_training_never_imports_the_evaluation_network():
+    code = ("import sys, add_bench.train, add_bench.losses; "
+            "bad = [m for m in sys.modules if m in ('add_bench.networks.evalnet', 'add_bench.metrics')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
