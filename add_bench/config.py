@@ -195,7 +195,7 @@ def load(schema: type[T], path: str | Path | None = None, overrides: list[str] |
     if path is not None:
         layers.append((str(path), load_yaml(path)))
     if extra:
-        layers.append(("config", OmegaConf.create(dict(extra))))
+        layers.append(("config", dotted(extra)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -207,6 +207,14 @@ def load(schema: type[T], path: str | Path | None = None, overrides: list[str] |
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema) from None
     return cfg  # type: ignore[return-value]
+
+
+def dotted(values: Mapping[str, Any]) -> DictConfig:
+    """{"loss.weighting": "sds", "seed": 1} → a nested config layer (values kept as typed)."""
+    layer = OmegaConf.create({})
+    for key, value in values.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
 
 
 def load_yaml(path: str | Path) -> DictConfig:

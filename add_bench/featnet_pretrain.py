@@ -37,11 +37,11 @@ from tqdm import tqdm
 from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
-from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.errors import AddBenchError, TrainingDiverged
 from add_bench.networks.featnets import (FEATURE_NETWORKS, ClipS, load_clip_s, make_vit,  # noqa: F401
                                          prompt_embeddings, prompt_vocab)
 from add_bench.networks.unets import num_params, save_weights
-from add_bench.pretrain import JsonlLog, lr_at, set_threads
+from add_bench.loop import JsonlLog, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
@@ -57,7 +57,8 @@ class FeatNetPretrainConfig:
     weight_decay: float = 0.04  # not applied to biases, norms, embeddings of dim 1
     grad_clip: float = 3.0
     # DINO
-    teacher_momentum: float = 0.996  # EMA momentum of the teacher, cosine-annealed to 1 at the last step
+    teacher_momentum: float = 0.99  # EMA momentum of the teacher, cosine-annealed to 1 at the last step
+    # (DINO's 0.996 is for ~10⁵ steps; our runs are ~10³ steps)
     teacher_temp: float = 0.04
     student_temp: float = 0.1
     center_momentum: float = 0.9
@@ -83,11 +84,12 @@ class FeatNetPretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# Measured step times on the 2-core machine (with another training job running) → ~15 minutes each.
+# ~15 minutes each at the step times measured on the 2-core machine with torch.set_num_threads(1) while
+# two other training jobs ran (dino_s 0.68 s, dino_l 2.6 s, clip_s 0.25 s per step at batch 64).
 FEATNET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dino_s": dict(steps=1000),
-    "dino_l": dict(steps=400, warmup_steps=40, freeze_last_layer_steps=20),
-    "clip_s": dict(steps=3000, lr=2e-3, weight_decay=0.05, warmup_steps=200),
+    "dino_s": dict(steps=1300),
+    "dino_l": dict(steps=350, warmup_steps=40, freeze_last_layer_steps=20, teacher_momentum=0.98),
+    "clip_s": dict(steps=3500, lr=2e-3, weight_decay=0.05, warmup_steps=200),
 }
 
 
@@ -289,7 +291,8 @@ def trainable_featnets() -> list[str]:
     return [n for n, s in FEATURE_NETWORKS.items() if s.kind == "embedded" and s.objective in TASKS]
 
 
-def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0) -> bool:
+def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: Path,
+                     budget_minutes: float = 0) -> bool:
     """Train (or resume) an embedded feature network; return True when finished and exported."""
     choose(dict.fromkeys(trainable_featnets()), name, "featnet")
     check_positive(cfg.steps, "steps")
@@ -309,6 +312,7 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
         wall = state["extra"].get("wall_time_s", 0.0)
         print(f"resuming {workdir} at step {step}", file=sys.stderr)
     log = JsonlLog(workdir / "log.jsonl")
+    log.truncate(step)  # rows written after the checkpoint we resume from are written again
     print(f"featnet {name} ({spec.objective}): {num_params(task.trainable) / 1e6:.2f}M parameters; "
           f"work folder {workdir}, weights → {out}", file=sys.stderr)
     start = time.time()
@@ -380,7 +384,8 @@ def evaluate_featnet(task, cfg: FeatNetPretrainConfig) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ CLI
-def load_featnet_config(name: str, path: str | None = None, overrides: list[str] | None = None) -> FeatNetPretrainConfig:
+def load_featnet_config(name: str, path: str | None = None,
+                        overrides: list[str] | None = None) -> FeatNetPretrainConfig:
     """Schema defaults ← the network's FEATNET_DEFAULTS ← YAML file ← key=value overrides."""
     from add_bench.config import load_yaml
 

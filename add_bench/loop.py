@@ -22,6 +22,14 @@ class JsonlLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate(self, step: int) -> None:
+        """Keep only rows up to ``step`` (on resume, so that no step is logged twice)."""
+        if self.path.is_file():
+            from add_bench.provenance import atomic_write_text
+
+            rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= step]
+            atomic_write_text(self.path, "".join(r + "\n" for r in rows))
+
     def write(self, **row: Any) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

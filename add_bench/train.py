@@ -248,8 +248,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         step = checkpoint.restore(state, objects, gen)
         wall = state["extra"].get("wall_time_s", 0.0)
     log = JsonlLog(workdir / "log.jsonl")
-    if step == 0:
-        (workdir / "log.jsonl").unlink(missing_ok=True)
+    log.truncate(step)  # rows written after the checkpoint we resume from are written again
     start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="ADD", dynamic_ncols=True, disable=not progress)
     while step < cfg.steps:

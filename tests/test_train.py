@@ -139,3 +139,18 @@ def test_training_never_imports_the_evaluation_network():
             "bad = [m for m in sys.modules if m in ('add_bench.networks.evalnet', 'add_bench.metrics')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_bench_reports_parts_and_ratio(tiny_assets, capsys):
+    from add_bench import bench
+
+    assert bench.main(tiny_train_overrides(tiny_assets) + ["--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for part in ("student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "discriminator_heads_fwd_bwd",
+                 "add_step", "sum_of_parts", "ratio_step_to_parts"):
+        assert part in out
+    values = {l.split()[0]: float(l.split()[1]) for l in out.strip().splitlines()}
+    assert values["sum_of_parts"] == pytest.approx(sum(values[k] for k in (
+        "student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "feature_network_real_fwd",
+        "discriminator_heads_fwd_bwd")), rel=1e-3)
+    assert values["ratio_step_to_parts"] == pytest.approx(values["add_step"] / values["sum_of_parts"], rel=1e-2)

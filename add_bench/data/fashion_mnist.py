@@ -133,7 +133,7 @@ class Split:
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images_uint8)).float()
+    x = torch.tensor(np.asarray(images_uint8), dtype=torch.float32)
     if x.ndim == 3:
         x = x[:, None]
     return x / 127.5 - 1.0

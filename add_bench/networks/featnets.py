@@ -19,7 +19,7 @@ Two families:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,17 +70,18 @@ PRETRAIN_HINT = "python -m add_bench.pretrain featnet {name}"
 class FeatureNetwork(nn.Module):
     """Frozen feature network F: ``forward(x) -> [F_k(x)]`` (N, D_k, L), CLS added to each patch token.
 
-    Subclasses set ``self.body`` (the network) and implement ``embed`` (tokens entering block 1,
-    prefix tokens first), ``blocks`` and ``cls_embedding``.
+    ``dims``: channels of each feature level (the discriminator heads' widths); ``cls_dim``: width of
+    ``cls_embedding`` (c_img). Subclasses set ``self.body`` (the network) and implement ``embed``
+    (tokens entering block 1, prefix tokens first), ``blocks`` and ``cls_embedding``.
     """
 
     num_prefix_tokens = 1  # CLS first, then any register tokens
 
-    def __init__(self, layers: Sequence[int], depth: int, width: int, in_chans: int, img_size: int,
+    def __init__(self, layers: Sequence[int], depth: int, width: int, cls_dim: int, in_chans: int, img_size: int,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.layers = check_layers(layers, depth)
-        self.depth, self.dims = depth, [width] * len(self.layers)
+        self.depth, self.dims, self.cls_dim = depth, [width] * len(self.layers), cls_dim
         self.in_chans, self.img_size = in_chans, img_size
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -139,7 +140,7 @@ class TimmFeatures(FeatureNetwork):
     """A timm ``VisionTransformer`` as feature network (embedded ViTs and the DINO ViTs)."""
 
     def __init__(self, vit: nn.Module, layers: Sequence[int], mean=None, std=None):
-        super().__init__(layers, len(vit.blocks), vit.embed_dim, vit.patch_embed.proj.in_channels,
+        super().__init__(layers, len(vit.blocks), vit.embed_dim, vit.num_features, vit.patch_embed.proj.in_channels,
                          vit.patch_embed.img_size[0], mean, std)
         self.body = vit
         self.num_prefix_tokens = vit.num_prefix_tokens
@@ -160,8 +161,8 @@ class OpenClipFeatures(FeatureNetwork):
     """The image tower of an open_clip CLIP ViT; ``cls_embedding`` is the projected image embedding."""
 
     def __init__(self, visual: nn.Module, layers: Sequence[int], mean, std):
-        super().__init__(layers, len(visual.transformer.resblocks), visual.conv1.out_channels, 3,
-                         visual.image_size[0], mean, std)
+        super().__init__(layers, len(visual.transformer.resblocks), visual.conv1.out_channels, visual.output_dim,
+                         3, visual.image_size[0], mean, std)
         self.body = visual
         self.freeze()
 

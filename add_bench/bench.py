@@ -1,0 +1,129 @@
+"""Performance ratios, measured in one run on this machine (timings live here, never in tests).
+
+    python -m add_bench.bench [key=value ...] [--repeats 5] [--out results/bench/add_step.json]
+
+Times one full ADD iteration (``add_bench.train.add_step``) and each of its component passes on the
+same batch — student forward+backward, teacher target, feature network forward+backward on x̂θ,
+feature network forward on x0 and c_img, discriminator heads forward+backward with R1 — and reports
+the ratio of the full step to the sum of its parts (≈ 1 means no overhead beyond the passes).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from add_bench.augment import diff_augment
+from add_bench.config import TrainConfig, load
+from add_bench.data import load_split
+from add_bench.errors import AddBenchError
+from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
+from add_bench.loop import set_threads
+from add_bench.provenance import atomic_write_json, provenance
+from add_bench.train import add_step, build_networks, conditioning
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    nets = build_networks(cfg)
+    d = cfg.data
+    x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    x0, labels = x[: cfg.batch_size], y[: cfg.batch_size]
+    gen = torch.Generator().manual_seed(0)
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=0.0)  # lr 0: timing only, weights unchanged
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=0.0)
+    n = x0.shape[0]
+    s = torch.full((n,), max(cfg.student.timesteps))
+    t = torch.full((n,), (cfg.teacher.t_min + cfg.teacher.t_max) // 2)
+    eps = torch.randn(x0.shape, generator=gen)
+    x_student = nets.student(x0, s, labels).x0.detach()
+    c_text, c_img = conditioning(nets, x0, labels)
+    aug = cfg.discriminator.augment
+
+    def student_pass():
+        nets.student.unet.zero_grad(set_to_none=True)
+        nets.student(x0, s, labels).x0.mean().backward()
+
+    def teacher_pass():
+        teacher_target(nets.teacher, x_student, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
+
+    def fake_features_pass():
+        xs = x_student.clone().requires_grad_(True)
+        nets.discriminator.requires_grad_(False)
+        generator_adversarial_loss(nets.discriminator(nets.feature_network(diff_augment(xs, aug, gen)), c_text, c_img)).backward()
+        nets.discriminator.requires_grad_(True)
+
+    def real_features_pass():
+        with torch.no_grad():
+            nets.feature_network(diff_augment(x0, aug, gen))
+            conditioning(nets, x0, labels)
+
+    with torch.no_grad():
+        real_f = nets.feature_network(diff_augment(x0, aug, gen))
+        fake_f = nets.feature_network(diff_augment(x_student, aug, gen))
+
+    def heads_pass():
+        rf = [f.clone().requires_grad_(True) for f in real_f]
+        real = nets.discriminator(rf, c_text, c_img)
+        fake = nets.discriminator(fake_f, c_text, c_img)
+        nets.discriminator.zero_grad(set_to_none=True)
+        (discriminator_hinge_loss(real, fake) + r1_penalty(real, rf, cfg.discriminator.r1_gamma)).backward()
+
+    parts = {"student_fwd_bwd": student_pass, "teacher_target": teacher_pass,
+             "feature_network_fake_fwd_bwd": fake_features_pass, "feature_network_real_fwd": real_features_pass,
+             "discriminator_heads_fwd_bwd": heads_pass}
+    timings = {k: median_seconds(fn, repeats) for k, fn in parts.items()}
+    step = [0]
+
+    def full():
+        add_step(nets, cfg, x0, labels, gen, opt_s, opt_d, step[0])
+        step[0] += 1
+
+    timings["add_step"] = median_seconds(full, repeats)
+    timings["sum_of_parts"] = sum(timings[k] for k in parts)
+    timings["ratio_step_to_parts"] = timings["add_step"] / timings["sum_of_parts"]
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="TrainConfig overrides key=value (batch_size=32, ...)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="write the timings JSON (with provenance) here")
+    a = p.parse_args(argv)
+    try:
+        cfg = load(TrainConfig, overrides=a.overrides)
+        start = time.time()
+        timings = bench_add_step(cfg, a.repeats)
+    except AddBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for k, v in timings.items():
+        print(f"{k:<32} {v:12.6f}{'' if k.startswith('ratio') else ' s'}")
+    if a.out:
+        atomic_write_json(Path(a.out), {"timings": timings, "batch_size": cfg.batch_size,
+                                        "provenance": provenance(cfg, cfg.seed, time.time() - start,
+                                                                 command="python -m add_bench.bench")})
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

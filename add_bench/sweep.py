@@ -1,0 +1,404 @@
+"""Run an ablation: expand a YAML file into cells (train an ADD student, then evaluate it), run them
+locally or as a SLURM job array, and write tables and plots that mirror the paper.
+
+    python -m add_bench.sweep ablations/loss_weighting.yaml [key=value ...] [--out DIR]
+        [--launcher local|slurm] [--workers N] [--dry-run] [--status] [--collect]
+
+Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
+training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
+
+A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
+default row is in all of them) is trained once. Layout of the results folder (``--out``, default
+``runs/sweeps``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
+error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
+finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
+is recorded and the sweep goes on; a lock keeps a second sweep out of a folder in use.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from add_bench.config import TrainConfig, choose, config_error, load, load_yaml, to_dict
+from add_bench.errors import AddBenchError, ConfigError
+from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
+ABLATION_KEYS = {"name", "table", "title", "base", "seeds", "eval_steps", "num_samples", "set", "cells", "include",
+                 "paper_metric_names"}
+CELL_KEYS = {"name", "label", "default", "paper", "set"}
+SWEEP_OVERRIDES = {"seeds", "base", "eval_steps", "num_samples"}
+
+
+# ------------------------------------------------------------------------------ ablation files
+@dataclass
+class Cell:
+    ablation: str
+    name: str
+    label: str
+    default: bool
+    paper: dict | None
+    seed: int
+    config: Any  # resolved TrainConfig
+    id: str = ""
+
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "default": self.default, "seed": self.seed,
+                "id": self.id, "paper": self.paper}
+
+
+@dataclass
+class Ablation:
+    name: str
+    table: str
+    title: str
+    path: Path
+    eval_steps: list[int]
+    cells: list[Cell] = field(default_factory=list)
+    paper_metric_names: dict = field(default_factory=dict)
+
+
+def presets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
+
+
+def cell_id(config: Any) -> str:
+    """Hash of the resolved training + evaluation config (seed included): equal configs, one cell."""
+    blob = json.dumps(to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Sweep-level overrides (seeds, base, eval_steps, num_samples) vs training config overrides."""
+    sweep, train = {}, []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected key=value (e.g. seeds=[0,1,2])")
+        key, value = o.split("=", 1)
+        if key in SWEEP_OVERRIDES:
+            sweep[key] = OmegaConf.to_container(OmegaConf.from_dotlist([o]))[key]
+        else:
+            train.append(o)
+    return sweep, train
+
+
+def load_ablations(path: str | Path, overrides: list[str] | None = None) -> list[Ablation]:
+    """One ablation file (or a file that ``include``s others) → ablations with resolved cells."""
+    path = Path(path)
+    data = OmegaConf.to_container(load_yaml(path))
+    unknown = set(data) - ABLATION_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(ABLATION_KEYS))}")
+    sweep_over, train_over = split_overrides(list(overrides or []))
+    if "include" in data:
+        out = []
+        for inc in data["include"]:
+            out += load_ablations(path.parent / inc, overrides)
+        return out
+    return [expand(path, data, sweep_over, train_over)]
+
+
+def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> Ablation:
+    for key in ("name", "cells"):
+        if key not in data:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    base = sweep_over.get("base", data.get("base", "embedded"))
+    preset = Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
+    seeds = sweep_over.get("seeds", data.get("seeds", [0]))
+    eval_steps = sweep_over.get("eval_steps", data.get("eval_steps", [1, 2, 4]))
+    num_samples = sweep_over.get("num_samples", data.get("num_samples"))
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
+        raise ConfigError(f"{path}: seeds={seeds!r}: expected a non-empty list of integers")
+    ablation = Ablation(data["name"], str(data.get("table", "")), data.get("title", data["name"]), path,
+                        list(eval_steps), paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}))
+    common = dict(data.get("set") or {})
+    for i, spec in enumerate(data["cells"]):
+        where = f"{path}: cells[{i}]"
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"{where}: each cell needs a 'name' (and optional label, default, paper, set)")
+        unknown = set(spec) - CELL_KEYS
+        if unknown:
+            raise ConfigError(f"{where} ({spec['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"accepted: {', '.join(sorted(CELL_KEYS))}")
+        sets = {**common, **(spec.get("set") or {})}
+        for seed in seeds:
+            extra = {**sets, "seed": seed, "eval_steps": list(eval_steps)}
+            if num_samples is not None:
+                extra["eval.num_samples"] = num_samples
+            try:
+                cfg = load(TrainConfig, preset, extra=extra)
+            except ConfigError as e:
+                raise ConfigError(f"{where} ({spec['name']}): {e}") from None
+            cfg = load_cli(cfg, train_over)
+            validate_names(cfg, f"{where} ({spec['name']})")
+            c = Cell(ablation.name, spec["name"], spec.get("label", spec["name"]), bool(spec.get("default", False)),
+                     spec.get("paper"), seed, cfg)
+            c.id = cell_id(cfg)
+            ablation.cells.append(c)
+    return ablation
+
+
+def load_cli(cfg: Any, overrides: list[str]) -> Any:
+    if not overrides:
+        return cfg
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise config_error(e, "command line", TrainConfig) from None
+
+
+def validate_names(cfg: Any, where: str) -> None:
+    """Registry names are checked at expansion time, before anything runs."""
+    from add_bench.train import validate
+    from add_bench.networks.featnets import FEATURE_NETWORKS
+
+    try:
+        validate(cfg)
+        choose(FEATURE_NETWORKS, cfg.feature_network.name, "feature_network.name")
+        if cfg.discriminator.c_img:
+            choose(FEATURE_NETWORKS, cfg.discriminator.c_img_network, "discriminator.c_img_network")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# ------------------------------------------------------------------------------ one cell
+def cell_status(workdir: Path) -> str:
+    if (workdir / "metrics.json").is_file():
+        return "done"
+    if (workdir / "error.json").is_file():
+        return "failed"
+    if (workdir / "checkpoint.pt").is_file():
+        return "partial"
+    return "new"
+
+
+class FolderLock:
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock`` (released when the process dies)."""
+
+    def __init__(self, folder: Path, what: str):
+        self.path, self.what = folder / ".lock", what
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{self.path.parent}: results folder not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self.path.read_text().strip() or "another process"
+            os.close(self.fd)
+            raise ConfigError(f"{self.path.parent}: {self.what} in use by {owner}; wait for it or use another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def run_cell(cell: str, workdir: str) -> dict[str, Any]:
+    """Train (or resume) and evaluate one cell from ``<workdir>/config.yaml``; write metrics.json or error.json.
+
+    Module-level and self-contained, so local workers and SLURM array tasks can call it."""
+    from add_bench.evaluate import evaluate, export_samples, generate, load_denoiser
+    from add_bench.train import train
+
+    wd = Path(workdir)
+    with FolderLock(wd, f"cell {cell}"):
+        if cell_status(wd) == "done":
+            return json.loads((wd / "metrics.json").read_text())
+        (wd / "error.json").unlink(missing_ok=True)
+        start = time.time()
+        try:
+            cfg = load(TrainConfig, wd / "config.yaml")
+            student = train(cfg, wd)
+            train_wall = json.loads((student / "card.json").read_text())["train_wall_time_s"]
+            eval_start = time.time()
+            result = evaluate(student, list(cfg.eval_steps), cfg.eval)
+            denoiser, _ = load_denoiser(student)
+            grids = {f"steps_{s}": generate(denoiser, "add", s, 100, cfg.eval.seed, 100, progress=False).samples
+                     for s in cfg.eval_steps}
+            result["cell"] = cell
+            result["train"] = {"steps": cfg.steps, "wall_time_s": train_wall,
+                               "last_log": last_log_row(wd / "log.jsonl")}
+            result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
+            result["provenance"] = provenance(cfg, cfg.seed, time.time() - start,
+                                              command=f"python -m add_bench.sweep (cell {cell})")
+            import numpy as np
+
+            from add_bench.provenance import atomic_path
+
+            with atomic_path(wd / "samples.npz") as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, labels=next(iter(grids.values())).labels,
+                                    **{k: v.images for k, v in grids.items()})
+            atomic_write_json(wd / "metrics.json", result)
+            return result
+        except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
+            atomic_write_json(wd / "error.json", {"cell": cell, "error": f"{type(e).__name__}: {e}",
+                                                  "traceback": traceback.format_exc()})
+            raise
+
+
+def last_log_row(path: Path) -> dict[str, Any] | None:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+# ------------------------------------------------------------------------------ the sweep
+def prepare(ablations: list[Ablation], out: Path) -> dict[str, Cell]:
+    """Write each ablation's manifest and each unique cell's config.yaml; return id → cell."""
+    unique: dict[str, Cell] = {}
+    for ab in ablations:
+        for c in ab.cells:
+            unique.setdefault(c.id, c)
+            folder = out / "cells" / c.id
+            if not (folder / "config.yaml").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(c.config))
+        atomic_write_json(out / ab.name / "cells.json", {
+            "ablation": ab.name, "table": ab.table, "title": ab.title, "source": str(ab.path),
+            "paper_metric_names": ab.paper_metric_names, "eval_steps": ab.eval_steps,
+            "cells": [c.manifest() for c in ab.cells]})
+    return unique
+
+
+def estimate_minutes(cell: Cell, out: Path) -> float:
+    """Training time from finished cells in this folder (seconds per step × batch), else 0.5 s/step at
+    batch 32; evaluation ≈ 1.5 ms per network evaluation per sample."""
+    rates = []
+    for m in (out / "cells").glob("*/metrics.json"):
+        r = json.loads(m.read_text())
+        if r.get("train", {}).get("steps"):
+            bs = r["provenance"]["config"]["batch_size"]
+            rates.append(r["train"]["wall_time_s"] / r["train"]["steps"] / bs)
+    per_sample_step = sum(rates) / len(rates) if rates else 0.5 / 32
+    cfg = cell.config
+    train_s = cfg.steps * cfg.batch_size * per_sample_step
+    eval_s = cfg.eval.num_samples * sum(cfg.eval_steps) * 1.5e-3
+    return (train_s + eval_s) / 60
+
+
+def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path) -> float:
+    total = 0.0
+    print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
+    seen = set()
+    for ab in ablations:
+        for c in ab.cells:
+            status = cell_status(out / "cells" / c.id)
+            est = 0.0 if status == "done" or c.id in seen else estimate_minutes(c, out)
+            shared = " (shared)" if c.id in seen else ""
+            seen.add(c.id)
+            total += est
+            print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {est:>8.1f}{shared}")
+    done = sum(cell_status(out / "cells" / i) == "done" for i in cells)
+    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine")
+    return total
+
+
+def collect(ablations: list[Ablation], out: Path) -> None:
+    from add_bench.tables import write_tables
+
+    for ab in ablations:
+        written = write_tables(out / ab.name)
+        print(f"{ab.name}: wrote {', '.join(sorted(str(p) for p in written.values()))}", file=sys.stderr)
+
+
+def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None) -> dict:
+    from tqdm import tqdm
+
+    from add_bench.launchers import check_launcher, run_local, submit_slurm
+
+    check_launcher(launcher)
+    with FolderLock(out, "results folder"):
+        cells = prepare(ablations, out)
+        todo = [i for i in cells if cell_status(out / "cells" / i) != "done"]
+        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(todo)} already done", file=sys.stderr)
+        if launcher == "slurm":
+            ids = submit_slurm([(i, run_cell) for i in todo], out / "cells", slurm)
+            print(f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
+                  f"follow with --status, collect with --collect", file=sys.stderr)
+            return {"submitted": dict(zip(todo, ids))}
+        results: dict[str, Any] = {}
+        if workers > 1:
+            results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
+        else:
+            for i in tqdm(todo, desc="cells", dynamic_ncols=True):
+                c = cells[i]
+                print(f"\ncell {i}: {c.ablation}/{c.name} seed {c.seed} → {out / 'cells' / i}", file=sys.stderr)
+                results.update(run_local([(i, run_cell)], workers=1, folder=out / "cells"))
+        failed = {i: r for i, r in results.items() if isinstance(r, str)}
+        for i, err in failed.items():
+            print(f"cell {i} ({cells[i].ablation}/{cells[i].name}) failed: {err}; recorded in "
+                  f"{out / 'cells' / i / 'error.json'}", file=sys.stderr)
+        collect(ablations, out)
+        return results
+
+
+def show_status(ablations: list[Ablation], out: Path) -> None:
+    from add_bench.launchers import status_slurm
+
+    jobs = status_slurm(out / "cells") if (out / "cells" / "slurm_jobs.json").is_file() else {}
+    for ab in ablations:
+        for c in ab.cells:
+            state = cell_status(out / "cells" / c.id)
+            job = f"  slurm: {jobs[c.id]}" if c.id in jobs else ""
+            print(f"{ab.name:<16} {c.name:<22} seed {c.seed:<3} {c.id}  {state}{job}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m add_bench.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ablation", help="ablation YAML (ablations/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="seeds=[0,1,2], base=<preset>, or training config key=value")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--launcher", default="local", help="local | slurm")
+    p.add_argument("--workers", type=int, default=1, help="local: parallel worker processes")
+    p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...")
+    p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
+    p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
+    p.add_argument("--collect", action="store_true", help="only (re)write tables and plots from results")
+    a = p.parse_args(argv)
+    try:
+        ablations = load_ablations(a.ablation, a.overrides)
+        out = Path(a.out)
+        if a.dry_run:
+            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out)
+        elif a.status:
+            show_status(ablations, out)
+        elif a.collect:
+            collect(ablations, out)
+        else:
+            slurm = None
+            if a.launcher == "slurm":
+                from add_bench.launchers import SlurmConfig, check_slurm_config
+
+                slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
+            run_sweep(ablations, out, a.launcher, a.workers, slurm)
+    except AddBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

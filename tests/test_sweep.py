@@ -1,0 +1,175 @@
+"""The sweep runner: expansion, shared cells, resume after SIGKILL, failures, locks, bad input."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from add_bench import sweep
+from add_bench.errors import ConfigError
+from conftest import tiny_train_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_preset(assets, folder: Path, **extra) -> Path:
+    values = dict(o.split("=", 1) for o in tiny_train_overrides(assets, **{"steps": 3, **extra}))
+    cfg = {}
+    for k, v in values.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(v)
+    path = folder / "tiny_preset.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ablation_file(folder: Path, preset: Path, name="mini", cells=None) -> Path:
+    cells = cells or [
+        {"name": "exp", "label": "exp", "default": True, "paper": {"fid": 20.6, "cs": 0.319}},
+        {"name": "sds", "label": "sds", "paper": {"fid": 22.3, "cs": 0.325}, "set": {"loss.weighting": "sds"}},
+    ]
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "table": "1d", "title": "mini", "base": str(preset),
+                                    "seeds": [0], "eval_steps": [1, 2], "cells": cells}))
+    return path
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
+    from add_bench import metrics
+    monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "cache" / "fid_stats")
+    return tmp_path
+
+
+def test_every_ablation_file_expands_and_the_default_cell_is_shared():
+    abls = sweep.load_ablations(REPO / "ablations" / "table1.yaml")
+    names = {a.name for a in abls}
+    assert names == {"feature_network", "conditioning", "student_init", "loss_terms", "loss_weighting",
+                     "teacher_type", "teacher_steps"}
+    defaults = {c.id for a in abls for c in a.cells if c.default}
+    assert len(defaults) == 1  # the default row is one cell in all seven
+    assert all(any(c.default for c in a.cells) for a in abls)
+    ids = [c.id for a in abls for c in a.cells]
+    assert len(set(ids)) == len(ids) - 6
+    three = sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["seeds=[0,1,2]", "steps=50"])[0]
+    assert [c.seed for c in three.cells] == [0, 1, 2] * 3 and all(c.config.steps == 50 for c in three.cells)
+    assert len({c.id for c in three.cells}) == 9
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
+    ("name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n", r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'"),
+    ("name: x\ncells:\n  - {name: a, set: {steps: many}}\n", r"cells\[0\] \(a\): .*config key 'steps'"),
+    ("name: x\ncells:\n  - {name: a, set: {feature_network.name: vgg16}}\n", r"feature_network.name='vgg16': unknown; accepted:"),
+    ("name: x\ncells:\n  - {name: a, set: {loss.weighting: l2}}\n", r"loss.weighting='l2': unknown; accepted: exp, nfsd, sds"),
+    ("name: x\ncells:\n  - {name: a, colour: red}\n", r"cells\[0\] \(a\): unknown key\(s\) colour"),
+    ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded"),
+])
+def test_bad_ablation_files(tmp_path, text, message):
+    f = tmp_path / "x.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        sweep.load_ablations(f)
+
+
+def test_bad_command_line_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'stepz'"):
+        sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["stepz=3"])
+
+
+def run_cli(args, env_extra, **kw):
+    env = {**os.environ, **env_extra, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "add_bench.sweep", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def cell_numbers(out: Path) -> dict:
+    res = {}
+    for m in sorted((out / "cells").glob("*/metrics.json")):
+        rows = json.loads(m.read_text())["rows"]
+        res[m.parent.name] = [(r["steps"], r["fid"], r["align_prob"], r["align_acc"]) for r in rows]
+    return res
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_assets, env):
+    preset = tiny_preset(tiny_assets, env, steps=6, ckpt_every=1)
+    abl = ablation_file(env, preset)
+    extra = {"ADD_BENCH_CACHE": str(env / "cache")}
+    ref = run_cli([str(abl), "--out", str(env / "ref")], extra)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    rng = random.Random(0)
+    kills = 0
+    while kills < 5:
+        p = run_cli([str(abl), "--out", str(env / "killed")], extra)
+        time.sleep(rng.uniform(3.0, 12.0))
+        if p.poll() is not None:
+            break  # finished before the kill: the remaining kills have nothing to interrupt
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+    final = run_cli([str(abl), "--out", str(env / "killed")], extra)
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    assert kills >= 2
+    assert cell_numbers(env / "killed") == cell_numbers(env / "ref") and len(cell_numbers(env / "ref")) == 2
+    for log in (env / "killed" / "cells").glob("*/log.jsonl"):
+        steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
+        assert steps == list(range(1, 7))  # every step once: nothing lost, nothing run twice
+
+
+def test_failing_cell_is_recorded_and_others_finish(tiny_assets, env):
+    preset = tiny_preset(tiny_assets, env)
+    abl = ablation_file(env, preset, cells=[
+        {"name": "ok", "default": True},
+        {"name": "broken", "set": {"teacher.network": str(env / "no_such_teacher")}},
+    ])
+    ablations = sweep.load_ablations(abl)
+    sweep.run_sweep(ablations, env / "out")
+    ok, broken = (ablations[0].cells[i].id for i in (0, 1))
+    assert sweep.cell_status(env / "out" / "cells" / ok) == "done"
+    err = json.loads((env / "out" / "cells" / broken / "error.json").read_text())
+    assert "no_such_teacher" in err["error"] and "CheckpointError" in err["error"]
+    manifest = json.loads((env / "out" / "mini" / "cells.json").read_text())
+    assert [c["name"] for c in manifest["cells"]] == ["ok", "broken"]
+
+
+def test_second_sweep_on_a_folder_in_use_is_refused(tmp_path):
+    with sweep.FolderLock(tmp_path, "results folder"):
+        with pytest.raises(ConfigError, match=r"results folder in use by pid \d+"):
+            with sweep.FolderLock(tmp_path, "results folder"):
+                pass
+    with sweep.FolderLock(tmp_path, "results folder"):  # released after use
+        pass
+
+
+def test_results_folder_not_writable(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permission bits; use a path under a file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        target = blocker / "sub"
+    else:
+        target = ro / "sub"
+    with pytest.raises(ConfigError, match=r"results folder not writable"):
+        with sweep.FolderLock(target, "results folder"):
+            pass
+
+
+def test_dry_run_lists_cells_status_and_cost(tiny_assets, env, capsys):
+    preset = tiny_preset(tiny_assets, env)
+    abl = ablation_file(env, preset)
+    assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "exp" in out and "sds" in out and "new" in out and "2 unique cells, 0 done" in out
+    assert not (env / "o" / "cells").exists()  # a dry run writes nothing

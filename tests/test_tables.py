@@ -1,0 +1,138 @@
+"""add_bench.tables on a fake sweep root with known numbers (see fake_sweep.py)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_sweep import make_fake_sweep
+from PIL import Image
+
+from add_bench.errors import DataError
+from add_bench.provenance import REPO_ROOT
+from add_bench.tables import aggregate, ci95, load_results, main, read_manifest, sample_grid, write_tables
+
+T_975_1 = 12.706204736  # t_{0.975} with 1 degree of freedom
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_fake_sweep(tmp_path / "sweep")
+
+
+def table_line(markdown: str, text: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith("|") and text in line)
+
+
+def test_ci95_hand_computed():
+    assert ci95([10.0, 12.0]) == pytest.approx(T_975_1)  # s = √2, so t·s/√2 = t
+    assert ci95([0.80, 0.84]) == pytest.approx(T_975_1 * 0.02)
+    assert ci95([5.0]) == 0.0
+    assert math.isnan(ci95([]))
+    assert ci95([1.0, 2.0, float("nan")]) == pytest.approx(T_975_1 * 0.5)
+
+
+def test_load_and_aggregate(root):
+    df = load_results(root / "loss_weighting")
+    assert len(df) == 3 * 2 * 3  # cells × seeds × step counts (unfinished cells keep one row per planned step)
+    assert df.groupby("name", sort=False)["status"].first().to_dict() == {"exp": "done", "sds": "pending",
+                                                                          "nfsd": "failed"}
+    agg = aggregate(df).set_index(["name", "steps"])
+    one = agg.loc[("exp", 1)]
+    assert (one.fid_mean, one.fid_n, one.n_seeds) == (pytest.approx(11.0), 2, 2)
+    assert one.fid_ci95 == pytest.approx(T_975_1)
+    assert one.align_mean == pytest.approx(0.82) and one.align_ci95 == pytest.approx(T_975_1 * 0.02)
+    assert agg.loc[("exp", 4)].fid_mean == pytest.approx(8.5)
+    assert agg.loc[("exp", 4)].fid_ci95 == pytest.approx(T_975_1 * 0.5)
+    assert agg.loc[("sds", 1)].status == "pending" and agg.loc[("sds", 1)].fid_n == 0
+    assert agg.loc[("nfsd", 1)].status == "failed" and "NaN in the teacher target" in agg.loc[("nfsd", 1)].error
+    assert list(dict.fromkeys(agg.reset_index()["name"])) == ["exp", "sds", "nfsd"]  # manifest order
+
+
+def test_write_tables(root):
+    folder = root / "loss_weighting"
+    written = write_tables(folder)
+    names = {"table.md", "table.tex", "table.csv", "table_steps.md", "table_steps.csv", "fid_vs_alignment.png",
+             "fid_vs_steps.png", "summary.json"}
+    assert set(written) == names and all((folder / n).is_file() for n in names)
+    assert not list(folder.glob(".*tmp"))  # nothing left from the atomic writes
+    md = (folder / "table.md").read_text()
+    assert md.startswith("# Table 1d — Distillation weighting c(t)\n")
+    assert "FID-5000" in md and "compare directions" in md and "abc123" in md and "testhost" in md
+    exp = table_line(md, "L_adv + λ·L_distill,exp")
+    assert exp.startswith("| *") and "11.00 ± 12.71" in exp and "0.820 ± 0.254" in exp
+    assert "20.6" in exp and "0.319" in exp and "2/2" in exp  # the paper's numbers beside ours
+    sds = table_line(md, "L_adv + λ·L_distill,sds")
+    assert "pending" in sds and "22.3" in sds and not sds.startswith("| *")
+    assert "failed: ValueError: NaN in the teacher target" in table_line(md, "L_adv + λ·L_distill,nfsd")
+    assert "pending" in table_line((folder / "table_steps.md").read_text(), "distill,sds")
+
+    csv = pd.read_csv(folder / "table.csv")
+    assert list(csv["name"]) == ["exp", "sds", "nfsd"] and list(csv["default"]) == [True, False, False]
+    assert csv.loc[0, "fid_mean"] == pytest.approx(11) and csv.loc[0, "paper_fid"] == pytest.approx(20.6)
+    assert list(csv["status"]) == ["done", "pending", "failed"]
+    steps = pd.read_csv(folder / "table_steps.csv")
+    assert len(steps) == 9 and set(steps["steps"]) == {1, 2, 4}
+    tex = (folder / "table.tex").read_text()
+    assert all(rule in tex for rule in (r"\toprule", r"\midrule", r"\bottomrule")) and r"L\_adv" in tex
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["cells"][0]["steps"]["1"]["fid"] == {"mean": 11.0, "ci95": pytest.approx(T_975_1), "n": 2}
+    assert summary["cells"][1]["steps"]["1"]["fid"]["mean"] is None and summary["provenance"]["pending"] == 2
+    for png in ("fid_vs_alignment.png", "fid_vs_steps.png"):
+        with Image.open(folder / png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_single_seed_and_ranking(root):
+    write_tables(root / "teacher_steps")
+    md = (root / "teacher_steps" / "table.md").read_text()
+    assert "10.00 (n=1)" in table_line(md, "| *")
+    assert "Kendall τ = 1.00 over 2 cells" in md  # k4 has no paper number
+    agreement = json.loads((root / "teacher_steps" / "summary.json").read_text())["agreement"]
+    assert agreement["kendall_tau_fid"] == 1.0
+    assert [(p["a"], p["b"], p["agree"]) for p in agreement["pairs"] if p["metric"] == "fid"] == [("k1", "k2", True)]
+
+
+def test_partial_and_unreadable_results(root):
+    (root / "cells" / "default_s1" / "metrics.json").unlink()  # exp: one seed done, one pending
+    (root / "cells" / "teac_k2_s0" / "metrics.json").write_text('{"rows": [')  # truncated
+    write_tables(root / "loss_weighting")
+    exp = table_line((root / "loss_weighting" / "table.md").read_text(), "distill,exp")
+    assert "10.00 (n=1)" in exp and "1/2" in exp
+    write_tables(root / "teacher_steps")
+    assert "failed: unreadable result file" in table_line((root / "teacher_steps" / "table.md").read_text(), "| 2 ")
+
+
+def test_clip_score_key(tmp_path):
+    root = make_fake_sweep(tmp_path, alignment_key="clip_score")
+    write_tables(root / "loss_weighting")
+    md = (root / "loss_weighting" / "table.md").read_text()
+    assert "ours CLIP score" in md and "0.820 ± 0.254" in md and "clean-fid" in md
+
+
+def test_missing_manifest(tmp_path, capsys):
+    with pytest.raises(DataError, match="cells.json"):
+        read_manifest(tmp_path)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / "cells.json") in err[0]
+
+
+def test_cli_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "add_bench.tables", str(tmp_path)], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and str(tmp_path) in lines[0] and lines[0].startswith("error: ")
+
+
+def test_sample_grid():
+    labels = np.array([3, 3, 0])
+    images = np.stack([np.full((28, 28), v, np.uint8) for v in (7, 8, 9)])
+    grid = sample_grid(images, labels, per_class=10)
+    assert grid.shape == (280, 280) and grid.dtype == np.uint8
+    assert grid[3 * 28, 0] == 7 and grid[3 * 28, 28] == 8 and grid[0, 0] == 9 and grid[0, 28] == 0
