@@ -247,6 +247,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         state = checkpoint.load(workdir)
         step = checkpoint.restore(state, objects, gen)
         wall = state["extra"].get("wall_time_s", 0.0)
+        print(f"resuming {workdir} at step {step}", file=sys.stderr)
     log = JsonlLog(workdir / "log.jsonl")
     log.truncate(step)  # rows written after the checkpoint we resume from are written again
     start = time.time()

@@ -225,3 +225,43 @@ def test_config_errors_name_the_key():
         SlurmConfig(timeout_min=1, signal_delay_s=90)
     with pytest.raises(ConfigError, match=r"duplicate cell id"):
         run_local([("a", good_cell), ("a", good_cell)])
+
+
+@pytest.mark.slurm
+def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, tmp_path, cancel_after, monkeypatch):
+    """The real sweep command on the local cluster: one array, submission returns at once, --status works,
+    the slow cell hits its 1-minute limit, is requeued, resumes from its checkpoint and finishes."""
+    import yaml
+
+    from add_bench import sweep
+    from test_sweep import tiny_preset
+
+    monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
+    preset = tiny_preset(tiny_assets, tmp_path, **{"eval.num_samples": 20})
+    abl = tmp_path / "mini.yaml"
+    abl.write_text(yaml.safe_dump({"name": "mini", "table": "1d", "base": str(preset), "seeds": [0], "eval_steps": [1],
+                                   "cells": [{"name": "fast", "default": True},
+                                             {"name": "slow", "set": {"steps": 100, "ckpt_every": 5, "log_every": 1}}]}))
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm", "--slurm", "timeout_min=1",
+                       "signal_delay_s=20", "cpus_per_task=1", "mem_gb=1", "max_num_timeout=10"]) == 0
+    assert time.monotonic() - start < 30  # returned with the job ids, did not wait for the cells
+    jobs = json.loads((out / "cells" / "slurm_jobs.json").read_text())
+    cancel_after.extend(jobs.values())
+    assert len({j.split("_")[0] for j in jobs.values()}) == 1  # one job array
+    cells = {c.name: c.id for c in sweep.load_ablations(abl)[0].cells}
+    assert sweep.main([str(abl), "--out", str(out), "--status"]) == 0
+    deadline = time.monotonic() + 300
+    while not all(sweep.cell_status(out / "cells" / i) == "done" for i in cells.values()):
+        if time.monotonic() > deadline or any((out / "cells" / i / "error.json").exists() for i in cells.values()):
+            pytest.fail("sweep cells did not finish: " + json.dumps(
+                {n: sweep.cell_status(out / "cells" / i) for n, i in cells.items()}) + "\n" + _logs(out / "cells"))
+        time.sleep(3)
+    slow = out / "cells" / cells["slow"]
+    steps = [json.loads(l)["step"] for l in (slow / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 101))  # resumed, nothing lost or repeated
+    logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.err"))
+    assert "resuming" in logs  # the requeued run continued from its checkpoint
+    assert sweep.main([str(abl), "--out", str(out), "--collect"]) == 0
+    assert (out / "mini" / "table.md").is_file()
