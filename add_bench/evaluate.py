@@ -24,7 +24,7 @@ from tqdm import tqdm
 from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
 from add_bench.diffusion import Denoiser, Schedule, get_sampler
-from add_bench.errors import AddBenchError, CheckpointError, ConfigError
+from add_bench.errors import AddBenchError, CheckpointError
 from add_bench.metrics import SampleSet, build_suite, score
 from add_bench.networks.unets import load_unet, read_card
 from add_bench.provenance import atomic_path, atomic_write_json, provenance, resolve_weights

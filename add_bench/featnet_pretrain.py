@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,9 @@ from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
 from add_bench.errors import AddBenchError, TrainingDiverged
-from add_bench.networks.featnets import (FEATURE_NETWORKS, ClipS, load_clip_s, make_vit,  # noqa: F401
-                                         prompt_embeddings, prompt_vocab)
+from add_bench.networks.featnets import FEATURE_NETWORKS, ClipS, make_vit, prompt_vocab
 from add_bench.networks.unets import num_params, save_weights
-from add_bench.loop import JsonlLog, lr_at, set_threads
+from add_bench.loop import Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
@@ -304,21 +302,13 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
     x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
     task = TASKS[spec.objective](dict(spec.arch), cfg)
     opt = torch.optim.AdamW(param_groups(task.trainable, cfg.weight_decay), lr=cfg.lr)
-    objects = {**task.objects(), "opt": opt}
-    step, wall = 0, 0.0
-    if checkpoint.exists(workdir):
-        state = checkpoint.load(workdir)
-        step = checkpoint.restore(state, objects, gen)
-        wall = state["extra"].get("wall_time_s", 0.0)
-        print(f"resuming {workdir} at step {step}", file=sys.stderr)
-    log = JsonlLog(workdir / "log.jsonl")
-    log.truncate(step)  # rows written after the checkpoint we resume from are written again
+    run = Run(workdir, {**task.objects(), "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
     print(f"featnet {name} ({spec.objective}): {num_params(task.trainable) / 1e6:.2f}M parameters; "
           f"work folder {workdir}, weights → {out}", file=sys.stderr)
-    start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"featnet-{name}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"featnet-{name}", dynamic_ncols=True)
     loss_avg = None
-    while step < cfg.steps:
+    while not run.done:
+        step = run.step
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
@@ -332,23 +322,18 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
         gnorm = torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.grad_clip)
         opt.step()
         task.after_step(step)
-        step += 1
+        run.step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % cfg.log_every == 0:
-            log.write(step=step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
-                      lr=opt.param_groups[0]["lr"], wall_time_s=wall + time.time() - start, **stats)
-        out_of_time = budget_minutes > 0 and time.time() - start > budget_minutes * 60
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
-        if out_of_time and step < cfg.steps:
+        if run.step % cfg.log_every == 0:
+            run.log.write(step=run.step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
+                          lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s, **stats)
+        if run.end_of_step():
             bar.close()
-            print(f"budget of {budget_minutes} min used at step {step}/{cfg.steps}; "
-                  f"re-run the same command to resume from {workdir}", file=sys.stderr)
             return False
     bar.close()
-    wall += time.time() - start
+    wall, step = run.wall_time_s, run.step
     metrics = evaluate_featnet(task, cfg)
     module, extra = task.export()
     card = {

@@ -38,3 +38,59 @@ class JsonlLog:
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
+
+
+class Run:
+    """A resumable run in a work folder: exact resume from ``checkpoint.pt``, ``log.jsonl`` trimmed to
+    the resumed step, wall time across resumptions, periodic checkpoints and a time budget.
+
+    The caller owns the loop and advances ``run.step``; ``end_of_step`` checkpoints when due and says
+    whether to stop early (budget used up, a checkpoint written)."""
+
+    def __init__(self, workdir: Path, objects: dict[str, Any], generator: torch.Generator, total: int,
+                 ckpt_every: int, budget_minutes: float = 0):
+        import sys
+        import time
+
+        from add_bench import checkpoint
+
+        self.workdir, self.objects, self.generator = Path(workdir), objects, generator
+        self.total, self.ckpt_every, self.budget_s = total, ckpt_every, budget_minutes * 60
+        self.step, self._wall_before = 0, 0.0
+        if checkpoint.exists(self.workdir):
+            state = checkpoint.load(self.workdir)
+            self.step = checkpoint.restore(state, objects, generator)
+            self._wall_before = state["extra"].get("wall_time_s", 0.0)
+            print(f"resuming {self.workdir} at step {self.step}", file=sys.stderr)
+        self.log = JsonlLog(self.workdir / "log.jsonl")
+        self.log.truncate(self.step)  # rows written after the checkpoint we resume from are written again
+        self._start = time.time()
+
+    @property
+    def wall_time_s(self) -> float:
+        import time
+
+        return self._wall_before + time.time() - self._start
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    def save(self) -> None:
+        from add_bench import checkpoint
+
+        checkpoint.save(self.workdir, self.step, self.objects, self.generator, {"wall_time_s": self.wall_time_s})
+
+    def end_of_step(self) -> bool:
+        """Checkpoint when due; return True when the budget is used up before the end (stop now)."""
+        import sys
+        import time
+
+        out_of_time = self.budget_s > 0 and time.time() - self._start > self.budget_s
+        if self.step % self.ckpt_every == 0 or self.done or out_of_time:
+            self.save()
+        if out_of_time and not self.done:
+            print(f"time budget used at step {self.step}/{self.total}; re-run the same command to resume "
+                  f"from {self.workdir}", file=sys.stderr)
+            return True
+        return False

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from add_bench.errors import AddBenchError, TrainingDiverged
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
-from add_bench.loop import JsonlLog, lr_at, set_threads
+from add_bench.loop import Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
@@ -44,50 +43,37 @@ def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budge
     unet = build_unet(cfg.size)
     ema = checkpoint.EMA(unet, cfg.ema_decay, cfg.ema_warmup_steps)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    objects = {"unet": unet, "ema": ema, "opt": opt}
-    step, wall = 0, 0.0
-    if checkpoint.exists(workdir):
-        state = checkpoint.load(workdir)
-        step = checkpoint.restore(state, objects, gen)
-        wall = state["extra"].get("wall_time_s", 0.0)
-        print(f"resuming {workdir} at step {step}", file=sys.stderr)
-    log = JsonlLog(workdir / "log.jsonl")
+    run = Run(workdir, {"unet": unet, "ema": ema, "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
     print(f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, "
           f"weights → {out}", file=sys.stderr)
-    start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"teacher-{cfg.size}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"teacher-{cfg.size}", dynamic_ncols=True)
     loss_avg = None
-    while step < cfg.steps:
+    while not run.done:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            g["lr"] = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         loss = denoising_loss(unet, schedule, x_train[idx], y_train[idx], gen, cfg.cond_drop_prob,
                               NUM_CLASSES, cfg.loss_weighting, cfg.min_snr_gamma)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"teacher loss is {loss.item()} at step {step}; last good checkpoint "
+            raise TrainingDiverged(f"teacher loss is {loss.item()} at step {run.step}; last good checkpoint "
                                    f"kept in {workdir}; lower lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(unet, step)
-        step += 1
+        ema.update(unet, run.step)
+        run.step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if step % cfg.log_every == 0:
-            log.write(step=step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
-                      lr=opt.param_groups[0]["lr"], wall_time_s=wall + time.time() - start)
-        out_of_time = budget_minutes > 0 and time.time() - start > budget_minutes * 60
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
-        if out_of_time and step < cfg.steps:
+        if run.step % cfg.log_every == 0:
+            run.log.write(step=run.step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
+                          lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s)
+        if run.end_of_step():
             bar.close()
-            print(f"budget of {budget_minutes} min used at step {step}/{cfg.steps}; "
-                  f"re-run the same command to resume from {workdir}", file=sys.stderr)
             return False
     bar.close()
-    wall += time.time() - start
+    wall, step = run.wall_time_s, run.step
     card = {
         "kind": "teacher", "name": out.name, "unet": unet_config(cfg.size), "schedule": to_dict(cfg.schedule),
         "null_label": NUM_CLASSES, "params": num_params(unet), "weights": "EMA, fp16",
@@ -114,39 +100,29 @@ def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budge
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(x_train) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    objects = {"net": net, "opt": opt}
-    step, wall = 0, 0.0
-    if checkpoint.exists(workdir):
-        state = checkpoint.load(workdir)
-        step = checkpoint.restore(state, objects, gen)
-        wall = state["extra"].get("wall_time_s", 0.0)
-    log = JsonlLog(workdir / "log.jsonl")
-    start = time.time()
-    bar = tqdm(total=total, initial=step, desc="evalnet", dynamic_ncols=True)
-    while step < total:
+    run = Run(workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes)
+    bar = tqdm(total=total, initial=run.step, desc="evalnet", dynamic_ncols=True)
+    while not run.done:
         net.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, steps_per_epoch // 2, total, 0.01)
+            g["lr"] = lr_at(run.step, cfg.lr, steps_per_epoch // 2, total, 0.01)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         x = random_shift(x_train[idx], cfg.max_shift, gen)
         loss = F.cross_entropy(net(x), y_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
+        run.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % steps_per_epoch == 0 or step == total:
-            acc = accuracy(net, x_val, y_val)
-            log.write(step=step, epoch=step / steps_per_epoch, loss=loss.item(), val_acc=acc,
-                      wall_time_s=wall + time.time() - start)
-            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
-            if budget_minutes > 0 and time.time() - start > budget_minutes * 60 and step < total:
-                bar.close()
-                print(f"budget used at step {step}/{total}; re-run to resume", file=sys.stderr)
-                return False
+        if run.step % steps_per_epoch == 0 or run.done:
+            run.log.write(step=run.step, epoch=run.step / steps_per_epoch, loss=loss.item(),
+                          val_acc=accuracy(net, x_val, y_val), wall_time_s=run.wall_time_s)
+        if run.end_of_step():
+            bar.close()
+            return False
     bar.close()
-    wall += time.time() - start
+    wall, step = run.wall_time_s, run.step
     x_test, y_test = load_split("test", d.root, download=d.download).tensors()
     metrics = {"val_accuracy": accuracy(net, x_val, y_val), "test_accuracy": accuracy(net, x_test, y_test)}
     card = {

@@ -219,7 +219,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell from ``<workdir>/config.yaml``; write metrics.json or error.json.
 
     Module-level and self-contained, so local workers and SLURM array tasks can call it."""
-    from add_bench.evaluate import evaluate, export_samples, generate, load_denoiser
+    from add_bench.evaluate import evaluate, generate, load_denoiser
     from add_bench.train import train
 
     wd = Path(workdir)

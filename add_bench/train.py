@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from add_bench import checkpoint
 from add_bench.augment import diff_augment
-from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load, to_dict
+from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Denoiser, Schedule, add_noise
 from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
@@ -33,7 +32,7 @@ from add_bench.losses import (
 from add_bench.networks.discriminator import Discriminator
 from add_bench.networks.featnets import build_feature_network, prompt_embeddings
 from add_bench.networks.unets import build_unet, load_into, read_card, save_weights
-from add_bench.loop import JsonlLog, set_threads
+from add_bench.loop import Run, set_threads
 from add_bench.provenance import REPO_ROOT, provenance, resolve_weights
 
 TEACHER_SAMPLING = ("uniform", "student")
@@ -242,38 +241,25 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
                              weight_decay=cfg.optim.weight_decay)
     objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
                "opt_student": opt_s, "opt_discriminator": opt_d}
-    step, wall = 0, 0.0
-    if checkpoint.exists(workdir):
-        state = checkpoint.load(workdir)
-        step = checkpoint.restore(state, objects, gen)
-        wall = state["extra"].get("wall_time_s", 0.0)
-        print(f"resuming {workdir} at step {step}", file=sys.stderr)
-    log = JsonlLog(workdir / "log.jsonl")
-    log.truncate(step)  # rows written after the checkpoint we resume from are written again
-    start = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="ADD", dynamic_ncols=True, disable=not progress)
-    while step < cfg.steps:
-        warm = min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True, disable=not progress)
+    while not run.done:
+        warm = min(1.0, (run.step + 1) / max(1, cfg.optim.warmup_steps))
         for opt, lr in ((opt_s, cfg.optim.student_lr), (opt_d, cfg.optim.discriminator_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr * warm
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-        row = add_step(nets, cfg, x_train[idx], y_train[idx], gen, opt_s, opt_d, step)
-        step += 1
+        row = add_step(nets, cfg, x_train[idx], y_train[idx], gen, opt_s, opt_d, run.step)
+        run.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(step=step, wall_time_s=round(wall + time.time() - start, 2), **row)
-        out_of_time = budget_minutes > 0 and time.time() - start > budget_minutes * 60
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint.save(workdir, step, objects, gen, {"wall_time_s": wall + time.time() - start})
-        if out_of_time and step < cfg.steps:
+        if run.step % cfg.log_every == 0 or run.done:
+            run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
+        if run.end_of_step():
             bar.close()
-            print(f"budget of {budget_minutes} min used at step {step}/{cfg.steps}; re-run to resume {workdir}",
-                  file=sys.stderr)
             return None
     bar.close()
-    wall += time.time() - start
+    wall, step = run.wall_time_s, run.step
     return export_student(nets, cfg, workdir / "student", wall, step)
 
 
