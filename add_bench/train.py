@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             from add_bench.provenance import atomic_write_json
 
             result = evaluate(student, list(cfg.eval_steps), cfg.eval)
+            result["provenance"] = provenance(cfg, cfg.seed, None, command="python -m add_bench.train --evaluate")
             atomic_write_json(workdir / "metrics.json", result)
             print(f"wrote {workdir / 'metrics.json'}", file=sys.stderr)
     except AddBenchError as e:
