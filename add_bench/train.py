@@ -209,6 +209,11 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
         log.update(loss_d=loss_hinge.item(), loss_r1=loss_r1.item(), d_real=real_mean, d_fake=fake_mean,
                    d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
                                 + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
+        # how well D spots x̂θ per student timestep: at s = 999 the student sees no x0, at small s it
+        # mostly copies x0, so the pooled d_acc alone hides whether the 1-step samples are caught
+        fake_ok = torch.cat([f.detach().lt(0).float() for f in fake_logits], dim=1).mean(1)  # (N,)
+        for tau in sorted(set(s.tolist())):
+            log[f"d_fake_acc_s{tau}"] = fake_ok[s == tau].mean().item()
     return log
 
 

@@ -89,6 +89,32 @@ def test_student_sees_x_s_at_exactly_t_student(tiny_assets):
     torch.testing.assert_close(x, alpha * x0 + sigma * eps)
 
 
+def test_discriminator_accuracy_is_logged_per_student_timestep(tiny_assets):
+    """d_fake_acc_s<τ> = share of x̂θ tokens the discriminator calls fake, for the samples drawn at s = τ."""
+    cfg = cfg_for(tiny_assets, **{"student.timesteps": "[999,499]"})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    calls = []  # generator pass on x̂θ, then the discriminator update: real x0, then x̂θ
+    inner = nets.discriminator.forward
+
+    def spy(features, c_text=None, c_img=None):
+        logits = inner(features, c_text, c_img)
+        calls.append([l.detach() for l in logits])
+        return logits
+
+    nets.discriminator.forward = spy
+    opt_s, opt_d = optimisers(nets)
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    g = torch.Generator().manual_seed(0)  # replay the step's draw of s
+    s = torch.tensor([999, 499])[torch.randint(0, 2, (8,), generator=g)]
+    assert len(calls) == 3
+    fake_ok = torch.cat([l.lt(0).float() for l in calls[2]], dim=1).mean(1)
+    for tau in (999, 499):
+        assert row[f"d_fake_acc_s{tau}"] == pytest.approx(fake_ok[s == tau].mean().item())
+    assert not any(k.startswith("d_fake_acc_s") and k not in ("d_fake_acc_s999", "d_fake_acc_s499") for k in row)
+
+
 def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     cfg = cfg_for(tiny_assets, steps=5)
     full = train_mod.train(cfg, tmp_path / "full", progress=False)
