@@ -4,8 +4,9 @@
 
 Times one full ADD iteration (``add_bench.train.add_step``) and each of its component passes on the
 same batch — student forward+backward, teacher target, feature network forward+backward on x̂θ,
-feature network forward on x0 and c_img, discriminator heads forward+backward with R1 — and reports
-the ratio of the full step to the sum of its parts (≈ 1 means no overhead beyond the passes).
+feature network forward on x0 and c_img, discriminator heads forward+backward, and R1's extra cost
+(amortised over ``discriminator.r1_every`` steps) — and reports the ratio of the full step to the sum
+of its parts (≈ 1 means no overhead beyond the passes) and what R1 costs the heads' pass.
 """
 from __future__ import annotations
 
@@ -78,25 +79,31 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
         real_f = nets.feature_network(diff_augment(x0, aug, gen))
         fake_f = nets.feature_network(diff_augment(x_student, aug, gen))
 
-    def heads_pass():
-        rf = [f.clone().requires_grad_(True) for f in real_f]
+    def heads_pass(gamma: float):
+        rf = [f.clone().requires_grad_(gamma > 0) for f in real_f]
         real = nets.discriminator(rf, c_text, c_img)
         fake = nets.discriminator(fake_f, c_text, c_img)
         nets.discriminator.zero_grad(set_to_none=True)
-        (discriminator_hinge_loss(real, fake) + r1_penalty(real, rf, cfg.discriminator.r1_gamma)).backward()
+        (discriminator_hinge_loss(real, fake) + r1_penalty(real, rf, gamma)).backward()
 
     parts = {"student_fwd_bwd": student_pass, "teacher_target": teacher_pass,
              "feature_network_fake_fwd_bwd": fake_features_pass, "feature_network_real_fwd": real_features_pass,
-             "discriminator_heads_fwd_bwd": heads_pass}
+             "discriminator_heads_fwd_bwd": lambda: heads_pass(0.0)}
     timings = {k: median_seconds(fn, repeats) for k, fn in parts.items()}
+    every = cfg.discriminator.r1_every
+    if cfg.discriminator.r1_gamma > 0:  # R1's double backward, paid on every r1_every-th step
+        with_r1 = median_seconds(lambda: heads_pass(cfg.discriminator.r1_gamma), repeats)
+        timings["ratio_heads_with_r1_to_without"] = with_r1 / timings["discriminator_heads_fwd_bwd"]
+        timings["r1_extra_per_step"] = max(0.0, with_r1 - timings["discriminator_heads_fwd_bwd"]) / every
     step = [0]
 
-    def full():
-        add_step(nets, cfg, x0, labels, gen, opt_s, opt_d, step[0])
-        step[0] += 1
+    def full():  # a whole lazy-R1 period, so the R1 step is counted once per ``every`` steps
+        for _ in range(every):
+            add_step(nets, cfg, x0, labels, gen, opt_s, opt_d, step[0])
+            step[0] += 1
 
-    timings["add_step"] = median_seconds(full, repeats)
-    timings["sum_of_parts"] = sum(timings[k] for k in parts)
+    timings["add_step"] = median_seconds(full, repeats) / every
+    timings["sum_of_parts"] = sum(timings[k] for k in parts) + timings.get("r1_extra_per_step", 0.0)
     timings["ratio_step_to_parts"] = timings["add_step"] / timings["sum_of_parts"]
     return timings
 

@@ -135,6 +135,7 @@ class DiscriminatorConfig:
     cmap_dim: int = 64
     augment: str = "color,translation,cutout"  # DiffAugment policy ("" = none)
     r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
+    r1_every: int = 1  # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step)
 
 
 @dataclass

@@ -66,6 +66,7 @@ def validate(cfg: TrainConfig) -> None:
     choose(dict.fromkeys(("pretrained", "random")), cfg.student.init, "student.init")
     choose(dict.fromkeys(("mean", "sum")), cfg.loss.reduction, "loss.reduction")
     check_positive(cfg.teacher.steps, "teacher.steps")
+    check_positive(cfg.discriminator.r1_every, "discriminator.r1_every")
     if not cfg.loss.adversarial and not cfg.loss.distillation:
         raise ConfigError("loss.adversarial=false and loss.distillation=false: at least one loss term is needed")
     if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
@@ -193,11 +194,13 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     if cfg.loss.adversarial:
         with torch.no_grad():
             real_features = nets.feature_network(diff_augment(x0, aug, gen))
-        real_features = [f.requires_grad_(cfg.discriminator.r1_gamma > 0) for f in real_features]
+        every = cfg.discriminator.r1_every
+        gamma = cfg.discriminator.r1_gamma * every if step % every == 0 else 0.0
+        real_features = [f.requires_grad_(gamma > 0) for f in real_features]
         real_logits = nets.discriminator(real_features, c_text, c_img)
         fake_logits = nets.discriminator([f.detach() for f in fake_features], c_text, c_img)
         loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
-        loss_r1 = r1_penalty(real_logits, real_features, cfg.discriminator.r1_gamma)
+        loss_r1 = r1_penalty(real_logits, real_features, gamma)
         loss_d = loss_hinge + loss_r1
         check_finite(loss_d, "discriminator loss", step)
         opt_d.zero_grad(set_to_none=True)

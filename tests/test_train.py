@@ -115,6 +115,22 @@ def test_discriminator_accuracy_is_logged_per_student_timestep(tiny_assets):
     assert not any(k.startswith("d_fake_acc_s") and k not in ("d_fake_acc_s999", "d_fake_acc_s499") for k in row)
 
 
+def test_lazy_r1_is_taken_every_kth_step_weighted_by_k(tiny_assets):
+    rows = {}
+    for every in (1, 3):
+        cfg = cfg_for(tiny_assets, **{"discriminator.r1_gamma": 1.0, "discriminator.r1_every": every})
+        torch.manual_seed(0)
+        nets = train_mod.build_networks(cfg)
+        opt_s, opt_d = optimisers(nets)
+        x0, y = batch(tiny_assets)
+        rows[every] = [train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(step), opt_s, opt_d, step)
+                       for step in range(4)]
+    # same networks, same draws: step 0 carries k·γ·R1, steps 1 and 2 none, step 3 the next k·γ·R1
+    assert rows[1][0]["loss_r1"] > 0
+    assert rows[3][0]["loss_r1"] == pytest.approx(3 * rows[1][0]["loss_r1"], rel=1e-5)
+    assert rows[3][1]["loss_r1"] == 0 and rows[3][2]["loss_r1"] == 0 and rows[3][3]["loss_r1"] > 0
+
+
 def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     cfg = cfg_for(tiny_assets, steps=5)
     full = train_mod.train(cfg, tmp_path / "full", progress=False)
@@ -152,6 +168,7 @@ def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_assets, 
     ("feature_network.name=vgg", r"feature_network.name='vgg': unknown; accepted: .*dino_s"),
     ("student.init=imagenet", r"student.init='imagenet': unknown; accepted: pretrained, random"),
     ("teacher.steps=0", r"teacher.steps=0: must be a positive integer"),
+    ("discriminator.r1_every=0", r"discriminator.r1_every=0: must be a positive integer"),
     ("loss.lambda_distill=abc", r"config key 'loss.lambda_distill'"),
     ("loss.lamda=2", r"unknown config key 'loss.lamda'; accepted keys under loss: .*lambda_distill"),
 ])
@@ -178,5 +195,5 @@ def test_bench_reports_parts_and_ratio(tiny_assets, capsys):
     values = {l.split()[0]: float(l.split()[1]) for l in out.strip().splitlines()}
     assert values["sum_of_parts"] == pytest.approx(sum(values[k] for k in (
         "student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "feature_network_real_fwd",
-        "discriminator_heads_fwd_bwd")), rel=1e-3)
+        "discriminator_heads_fwd_bwd")) + values.get("r1_extra_per_step", 0.0), rel=1e-3)
     assert values["ratio_step_to_parts"] == pytest.approx(values["add_step"] / values["sum_of_parts"], rel=1e-2)
