@@ -9,12 +9,18 @@ from typing import Any
 import torch
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to base·min_ratio at ``total``."""
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then ``schedule``: cosine decay to base·min_ratio at ``total``,
+    or constant."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class JsonlLog:

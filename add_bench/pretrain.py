@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from add_bench import checkpoint
-from add_bench.config import TEACHER_DEFAULTS, EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
+from add_bench.config import EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
 from add_bench.errors import AddBenchError, TrainingDiverged
@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.what == "teacher":
-            size = load(TeacherPretrainConfig, a.config, a.overrides).size
-            cfg = load(TeacherPretrainConfig, a.config, a.overrides, defaults=TEACHER_DEFAULTS.get(size))
+            cfg = load(TeacherPretrainConfig, a.config, a.overrides)
             name = a.name or f"teacher_{cfg.size}"
             run = pretrain_teacher
         else:

@@ -75,9 +75,17 @@ def presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
 
 
+# How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
+# count is the launcher's choice): left out of the cell id, so that --workers N or a different
+# checkpoint interval finds the same finished cells.
+EXECUTION_KEYS = ("threads", "ckpt_every", "log_every")
+
+
 def cell_id(config: Any) -> str:
-    """Hash of the resolved training + evaluation config (seed included): equal configs, one cell."""
-    blob = json.dumps(to_dict(config), sort_keys=True, default=str)
+    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out):
+    equal configs, one cell."""
+    values = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_KEYS}
+    blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

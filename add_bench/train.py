@@ -32,7 +32,7 @@ from add_bench.losses import (
 from add_bench.networks.discriminator import Discriminator
 from add_bench.networks.featnets import build_feature_network, prompt_embeddings
 from add_bench.networks.unets import build_unet, load_into, read_card, save_weights
-from add_bench.loop import Run, set_threads
+from add_bench.loop import LR_SCHEDULES, Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, provenance, resolve_weights
 
 TEACHER_SAMPLING = ("uniform", "student")
@@ -65,6 +65,7 @@ def validate(cfg: TrainConfig) -> None:
     choose(dict.fromkeys(NFSD_NEGATIVES), cfg.loss.nfsd_negative, "loss.nfsd_negative")
     choose(dict.fromkeys(("pretrained", "random")), cfg.student.init, "student.init")
     choose(dict.fromkeys(("mean", "sum")), cfg.loss.reduction, "loss.reduction")
+    choose(dict.fromkeys(LR_SCHEDULES), cfg.optim.lr_schedule, "optim.lr_schedule")
     check_positive(cfg.teacher.steps, "teacher.steps")
     check_positive(cfg.discriminator.r1_every, "discriminator.r1_every")
     if not cfg.loss.adversarial and not cfg.loss.distillation:
@@ -251,13 +252,14 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
                "opt_student": opt_s, "opt_discriminator": opt_d}
     run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True, disable=not progress)
+    o = cfg.optim
     while not run.done:
-        warm = min(1.0, (run.step + 1) / max(1, cfg.optim.warmup_steps))
-        for opt, lr in ((opt_s, cfg.optim.student_lr), (opt_d, cfg.optim.discriminator_lr)):
+        for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
-                g["lr"] = lr * warm
+                g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         row = add_step(nets, cfg, x_train[idx], y_train[idx], gen, opt_s, opt_d, run.step)
+        row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         run.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})

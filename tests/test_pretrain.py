@@ -83,15 +83,3 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     f.write_text("steps: 3\nlrr: 1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'lrr'"):
         load(TeacherPretrainConfig, f)
-
-
-def test_size_defaults_sit_below_the_config_file_and_overrides(tmp_path):
-    from add_bench.config import TEACHER_DEFAULTS, TeacherPretrainConfig, load
-
-    large = TEACHER_DEFAULTS["large"]
-    assert load(TeacherPretrainConfig, overrides=["size=large"], defaults=large).steps == large["steps"]
-    assert load(TeacherPretrainConfig).steps != large["steps"]  # small keeps the schema default
-    f = tmp_path / "t.yaml"
-    f.write_text("steps: 123\n")
-    assert load(TeacherPretrainConfig, f, ["size=large"], defaults=large).steps == 123
-    assert load(TeacherPretrainConfig, f, ["size=large", "steps=7"], defaults=large).steps == 7

@@ -66,6 +66,15 @@ def test_every_ablation_file_expands_and_the_default_cell_is_shared():
     assert len({c.id for c in three.cells}) == 9
 
 
+def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
+    path = REPO / "ablations" / "loss_weighting.yaml"
+    base = [c.id for c in sweep.load_ablations(path)[0].cells]
+    run_differently = sweep.load_ablations(path, ["threads=1", "ckpt_every=7", "log_every=3"])[0]
+    assert [c.id for c in run_differently.cells] == base
+    for override in ("steps=999", "optim.student_lr=0.001", "eval.num_samples=100", "seeds=[1]"):
+        assert all(a != b for a, b in zip(base, [c.id for c in sweep.load_ablations(path, [override])[0].cells]))
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
     ("name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n", r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'"),

@@ -1,4 +1,5 @@
 """The ADD trainer: frozen networks, gradient paths, student timesteps, resume, divergence, config errors."""
+import json
 import subprocess
 import sys
 
@@ -147,6 +148,20 @@ def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
 
 
+@pytest.mark.parametrize("schedule, factors", [
+    ("constant", [0.5, 1, 1, 1, 1]),  # warm-up (step+1)/2, then the base rate
+    # cosine after a 2-step warm-up, to 0 at step 5: ½(1 + cos(π·(step − 2)/3)) for steps 2, 3, 4
+    ("cosine", [0.5, 1, 1, 0.75, 0.25]),
+])
+def test_learning_rate_schedule_is_logged_per_step(tiny_assets, tmp_path, schedule, factors):
+    cfg = cfg_for(tiny_assets, steps=5, **{"optim.lr_schedule": schedule, "optim.student_lr": 1e-3,
+                                           "optim.discriminator_lr": 4e-3})
+    train_mod.train(cfg, tmp_path, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["lr_student"] for r in rows] == pytest.approx([1e-3 * f for f in factors])
+    assert [r["lr_discriminator"] for r in rows] == pytest.approx([4e-3 * f for f in factors])
+
+
 def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch):
     cfg = cfg_for(tiny_assets, steps=6)
     calls = {"n": 0}
@@ -169,6 +184,7 @@ def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_assets, 
     ("student.init=imagenet", r"student.init='imagenet': unknown; accepted: pretrained, random"),
     ("teacher.steps=0", r"teacher.steps=0: must be a positive integer"),
     ("discriminator.r1_every=0", r"discriminator.r1_every=0: must be a positive integer"),
+    ("optim.lr_schedule=linear", r"optim.lr_schedule='linear': unknown; accepted: constant, cosine"),
     ("loss.lambda_distill=abc", r"config key 'loss.lambda_distill'"),
     ("loss.lamda=2", r"unknown config key 'loss.lamda'; accepted keys under loss: .*lambda_distill"),
 ])
