@@ -73,6 +73,16 @@ def teacher_row(teacher: str, steps: int, cfg_scale: float, cfg: EvalConfig, sui
             "seed": cfg.seed, "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
 
 
+def row_key(teacher: str) -> str:
+    """File-name stem of a teacher's rows: the shipped name, or for a folder its name plus a hash of its path."""
+    if "/" not in teacher:
+        return teacher
+    import hashlib
+
+    path = str(Path(teacher).resolve())
+    return f"{Path(path).name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+
+
 def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search_samples: int = 1000) -> list[dict]:
     suite = build_suite(cfg)
     rows_dir = out / "rows"
@@ -82,17 +92,25 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
         if not resolve_weights(teacher).is_dir():
             print(f"skipping {teacher}: no weights at {resolve_weights(teacher)}", file=sys.stderr)
             continue
-        search = cached_row(rows_dir / f"{teacher}_cfg_search.json", lambda: cfg_search(teacher, cfg, cfg_search_samples))
+        key = row_key(teacher)
+        search = cached_row(rows_dir / f"{key}_cfg_search.json", lambda: cfg_search(teacher, cfg, cfg_search_samples))
         for scale in (1.0, search["best_cfg_scale"]):
             for s in steps:
-                rows.append(cached_row(rows_dir / f"{teacher}_{s}steps_cfg{scale:g}.json",
+                rows.append(cached_row(rows_dir / f"{key}_{s}steps_cfg{scale:g}.json",
                                        lambda: teacher_row(teacher, s, scale, cfg, suite)))
                 print(f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
                       file=sys.stderr)
-    write_tables(rows, out)
+    write_tables(stored_rows(rows_dir), out)  # every teacher measured so far, not only this run's
     atomic_write_json(out / "provenance.json", provenance(cfg, cfg.seed, None, command="python -m add_bench.baseline",
                                                            teachers=teachers, rows=sorted(p.name for p in rows_dir.glob("*.json"))))
     return rows
+
+
+def stored_rows(rows_dir: Path) -> list[dict[str, Any]]:
+    """All table rows in ``rows_dir`` (the floor first, then by model, CFG scale, steps); the CFG
+    searches are not rows."""
+    rows = [json.loads(p.read_text()) for p in rows_dir.glob("*.json") if not p.name.endswith("_cfg_search.json")]
+    return sorted(rows, key=lambda r: (r["steps"] > 0, r["model"], r.get("cfg_scale") or 0.0, r["steps"]))
 
 
 def write_tables(rows: list[dict], out: Path) -> None:

@@ -7,6 +7,10 @@ same batch — student forward+backward, teacher target, feature network forward
 feature network forward on x0 and c_img, discriminator heads forward+backward, and R1's extra cost
 (amortised over ``discriminator.r1_every`` steps) — and reports the ratio of the full step to the sum
 of its parts (≈ 1 means no overhead beyond the passes) and what R1 costs the heads' pass.
+
+``--parallel`` instead measures a local sweep's two layouts in one run: ADD steps per second of one
+process using all cores' threads against one 1-thread process per core running at once
+(``python -m add_bench.sweep --workers N``), and their ratio.
 """
 from __future__ import annotations
 
@@ -108,22 +112,85 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
     return timings
 
 
+# ------------------------------------------------------------------ local sweep layout: workers vs threads
+def _timed_steps(cfg_yaml: str, threads: int, steps: int, barrier) -> float:
+    """In a fresh process: ``threads`` torch threads, build one cell's networks, 2 warm-up ADD steps,
+    wait at ``barrier`` (so parallel workers are timed over the same interval), then time ``steps``."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(cfg_yaml))
+    torch.manual_seed(cfg.seed)
+    nets = build_networks(cfg)
+    d = cfg.data
+    x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    gen = torch.Generator().manual_seed(0)
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=(0.0, 0.99))
+
+    def one(step: int) -> None:
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+        add_step(nets, cfg, x[idx], y[idx], gen, opt_s, opt_d, step)
+
+    for i in range(2):
+        one(i)
+    barrier.wait()
+    start = time.perf_counter()
+    for i in range(steps):
+        one(2 + i)
+    return time.perf_counter() - start
+
+
+def bench_workers(cfg: TrainConfig, steps: int = 30, cores: int | None = None) -> dict[str, float]:
+    """Throughput of a local sweep's two layouts on this machine, measured in one run: one cell at a time
+    using every core's threads (``--workers 1``), against one cell per core at 1 thread each
+    (``--workers <cores>``). The ratio > 1 means parallel workers finish a sweep of many cells sooner."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from omegaconf import OmegaConf
+
+    from add_bench.launchers import _cores
+
+    cores = cores or _cores()
+    text = OmegaConf.to_yaml(cfg)
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, float] = {"cores": float(cores)}
+    with ctx.Manager() as manager:
+        for workers, threads in ((1, cores), (cores, 1)):
+            barrier = manager.Barrier(workers)
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                secs = list(pool.map(_timed_steps, [text] * workers, [threads] * workers, [steps] * workers,
+                                     [barrier] * workers))
+            out[f"steps_per_s_{workers}_workers_x_{threads}_threads"] = sum(steps / t for t in secs)
+    one, many = (out[f"steps_per_s_1_workers_x_{cores}_threads"], out[f"steps_per_s_{cores}_workers_x_1_threads"])
+    out["ratio_workers_to_threads"] = many / one
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m add_bench.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="TrainConfig overrides key=value (batch_size=32, ...)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="write the timings JSON (with provenance) here")
+    p.add_argument("--parallel", action="store_true",
+                   help="instead: sweep throughput of N workers × 1 thread against 1 worker × N threads")
+    p.add_argument("--steps", type=int, default=30, help="--parallel: ADD steps timed per process")
     a = p.parse_args(argv)
     try:
         cfg = load(TrainConfig, overrides=a.overrides)
         start = time.time()
-        timings = bench_add_step(cfg, a.repeats)
+        timings = bench_workers(cfg, a.steps) if a.parallel else bench_add_step(cfg, a.repeats)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for k, v in timings.items():
-        print(f"{k:<32} {v:12.6f}{'' if k.startswith('ratio') else ' s'}")
+        unit = "" if k.startswith(("ratio", "steps_per_s", "cores")) else " s"
+        print(f"{k:<40} {v:12.6f}{unit}")
     if a.out:
         atomic_write_json(Path(a.out), {"timings": timings, "batch_size": cfg.batch_size,
                                         "provenance": provenance(cfg, cfg.seed, time.time() - start,

@@ -213,3 +213,14 @@ def test_bench_reports_parts_and_ratio(tiny_assets, capsys):
         "student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "feature_network_real_fwd",
         "discriminator_heads_fwd_bwd")) + values.get("r1_extra_per_step", 0.0), rel=1e-3)
     assert values["ratio_step_to_parts"] == pytest.approx(values["add_step"] / values["sum_of_parts"], rel=1e-2)
+
+
+def test_bench_parallel_reports_both_layouts_and_their_ratio(tiny_assets, capsys):
+    from add_bench import bench
+
+    assert bench.main(tiny_train_overrides(tiny_assets) + ["--parallel", "--steps", "2"]) == 0
+    values = {l.split()[0]: float(l.split()[1]) for l in capsys.readouterr().out.strip().splitlines()}
+    n = int(values["cores"])
+    one, many = values[f"steps_per_s_1_workers_x_{n}_threads"], values[f"steps_per_s_{n}_workers_x_1_threads"]
+    assert one > 0 and many > 0
+    assert values["ratio_workers_to_threads"] == pytest.approx(many / one, rel=1e-3)
