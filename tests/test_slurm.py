@@ -227,6 +227,17 @@ def test_config_errors_name_the_key():
         run_local([("a", good_cell), ("a", good_cell)])
 
 
+def training_steps_per_second(preset, workdir, steps: int = 30) -> float:
+    """ADD steps per second of the tiny preset here, from the training log's wall times (start-up excluded)."""
+    from add_bench import train as train_mod
+    from add_bench.config import TrainConfig, load
+
+    train_mod.train(load(TrainConfig, preset, [f"steps={steps}", "log_every=1", "ckpt_every=1000"]), workdir,
+                    progress=False)
+    rows = [json.loads(l) for l in (workdir / "log.jsonl").read_text().splitlines()]
+    return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["wall_time_s"] - rows[0]["wall_time_s"])
+
+
 @pytest.mark.slurm
 def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, tmp_path, cancel_after, monkeypatch):
     """The real sweep command on the local cluster: one array, submission returns at once, --status works,
@@ -238,10 +249,13 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
 
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
     preset = tiny_preset(tiny_assets, tmp_path, **{"eval.num_samples": 20})
+    # the slow cell must outlive one 1-minute run on any machine: ≈100 s of training at this machine's speed
+    slow_steps = max(180, int(100 * training_steps_per_second(preset, tmp_path / "calibration")))
     abl = tmp_path / "mini.yaml"
     abl.write_text(yaml.safe_dump({"name": "mini", "table": "1d", "base": str(preset), "seeds": [0], "eval_steps": [1],
                                    "cells": [{"name": "fast", "default": True},
-                                             {"name": "slow", "set": {"steps": 180, "ckpt_every": 5, "log_every": 1}}]}))
+                                             {"name": "slow", "set": {"steps": slow_steps, "ckpt_every": 5,
+                                                                      "log_every": 1}}]}))
     out = tmp_path / "out"
     start = time.monotonic()
     assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm", "--slurm", "timeout_min=1",
@@ -260,7 +274,7 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
         time.sleep(3)
     slow = out / "cells" / cells["slow"]
     steps = [json.loads(l)["step"] for l in (slow / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 181))  # resumed, nothing lost or repeated
+    assert steps == list(range(1, slow_steps + 1))  # resumed, nothing lost or repeated
     logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.err"))
     assert "resuming" in logs  # the requeued run continued from its checkpoint
     assert sweep.main([str(abl), "--out", str(out), "--collect"]) == 0

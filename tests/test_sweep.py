@@ -110,29 +110,42 @@ def cell_numbers(out: Path) -> dict:
     return res
 
 
+def progress(out: Path) -> int:
+    """Work the sweep has kept: logged training steps (trimmed back to the checkpoint on resume) + finished cells."""
+    cells = out / "cells"
+    return (sum(len(p.read_text().splitlines()) for p in cells.glob("*/log.jsonl"))
+            + len(list(cells.glob("*/metrics.json"))))
+
+
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_assets, env):
-    preset = tiny_preset(tiny_assets, env, steps=6, ckpt_every=1)
+    steps = 12
+    preset = tiny_preset(tiny_assets, env, steps=steps, ckpt_every=1)
     abl = ablation_file(env, preset)
     extra = {"ADD_BENCH_CACHE": str(env / "cache")}
     ref = run_cli([str(abl), "--out", str(env / "ref")], extra)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     rng = random.Random(0)
-    kills = 0
+    kills, killed = 0, env / "killed"
     while kills < 5:
-        p = run_cli([str(abl), "--out", str(env / "killed")], extra)
-        time.sleep(rng.uniform(3.0, 12.0))
+        before = progress(killed) if (killed / "cells").is_dir() else 0
+        p = run_cli([str(abl), "--out", str(killed)], extra)
+        # a random moment once this run has done work of its own (not only start-up)
+        deadline = time.time() + 120
+        while p.poll() is None and progress(killed) <= before and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.2))
         if p.poll() is not None:
-            break  # finished before the kill: the remaining kills have nothing to interrupt
+            break  # finished before the kill: nothing left to interrupt
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-    final = run_cli([str(abl), "--out", str(env / "killed")], extra)
+    final = run_cli([str(abl), "--out", str(killed)], extra)
     assert final.wait(timeout=300) == 0, final.stderr.read()
-    assert kills >= 2
-    assert cell_numbers(env / "killed") == cell_numbers(env / "ref") and len(cell_numbers(env / "ref")) == 2
-    for log in (env / "killed" / "cells").glob("*/log.jsonl"):
-        steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
-        assert steps == list(range(1, 7))  # every step once: nothing lost, nothing run twice
+    assert kills == 5
+    assert cell_numbers(killed) == cell_numbers(env / "ref") and len(cell_numbers(env / "ref")) == 2
+    for log in (killed / "cells").glob("*/log.jsonl"):
+        logged = [json.loads(l)["step"] for l in log.read_text().splitlines()]
+        assert logged == list(range(1, steps + 1))  # every step once: nothing lost, nothing run twice
 
 
 def test_failing_cell_is_recorded_and_others_finish(tiny_assets, env):
