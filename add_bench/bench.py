@@ -128,8 +128,9 @@ def _timed_steps(cfg_yaml: str, threads: int, steps: int, barrier) -> float:
     d = cfg.data
     x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
     gen = torch.Generator().manual_seed(0)
-    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=(0.0, 0.99))
-    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=(0.0, 0.99))
+    betas = tuple(float(b) for b in cfg.optim.betas)
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=betas)
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=betas)
 
     def one(step: int) -> None:
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)

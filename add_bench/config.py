@@ -187,16 +187,14 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------- loading
 def load(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         extra: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None) -> T:
-    """Schema defaults ← ``defaults`` dict ← YAML file ← ``extra`` dict ← ``key=value`` overrides, validated.
+         extra: Mapping[str, Any] | None = None) -> T:
+    """Schema defaults ← YAML file ← ``extra`` dict ← ``key=value`` overrides, validated.
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     layers: list[tuple[str, Any]] = []
-    if defaults:
-        layers.append(("defaults", dotted(defaults)))
     if path is not None:
         layers.append((str(path), load_yaml(path)))
     if extra:
