@@ -30,7 +30,7 @@ from add_bench.errors import AddBenchError
 from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
 from add_bench.loop import set_threads
 from add_bench.provenance import atomic_write_json, provenance
-from add_bench.train import add_step, build_networks, conditioning
+from add_bench.train import add_step, build_networks, conditioning, optimisers
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -128,9 +128,7 @@ def _timed_steps(cfg_yaml: str, threads: int, steps: int, barrier) -> float:
     d = cfg.data
     x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
     gen = torch.Generator().manual_seed(0)
-    betas = tuple(float(b) for b in cfg.optim.betas)
-    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=betas)
-    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=betas)
+    opt_s, opt_d = optimisers(nets, cfg)
 
     def one(step: int) -> None:
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)

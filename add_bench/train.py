@@ -233,6 +233,15 @@ def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ the loop
+def optimisers(nets: Networks, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for the student and for the discriminator heads, from ``cfg.optim``."""
+    o = cfg.optim
+    betas = tuple(float(b) for b in o.betas)
+    return (torch.optim.Adam(nets.student.unet.parameters(), lr=o.student_lr, betas=betas, weight_decay=o.weight_decay),
+            torch.optim.Adam(nets.discriminator.parameters(), lr=o.discriminator_lr, betas=betas,
+                             weight_decay=o.weight_decay))
+
+
 def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
     """Train (or resume) the cell in ``workdir``; return the student weights folder when finished."""
     from tqdm import tqdm
@@ -243,11 +252,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     nets = build_networks(cfg)
     d = cfg.data
     x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
-    betas = tuple(float(b) for b in cfg.optim.betas)
-    opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=cfg.optim.student_lr, betas=betas,
-                             weight_decay=cfg.optim.weight_decay)
-    opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=betas,
-                             weight_decay=cfg.optim.weight_decay)
+    opt_s, opt_d = optimisers(nets, cfg)
     objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
                "opt_student": opt_s, "opt_discriminator": opt_d}
     run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
