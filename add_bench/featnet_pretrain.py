@@ -47,7 +47,7 @@ from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 class FeatNetPretrainConfig:
     """``python -m add_bench.featnet_pretrain <name>``: an embedded feature network (dino_s, dino_l, clip_s)."""
 
-    steps: int = 1000  # per-network defaults in FEATNET_DEFAULTS (~15 min each on 2 CPU cores)
+    steps: int = 1000  # per-network defaults in FEATNET_DEFAULTS
     batch_size: int = 64
     lr: float = 1e-3  # AdamW peak, linear warm-up then cosine decay
     warmup_steps: int = 100
@@ -82,11 +82,12 @@ class FeatNetPretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# ~15 minutes each at the step times measured on the 2-core machine with torch.set_num_threads(1) while
-# two other training jobs ran (dino_s 0.68 s, dino_l 2.6 s, clip_s 0.25 s per step at batch 64).
+# dino_s and dino_l share one recipe (1,300 steps), so Table 1a compares network capacity, not training
+# length. Measured on the 2-core machine at 1 thread (batch 64): dino_s 0.68 s/step with two other jobs
+# running (23 min), dino_l 1.08 s/step beside one other job (≈23 min); clip_s 0.25 s/step (contended).
 FEATNET_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino_s": dict(steps=1300),
-    "dino_l": dict(steps=350, warmup_steps=40, freeze_last_layer_steps=20, teacher_momentum=0.98),
+    "dino_l": dict(steps=1300),
     "clip_s": dict(steps=3500, lr=2e-3, weight_decay=0.05, warmup_steps=200),
 }
 
