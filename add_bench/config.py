@@ -34,6 +34,8 @@ class ScheduleConfig:
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers names: linear, scaled_linear, squaredcos_cap_v2
+    beta_start: float = 0.0001  # linear / scaled_linear only (Stable Diffusion: 0.00085)
+    beta_end: float = 0.02  # linear / scaled_linear only (Stable Diffusion: 0.012)
     prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
     rescale_betas_zero_snr: bool = True  # ᾱ at t = T-1 is exactly 0 (Lin et al. 2023)
     timestep_spacing: str = "trailing"  # 4 steps → 999, 749, 499, 249
@@ -80,15 +82,35 @@ class EvalNetPretrainConfig:
 
 
 @dataclass
+class CocoConfig:
+    """COCO 2017 captions (cluster scale): prompts and FID reference images (add_bench.data.coco)."""
+
+    root: Optional[str] = None  # folder with annotations/ and the image folders; None = $ADD_BENCH_COCO
+    split: str = "val2017"  # train2017 | val2017 (the paper's zero-shot evaluation: val2017)
+    resolution: int = 512  # generated and reference images are resolution² (the paper: 512)
+
+
+@dataclass
+class ClusterMetricsConfig:
+    """Weights of the cluster metrics, read from local paths (model hubs are offline)."""
+
+    inception: Optional[str] = None  # folder holding clean-fid's inception-2015-12-05.pt; None = $ADD_BENCH_INCEPTION
+    clip_model: str = "ViT-g-14"  # open_clip architecture of the CLIP score (the paper's)
+    clip_weights: Optional[str] = None  # its open_clip weights file; None = $ADD_BENCH_CLIP
+
+
+@dataclass
 class EvalConfig:
     """Sampling + scoring of a generator (teacher or student)."""
 
-    num_samples: int = 5000  # balanced classes
+    num_samples: int = 5000  # embedded: balanced classes; cluster: COCO captions of distinct images
     seed: int = 0
     batch_size: int = 500
-    metrics: str = "embedded"  # metric suite: see add_bench.metrics.METRIC_SUITES
+    metrics: str = "embedded"  # metric suite: embedded | cluster (add_bench.metrics.METRIC_SUITES)
     evalnet: str = "evalnet"  # shipped evaluation network (name or folder)
     data: DataConfig = field(default_factory=DataConfig)
+    coco: CocoConfig = field(default_factory=CocoConfig)  # cluster scale only
+    cluster: ClusterMetricsConfig = field(default_factory=ClusterMetricsConfig)  # cluster scale only
 
 
 # ------------------------------------------------------------------------ ADD training (one cell)

@@ -22,6 +22,8 @@ def make_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,
         rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
         timestep_spacing=cfg.timestep_spacing,
@@ -109,7 +111,8 @@ class Prediction:
 class Denoiser:
     """Wraps a class-conditional diffusers UNet: (x_t, t, labels) → x̂0 and ε̂, with optional CFG.
 
-    ``null_label`` is the unconditional class used for classifier-free guidance.
+    ``null_label`` is the unconditional class used for classifier-free guidance. Other conditionings
+    (prompt embeddings: ``add_bench.networks.sd.TextDenoiser``) override ``raw`` and ``null_condition``.
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_label: int):
@@ -117,6 +120,10 @@ class Denoiser:
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=labels).sample
+
+    def null_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """∅ for a batch of conditions: the null class."""
+        return torch.full_like(labels, self.null_label)
 
     def model_output(self, x_t, t, labels, cfg_scale: float = 1.0, uncond_labels=None) -> torch.Tensor:
         """The network's output (v, ε or x0 by prediction_type), guided when cfg_scale ≠ 1.
@@ -126,7 +133,7 @@ class Denoiser:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         if cfg_scale == 1.0:
             return self.raw(x_t, t, labels)
-        uncond = torch.full_like(labels, self.null_label) if uncond_labels is None else uncond_labels
+        uncond = self.null_condition(labels) if uncond_labels is None else uncond_labels
         out = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, uncond]))
         cond, unc = out.chunk(2)
         return unc + cfg_scale * (cond - unc)

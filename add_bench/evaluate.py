@@ -7,6 +7,12 @@ A checkpoint is a weights folder (model.safetensors + card.json). The sampler de
 teacher and ADD multi-step sampling for a student. Samples use balanced classes and a fixed seed, so
 every step count starts from the same noise; ``--export-samples`` writes uint8 images (N, 28, 28) and
 int labels so any other tool can score the same samples.
+
+Cluster scale: a Stable Diffusion folder in diffusers' layout (``add_bench.networks.sd``) is sampled in
+latent space from the captions of ``eval.num_samples`` COCO images and scored with ``metrics=cluster``:
+
+    python -m add_bench.evaluate /models/sd21 --steps 1 4 --cfg-scale 7.5 metrics=cluster \
+        coco.root=/data/coco cluster.inception=/weights/inception cluster.clip_weights=/weights/vit-g-14.bin
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from tqdm import tqdm
 from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
 from add_bench.diffusion import Denoiser, Schedule, get_sampler
-from add_bench.errors import AddBenchError, CheckpointError
+from add_bench.errors import AddBenchError, CheckpointError, ConfigError
 from add_bench.metrics import SampleSet, build_suite, score
 from add_bench.networks.unets import load_unet, read_card
 from add_bench.provenance import atomic_path, atomic_write_json, provenance, resolve_weights
@@ -72,6 +78,54 @@ def generate(denoiser: Denoiser, sampler: str, steps: int, num_samples: int, see
     return Generated(SampleSet(np.concatenate(out), labels.numpy()), seconds, nfe)
 
 
+def is_stable_diffusion(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+@torch.no_grad()
+def generate_text(sd, denoiser: Denoiser, sampler: str, steps: int, prompts: list[str], ids: np.ndarray,
+                  seed: int = 0, batch_size: int = 16, cfg_scale: float = 1.0, resolution: int = 512,
+                  progress: bool = True) -> Generated:
+    """Text-to-image samples of a Stable Diffusion model (latent space, then decoded): one per prompt,
+    fixed-seed latent noise, so every step count starts from the same noise."""
+    from add_bench.networks.sd import pixels_to_uint8
+
+    check_positive(steps, "steps")
+    sample_fn = get_sampler(sampler)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *sd.latent_shape(resolution)), generator=gen)
+    out = []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
+        cond = sd.encode_prompts(prompts[i:i + batch_size])
+        latents = sample_fn(denoiser, noise[i:i + batch_size], cond, steps, cfg_scale, gen)
+        out.append(pixels_to_uint8(sd.to_pixels(latents)))
+    seconds = time.perf_counter() - start
+    return Generated(SampleSet(np.concatenate(out), ids, list(prompts)), seconds, steps * (2 if cfg_scale != 1.0 else 1))
+
+
+def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float):
+    """(kind, make) where make(sampler, steps) → Generated: a class-conditional weights folder
+    (embedded) or a Stable Diffusion folder prompted with COCO captions (cluster)."""
+    folder = resolve_weights(checkpoint)
+    if is_stable_diffusion(folder):
+        from add_bench.data.coco import eval_set
+        from add_bench.networks.sd import load_stable_diffusion
+
+        if cfg.metrics != "cluster":
+            raise ConfigError(f"{folder}: a Stable Diffusion model is scored with metrics=cluster (Inception FID, "
+                              f"CLIP score on COCO captions); got metrics={cfg.metrics!r}")
+        sd = load_stable_diffusion(folder)
+        kind = read_card(folder).get("kind", "student") if (folder / "card.json").is_file() else "teacher"
+        coco, pick = eval_set(cfg)
+        prompts, ids = [coco.captions[i] for i in pick], coco.image_ids[pick]
+        return kind, lambda sampler, s: generate_text(sd, sd.denoiser(), sampler, s, prompts, ids, cfg.seed,
+                                                      cfg.batch_size, cfg_scale, cfg.coco.resolution)
+    denoiser, card = load_denoiser(folder)
+    return card["kind"], lambda sampler, s: generate(denoiser, sampler, s, cfg.num_samples, cfg.seed,
+                                                     cfg.batch_size, cfg_scale)
+
+
 def export_samples(path: str | Path, samples: SampleSet) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -82,12 +136,12 @@ def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler:
              cfg_scale: float = 1.0, export: str | Path | None = None, suite=None) -> dict[str, Any]:
     for s in steps:
         check_positive(s, "steps")
-    denoiser, card = load_denoiser(checkpoint)
-    sampler = sampler or ("ddim" if card["kind"] == "teacher" else "add")
-    suite = suite if suite is not None else build_suite(cfg)
+    suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
+    kind, make = load_generator(checkpoint, cfg, cfg_scale)
+    sampler = sampler or ("ddim" if kind == "teacher" else "add")
     rows = []
     for s in steps:
-        g = generate(denoiser, sampler, s, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale)
+        g = make(sampler, s)
         row = {"steps": s, "sampler": sampler, "cfg_scale": cfg_scale, "nfe": g.nfe,
                "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
         rows.append(row)
@@ -95,7 +149,7 @@ def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler:
         if export:
             path = Path(export)
             export_samples(path if len(steps) == 1 else path.with_name(f"{path.stem}_{s}steps{path.suffix}"), g.samples)
-    return {"checkpoint": str(checkpoint), "kind": card["kind"], "num_samples": cfg.num_samples, "rows": rows}
+    return {"checkpoint": str(checkpoint), "kind": kind, "num_samples": cfg.num_samples, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
     p.add_argument("--export-samples", metavar="PATH.npz")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         cfg = load(EvalConfig, overrides=a.overrides)
         start = time.time()

@@ -6,8 +6,9 @@ chosen by name (``METRIC_SUITES``). Callers never know which metric they hold:
 * ``embedded``: FID on the evaluation network's 128-d penultimate features (reference: the 10k test
   split, statistics cached once) and alignment = mean probability the evaluation network gives the
   conditioning class (``align_prob``) plus its accuracy (``align_acc``): the stand-in for CLIP score.
-* ``cluster``: clean-fid's Inception FID ("clean" mode) and open_clip CLIP score; both load weights
-  from a local path (``ADD_BENCH_INCEPTION`` folder, ``ADD_BENCH_CLIP`` file) since hubs are offline.
+* ``cluster``: clean-fid's Inception FID ("clean" mode) against the COCO val2017 images whose captions
+  prompted the samples, and open_clip CLIP score; both load weights from a local path
+  (``eval.cluster.*``, or the ``ADD_BENCH_INCEPTION`` folder and ``ADD_BENCH_CLIP`` file) since hubs are offline.
 
 The evaluation network is used here only; no training objective loads it.
 """
@@ -203,7 +204,32 @@ class CLIPScore:
         return {"clip_score": float(torch.cat(scores).mean() / 100)}
 
 
-METRIC_SUITES: dict[str, Callable[[EvalConfig], list[Metric]]] = {"embedded": embedded_suite}
+def cluster_suite(cfg: EvalConfig) -> list[Metric]:
+    """Inception FID (clean-fid) against the COCO images whose captions prompted the samples
+    (``add_bench.data.coco.eval_set``: the same pairs), and open_clip CLIP score."""
+    from add_bench.data.coco import eval_set
+
+    c = cfg.cluster
+    inception = local_weights(c.inception, "ADD_BENCH_INCEPTION", "eval.cluster.inception",
+                              "a folder holding clean-fid's inception-2015-12-05.pt")
+    clip_weights = local_weights(c.clip_weights, "ADD_BENCH_CLIP", "eval.cluster.clip_weights",
+                                 f"an open_clip weights file for {c.clip_model}")
+    coco, pick = eval_set(cfg)
+    res = cfg.coco.resolution
+    key = (f"inception-{file_hash(Path(inception) / 'inception-2015-12-05.pt')}_coco-{cfg.coco.split}"
+           f"-n{cfg.num_samples}-seed{cfg.seed}-{res}px")
+    return [FID(inception_features(inception), lambda: coco.load_images(pick, res), key),
+            CLIPScore(c.clip_model, clip_weights)]
+
+
+def local_weights(value: str | None, env: str, key: str, what: str) -> str:
+    value = value or os.environ.get(env)
+    if not value:
+        raise CheckpointError(f"{key} is unset and ${env} is empty; accepted: {what}")
+    return value
+
+
+METRIC_SUITES: dict[str, Callable[[EvalConfig], list[Metric]]] = {"embedded": embedded_suite, "cluster": cluster_suite}
 
 
 def build_suite(cfg: EvalConfig) -> list[Metric]:

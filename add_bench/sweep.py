@@ -81,10 +81,26 @@ def presets() -> dict[str, Path]:
 EXECUTION_KEYS = ("threads", "ckpt_every", "log_every")
 
 
+# Keys added to the config schema after cells were first computed, with the value that reproduces
+# what those cells did. A key at that value is left out of the id, so adding a field never orphans
+# finished cells; any other value makes a new cell. Append here whenever TrainConfig grows a field.
+ADDED_KEYS: dict[str, Any] = {
+    "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
+    "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
+}
+
+
 def cell_id(config: Any) -> str:
-    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out):
-    equal configs, one cell."""
+    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out,
+    ``ADDED_KEYS`` left out at their original value): equal configs, one cell."""
     values = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_KEYS}
+    for dotted_key, original in ADDED_KEYS.items():
+        *parents, leaf = dotted_key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf, original) == original:
+            node.pop(leaf, None)
     blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -7,26 +7,7 @@ import torch
 from add_bench import metrics
 from add_bench.errors import CheckpointError
 from add_bench.metrics import FID, CLIPScore, SampleSet, inception_features
-
-
-class FakeInceptionLayers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3 * 16, 2048)
-
-    def forward(self, x):
-        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
-
-
-class FakeInception(torch.nn.Module):
-    """clean-fid's InceptionV3W calls ``base.layers(x)`` on 299×299 inputs scaled to [-1, 1]."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = FakeInceptionLayers()
-
-    def forward(self, x):
-        return self.layers(x)
+from cluster_assets import save_fake_inception, save_tiny_open_clip
 
 
 @pytest.fixture()
@@ -36,9 +17,7 @@ def images():
 
 
 def test_inception_fid_through_clean_fid_from_a_local_folder(tmp_path, monkeypatch, images):
-    torch.manual_seed(0)
-    torch.jit.script(FakeInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    feats = inception_features(tmp_path, batch_size=16)
+    feats = inception_features(save_fake_inception(tmp_path), batch_size=16)
     f = feats(images[:5])
     assert f.shape == (5, 2048)
     assert np.isfinite(f).all()
@@ -53,11 +32,7 @@ def test_inception_missing_weights_names_the_file(tmp_path):
 
 
 def test_clip_score_from_a_local_open_clip_file(tmp_path, images):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-S-32")
-    torch.save(model.state_dict(), tmp_path / "vit-s-32.pt")
+    save_tiny_open_clip(tmp_path / "vit-s-32.pt")
     score = CLIPScore("ViT-S-32", str(tmp_path / "vit-s-32.pt"), batch_size=16)
     samples = SampleSet(images[:8], np.arange(8))
     out = score(samples)["clip_score"]

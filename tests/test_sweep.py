@@ -75,6 +75,25 @@ def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
         assert all(a != b for a, b in zip(base, [c.id for c in sweep.load_ablations(path, [override])[0].cells]))
 
 
+def test_committed_cells_keep_their_ids():
+    """Every committed cell's stored config hashes to its folder name, so fields added to the schema
+    later (sweep.ADDED_KEYS) never orphan finished cells."""
+    from add_bench.config import TrainConfig, load
+
+    folders = sorted((REPO / "results" / "cells").glob("*/config.yaml"))
+    assert folders, "no committed cells under results/cells"
+    for path in folders:
+        assert sweep.cell_id(load(TrainConfig, path)) == path.parent.name, path
+
+
+def test_added_keys_count_only_away_from_their_original_value():
+    path = REPO / "ablations" / "loss_weighting.yaml"
+    base = sweep.load_ablations(path)[0].cells[0].id
+    assert sweep.load_ablations(path, ["eval.coco.resolution=512"])[0].cells[0].id == base
+    for override in ("eval.coco.resolution=256", "eval.cluster.clip_model=ViT-L-14", "eval.coco.root=/data/coco"):
+        assert sweep.load_ablations(path, [override])[0].cells[0].id != base, override
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
     ("name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n", r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'"),

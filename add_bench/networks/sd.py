@@ -1,0 +1,174 @@
+"""Stable Diffusion teachers and students through diffusers: the cluster scale.
+
+A model is a local diffusers folder, as ``StableDiffusionPipeline.save_pretrained`` writes it
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``): model hubs
+are unreachable on the machines this suite is tested on, so weights are always read from a path.
+Download a real model elsewhere (the hub ids are in ``SD_MODELS``) and point ``teacher.network`` at it;
+the tests build tiny random-weight folders in the same layout and load them through this same code.
+
+* :class:`StableDiffusion`: the loaded components (UNet2DConditionModel, AutoencoderKL, CLIP text
+  encoder + tokenizer) and the suite's :class:`~add_bench.diffusion.Schedule` built from the folder's
+  scheduler config, with the ADD overrides (trailing spacing; zero terminal SNR where the
+  parameterisation allows it, i.e. v-prediction).
+* :class:`TextDenoiser`: the suite's Denoiser for a text-conditional UNet. Its condition is the
+  prompt embedding c (B, L, D); ∅ is the empty prompt's embedding, as in diffusers' pipelines. The
+  samplers of :mod:`add_bench.diffusion` run on it unchanged, in latent space.
+* Latents ↔ pixels through the VAE (``to_latents`` / ``to_pixels``): the paper computes the
+  distillation loss in pixel space for latent models.
+
+SDXL (two text encoders, pooled embeddings and size conditioning) is not covered yet.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from add_bench.config import ScheduleConfig
+from add_bench.diffusion import Denoiser, Schedule
+from add_bench.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class SDModel:
+    """A Stable Diffusion release the suite knows: where its weights come from and how ADD samples it."""
+
+    hub_id: str  # download this (elsewhere) and pass the local folder
+    resolution: int  # native image size
+    zero_terminal_snr: bool  # rescale ᾱ so that ᾱ(T−1) = 0 (needs v- or x0-prediction)
+
+
+SD_MODELS: dict[str, SDModel] = {
+    "sd15": SDModel("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, zero_terminal_snr=False),  # ε-prediction
+    "sd21_base": SDModel("stabilityai/stable-diffusion-2-1-base", 512, zero_terminal_snr=False),  # ε-prediction
+    "sd21": SDModel("stabilityai/stable-diffusion-2-1", 768, zero_terminal_snr=True),  # v-prediction
+}
+
+
+def schedule_config(scheduler_config: dict[str, Any], zero_terminal_snr: bool, where: str = "scheduler") -> ScheduleConfig:
+    """The suite's schedule from a diffusers scheduler config: the model's betas and parameterisation,
+    trailing timestep spacing (4 steps → 999, 749, 499, 249), and zero terminal SNR if asked for."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if zero_terminal_snr and prediction == "epsilon":
+        raise ConfigError(f"{where}: zero terminal SNR with prediction_type='epsilon' leaves x0 undefined at "
+                          "t = T−1 (α = 0); accepted: zero_terminal_snr=false, or a v_prediction / sample model")
+    return ScheduleConfig(
+        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
+        beta_start=float(scheduler_config.get("beta_start", 0.00085)),
+        beta_end=float(scheduler_config.get("beta_end", 0.012)),
+        prediction_type=prediction,
+        rescale_betas_zero_snr=zero_terminal_snr,
+        timestep_spacing="trailing",
+    )
+
+
+class TextDenoiser(Denoiser):
+    """A text-conditional ``UNet2DConditionModel``: (x_t, t, c) → x̂0, ε̂ with c the prompt embedding
+    (B, L, D); classifier-free guidance uses ∅ = the empty prompt's embedding."""
+
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_embedding: torch.Tensor):
+        super().__init__(unet, schedule, null_label=-1)
+        self.null_embedding = null_embedding  # (1, L, D)
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.null_embedding.to(cond.dtype).expand(cond.shape[0], *self.null_embedding.shape[1:])
+
+
+@dataclass
+class StableDiffusion:
+    """The components of one Stable Diffusion folder, frozen and in eval mode."""
+
+    folder: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    schedule: Schedule
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent: 2^(number of VAE down blocks − 1) (8 for every SD release)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        if resolution % self.vae_scale:
+            raise ConfigError(f"resolution={resolution}: must be a multiple of the VAE's scale {self.vae_scale}")
+        side = resolution // self.vae_scale
+        return (self.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """c = the text encoder's last hidden state of the padded prompt tokens (as diffusers' pipelines)."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids = self.tokenizer(list(prompts[i:i + batch_size]), padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            out.append(self.text_encoder(ids)[0])
+        return torch.cat(out)
+
+    def denoiser(self, unet: torch.nn.Module | None = None) -> TextDenoiser:
+        """The teacher (this folder's UNet) or, given ``unet``, a student sharing the schedule and ∅."""
+        return TextDenoiser(unet if unet is not None else self.unet, self.schedule, self.encode_prompts([""]))
+
+    def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [−1, 1] (B, 3, H, W) → scaled latents (a sample of the VAE posterior)."""
+        posterior = self.vae.encode(pixels).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels in [−1, 1] (differentiable: the pixel-space distillation loss uses it)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+def _load(cls, folder: Path, subfolder: str):
+    path = folder / subfolder
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing; a Stable Diffusion folder needs {subfolder}/ "
+                              "(write one with StableDiffusionPipeline.save_pretrained)")
+    try:
+        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or mismatched files: one clear line
+        raise CheckpointError(f"{path}: cannot load {cls.__name__} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = None) -> StableDiffusion:
+    """Load a local Stable Diffusion folder; ``zero_terminal_snr`` None = on for v-prediction models."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        known = ", ".join(f"{k} ({m.hub_id})" for k, m in SD_MODELS.items())
+        raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json); "
+                              f"download one of {known} and pass its local path")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise CheckpointError(f"{sched_file}: missing")
+    sched = json.loads(sched_file.read_text())
+    if zero_terminal_snr is None:
+        zero_terminal_snr = sched.get("prediction_type", "epsilon") == "v_prediction"
+    schedule = Schedule(schedule_config(sched, zero_terminal_snr, str(sched_file)))
+    unet = _load(UNet2DConditionModel, folder, "unet")
+    if getattr(unet.config, "addition_embed_type", None):
+        raise ConfigError(f"{folder}/unet: addition_embed_type={unet.config.addition_embed_type!r} (SDXL-style "
+                          "conditioning) is not supported yet; accepted: SD 1.x / 2.x folders")
+    vae = _load(AutoencoderKL, folder, "vae")
+    text_encoder = _load(CLIPTextModel, folder, "text_encoder")
+    tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return StableDiffusion(folder, unet, vae, text_encoder, tokenizer, schedule)
+
+
+def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [−1, 1] → uint8 (B, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
