@@ -169,7 +169,8 @@ class LossConfig:
     lambda_distill: float = 2.5  # λ
     weighting: str = "exp"  # c(t): exp | sds | nfsd (see add_bench.losses.C_WEIGHTINGS)
     reduction: str = "mean"  # d(x, y) = squared L2 averaged (mean) or summed (sum) over pixels
-    nfsd_negative: str = "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null
+    nfsd_negative: str = "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
+    space: str = "pixel"  # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
 
 
 @dataclass
@@ -188,7 +189,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """``python -m add_bench.train``: one ADD cell on the embedded benchmark."""
+    """``python -m add_bench.train``: one ADD cell, on the embedded benchmark or, when ``teacher.network``
+    is a Stable Diffusion folder, on COCO (``coco``) in the teacher's latent space."""
 
     seed: int = 0
     steps: int = 1800  # ≈ 9 min on 2 idle CPU cores (python -m add_bench.bench: 0.27 s per step)
@@ -203,6 +205,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    coco: CocoConfig = field(default_factory=lambda: CocoConfig(split="train2017"))  # training data of a Stable Diffusion teacher
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
 

@@ -87,6 +87,8 @@ EXECUTION_KEYS = ("threads", "ckpt_every", "log_every")
 ADDED_KEYS: dict[str, Any] = {
     "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
     "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
+    "coco": {"root": None, "split": "train2017", "resolution": 512},
+    "loss.space": "pixel",
 }
 
 
@@ -243,7 +245,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell from ``<workdir>/config.yaml``; write metrics.json or error.json.
 
     Module-level and self-contained, so local workers and SLURM array tasks can call it."""
-    from add_bench.evaluate import evaluate, generate, load_denoiser
+    from add_bench.evaluate import evaluate, load_generator
     from add_bench.train import train
 
     wd = Path(workdir)
@@ -258,9 +260,10 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             train_wall = json.loads((student / "card.json").read_text())["train_wall_time_s"]
             eval_start = time.time()
             result = evaluate(student, list(cfg.eval_steps), cfg.eval)
-            denoiser, _ = load_denoiser(student)
-            grids = {f"steps_{s}": generate(denoiser, "add", s, 100, cfg.eval.seed, 100, progress=False).samples
-                     for s in cfg.eval_steps}
+            grid_cfg = cfg.eval.copy()
+            grid_cfg.num_samples = grid_cfg.batch_size = 100
+            _, make = load_generator(student, grid_cfg, 1.0)
+            grids = {f"steps_{s}": make("add", s).samples for s in cfg.eval_steps}
             result["cell"] = cell
             result["train"] = {"steps": cfg.steps, "wall_time_s": train_wall,
                                "last_log": last_log_row(wd / "log.jsonl")}

@@ -8,6 +8,12 @@ Each step: draw x0, s ∈ T_student, ε; x_s = α_s·x0 + σ_s·ε; the student 
   discriminator:  L_adv^D (Eq. 3, hinge + γ·R1 on head inputs)      → heads update
 The work folder keeps checkpoint.pt (exact resume), log.jsonl (every loss term, the discriminator's
 real/fake logits) and, when done, ``student/`` (EMA weights + card.json) for ``add_bench.evaluate``.
+
+Cluster scale: when ``teacher.network`` is a Stable Diffusion folder (``add_bench.networks.sd``), x0 is
+the VAE latent of a COCO image (``coco``), the condition is the caption's prompt embedding, the feature
+network and c_img see decoded pixels, c_text is an open_clip text embedding of the caption, and the
+distillation loss is taken on decoded pixels (``loss.space``, as the paper); ``student/`` is then a
+Stable Diffusion folder with the student's UNet.
 """
 from __future__ import annotations
 
@@ -47,8 +53,14 @@ class Networks:
     teacher: Denoiser  # frozen x̂ψ
     feature_network: torch.nn.Module  # frozen F
     c_img_network: torch.nn.Module | None  # frozen; CLS embedding of x0 = c_img
-    c_text: torch.Tensor | None  # (num_classes, E) fixed prompt embeddings
+    c_text: torch.Tensor | None  # embedded: (num_classes, E) fixed prompt embeddings
     discriminator: Discriminator  # trainable heads D_φ,k
+    sd: Any = None  # latent models: the teacher's StableDiffusion (VAE, text encoder); None = pixel space
+    text_encoder: Any = None  # latent models: captions → c_text (an open_clip text tower)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
+        return x if self.sd is None else self.sd.to_pixels(x)
 
 
 def schedule_from_card(card: dict[str, Any]) -> Schedule:
@@ -84,6 +96,10 @@ def validate(cfg: TrainConfig) -> None:
 def build_networks(cfg: TrainConfig) -> Networks:
     validate(cfg)
     t_folder, s_folder = resolve_weights(cfg.teacher.network), resolve_weights(cfg.student.network)
+    from add_bench.evaluate import is_stable_diffusion
+
+    if is_stable_diffusion(t_folder) or is_stable_diffusion(s_folder):
+        return build_sd_networks(cfg, t_folder, s_folder)
     t_card, s_card = read_card(t_folder), read_card(s_folder)
     schedule = schedule_from_card(t_card)
     if s_card["schedule"] != t_card["schedule"]:
@@ -94,6 +110,16 @@ def build_networks(cfg: TrainConfig) -> Networks:
     if cfg.student.init == "pretrained":
         load_into(student, s_folder)
     student.train()
+    d = cfg.discriminator
+    c_text = (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None
+    feature_network, c_img_network, c_text, disc = discriminator_side(cfg, c_text)
+    return Networks(Denoiser(student, schedule, NUM_CLASSES), checkpoint.EMA(student, cfg.optim.ema_decay),
+                    Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+
+
+def discriminator_side(cfg: TrainConfig, make_c_text):
+    """The frozen feature network F, the c_img network, c_text (``make_c_text()``: a (classes, E) table
+    or an (N, E) probe of a text tower) and the trainable heads D_φ,k."""
     fn = cfg.feature_network
     feature_network = build_feature_network(fn.name, fn.weights, fn.layers)
     d = cfg.discriminator
@@ -101,12 +127,44 @@ def build_networks(cfg: TrainConfig) -> Networks:
     if d.c_img:
         same = (d.c_img_network, d.c_img_weights) == (fn.name, fn.weights)
         c_img_network = feature_network if same else build_feature_network(d.c_img_network, d.c_img_weights)
-    c_text = prompt_embeddings(d.c_text_network, d.c_text_weights) if d.c_text else None
+    c_text = make_c_text() if make_c_text is not None else None
     c_img_dim = c_img_network.cls_embedding(torch.zeros(1, 1, 28, 28)).shape[1] if c_img_network is not None else 0
     disc = Discriminator(feature_network.dims, c_text.shape[1] if c_text is not None else 0, c_img_dim,
                          d.c_text, d.c_img, d.cmap_dim)
-    return Networks(Denoiser(student, schedule, NUM_CLASSES), checkpoint.EMA(student, cfg.optim.ema_decay),
-                    Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+    return feature_network, c_img_network, c_text, disc
+
+
+def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Networks:
+    """Stable Diffusion teacher and student (latent space; the teacher's VAE and text encoder)."""
+    import copy
+
+    from add_bench.networks.featnets import build_text_encoder
+    from add_bench.networks.sd import load_stable_diffusion
+
+    if cfg.loss.weighting == "nfsd" and cfg.loss.nfsd_negative != "null":
+        raise ConfigError(f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
+                          "Diffusion teacher accepted: null")
+    choose(dict.fromkeys(("pixel", "latent")), cfg.loss.space, "loss.space")
+    t_sd = load_stable_diffusion(t_folder)
+    base = t_sd.unet
+    if s_folder.resolve() != t_folder.resolve():
+        s_sd = load_stable_diffusion(s_folder)
+        for part in ("vae", "text_encoder"):
+            a, b = getattr(s_sd, part).config, getattr(t_sd, part).config
+            if (a.to_dict() if hasattr(a, "to_dict") else dict(a)) != (b.to_dict() if hasattr(b, "to_dict") else dict(b)):
+                raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder}: different {part}; "
+                                  "a student must share its teacher's latent space and text encoder")
+        if s_sd.schedule.cfg != t_sd.schedule.cfg:
+            raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder} use different noise schedules")
+        base = s_sd.unet
+    student = copy.deepcopy(base) if cfg.student.init == "pretrained" else type(base).from_config(base.config)
+    student.train().requires_grad_(True)
+    d = cfg.discriminator
+    text_encoder = build_text_encoder(d.c_text_network, d.c_text_weights) if d.c_text else None
+    feature_network, c_img_network, _, disc = discriminator_side(
+        cfg, (lambda: text_encoder(["a photo"])) if text_encoder is not None else None)
+    return Networks(t_sd.denoiser(student), checkpoint.EMA(student, cfg.optim.ema_decay), t_sd.denoiser(),
+                    feature_network, c_img_network, None, disc, sd=t_sd, text_encoder=text_encoder)
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -118,8 +176,9 @@ def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Te
     return torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=gen)
 
 
-def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen) -> torch.Tensor:
-    """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample."""
+def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None) -> torch.Tensor:
+    """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample. For a latent
+    model with ``loss.space=pixel`` both x̂θ and x̂ψ are decoded first (``img_student``: x̂θ decoded)."""
     n = x_student.shape[0]
     t = sample_teacher_t(cfg, n, gen)
     eps = torch.randn(x_student.shape, generator=gen)
@@ -129,6 +188,10 @@ def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen) 
         target = nfsd_x0_target(nets, cfg, x_student, labels, t, eps, alpha, sigma, gen)
     else:
         target = teacher_target(nets.teacher, x_student, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
+    if nets.sd is not None and cfg.loss.space == "pixel":
+        with torch.no_grad():
+            target = nets.to_pixels(target)
+        x_student = img_student if img_student is not None else nets.to_pixels(x_student)
     return distillation_loss(x_student, target, c_t, cfg.loss.reduction)
 
 
@@ -136,28 +199,37 @@ def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen) 
 def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, alpha, sigma, gen):
     """NFSD: ε(z;y), ε(z;∅), ε(z;negative) in one batched teacher pass, then the equivalent x0 target."""
     n = len(labels)
-    null = torch.full_like(labels, NUM_CLASSES)
+    null = nets.teacher.null_condition(labels)
     if cfg.loss.nfsd_negative == "other_class":  # a random different class plays the negative prompt
         negative = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen)) % NUM_CLASSES
     else:
         negative = null
     z = add_noise(x_student.detach(), eps, alpha, sigma)
     tt = t.repeat(3)
-    eps_all = nets.teacher(z.repeat(3, 1, 1, 1), tt, torch.cat([labels, null, negative])).eps
+    eps_all = nets.teacher(torch.cat([z, z, z]), tt, torch.cat([labels, null, negative])).eps
     eps_cond, eps_uncond, eps_neg = eps_all.chunk(3)
     delta = nfsd_delta(eps_cond, eps_uncond, eps_neg, t, cfg.teacher.cfg_scale)
     return nfsd_target(x_student, delta, alpha, sigma)
 
 
-def conditioning(nets: Networks, x0: torch.Tensor, labels: torch.Tensor):
+def conditioning(nets: Networks, pixels: torch.Tensor, labels: torch.Tensor, c_text: torch.Tensor | None = None):
+    """The discriminator's c_text (the class prompt's row of the table, unless given per sample) and
+    c_img (CLS embedding of the real image x0)."""
     with torch.no_grad():
-        c_text = nets.c_text[labels] if nets.c_text is not None else None
-        c_img = nets.c_img_network.cls_embedding(x0) if nets.c_img_network is not None else None
+        if c_text is None and nets.c_text is not None:
+            c_text = nets.c_text[labels]
+        c_img = nets.c_img_network.cls_embedding(pixels) if nets.c_img_network is not None else None
     return c_text, c_img
 
 
-def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int) -> dict[str, float]:
-    """One ADD iteration: a generator (student) update, then a discriminator update."""
+def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int,
+             pixels: torch.Tensor | None = None, c_text: torch.Tensor | None = None) -> dict[str, float]:
+    """One ADD iteration: a generator (student) update, then a discriminator update.
+
+    ``labels`` is the denoisers' condition (class labels, or prompt embeddings of a text model). A latent
+    model also passes ``pixels`` (the real images whose latents are x0) and ``c_text`` (per-sample text
+    embeddings); for a pixel model both default to x0 and the class prompt's c_text."""
+    pixels = x0 if pixels is None else pixels
     n = x0.shape[0]
     grid = torch.tensor(list(cfg.student.timesteps))
     s = grid[torch.randint(0, len(grid), (n,), generator=gen)]
@@ -165,7 +237,9 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
     x_s = add_noise(x0, eps, alpha_s, sigma_s)
     x_student = nets.student(x_s, s, labels).x0  # x̂θ(x_s, s)
-    c_text, c_img = conditioning(nets, x0, labels)
+    decode = cfg.loss.adversarial or (cfg.loss.distillation and cfg.loss.space == "pixel")
+    img_student = nets.to_pixels(x_student) if decode else None  # the identity for pixel models
+    c_text, c_img = conditioning(nets, pixels, labels, c_text)
     aug = cfg.discriminator.augment
     log: dict[str, float] = {}
 
@@ -174,13 +248,13 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     fake_features = None
     if cfg.loss.adversarial:
         nets.discriminator.requires_grad_(False)
-        fake_features = nets.feature_network(diff_augment(x_student, aug, gen))
+        fake_features = nets.feature_network(diff_augment(img_student, aug, gen))
         loss_adv = generator_adversarial_loss(nets.discriminator(fake_features, c_text, c_img))
         nets.discriminator.requires_grad_(True)
         loss_g = loss_g + loss_adv
         log["loss_g_adv"] = loss_adv.item()
     if cfg.loss.distillation:
-        loss_distill = distillation_term(nets, cfg, x_student, labels, gen)
+        loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student)
         loss_g = loss_g + cfg.loss.lambda_distill * loss_distill
         log["loss_distill"] = loss_distill.item()
     check_finite(loss_g, "generator loss", step)
@@ -194,7 +268,7 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     # ---- discriminator update: Eq. 3 (the fake features are those of this step's x̂θ, detached)
     if cfg.loss.adversarial:
         with torch.no_grad():
-            real_features = nets.feature_network(diff_augment(x0, aug, gen))
+            real_features = nets.feature_network(diff_augment(pixels, aug, gen))
         every = cfg.discriminator.r1_every
         gamma = cfg.discriminator.r1_gamma * every if step % every == 0 else 0.0
         real_features = [f.requires_grad_(gamma > 0) for f in real_features]
@@ -250,8 +324,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     nets = build_networks(cfg)
-    d = cfg.data
-    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = training_data(cfg, nets)
     opt_s, opt_d = optimisers(nets, cfg)
     objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
                "opt_student": opt_s, "opt_discriminator": opt_d}
@@ -262,8 +335,9 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-        row = add_step(nets, cfg, x_train[idx], y_train[idx], gen, opt_s, opt_d, run.step)
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        x0, cond, extra = data.batch(idx, gen)
+        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, **extra)
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         run.step += 1
         bar.update(1)
@@ -278,7 +352,51 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     return export_student(nets, cfg, workdir / "student", wall, step)
 
 
+class FashionMnistBatches:
+    """The embedded training split in memory: batch(idx) → (x0, labels, {})."""
+
+    def __init__(self, cfg: TrainConfig):
+        d = cfg.data
+        self.x, self.y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator):
+        return self.x[idx], self.y[idx], {}
+
+
+class CocoBatches:
+    """COCO image–caption pairs for a latent model: batch(idx) → (x0 = VAE latents, prompt embeddings,
+    {pixels, c_text}). Images are read and encoded on the fly (a cluster run wants cached latents)."""
+
+    def __init__(self, cfg: TrainConfig, nets: Networks):
+        from add_bench.data.coco import load_captions
+
+        self.coco, self.res, self.nets = load_captions(cfg.coco.root, cfg.coco.split), cfg.coco.resolution, nets
+        nets.sd.latent_shape(self.res)  # a resolution the VAE cannot take fails here, not mid-run
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    @torch.no_grad()
+    def batch(self, idx: torch.Tensor, gen: torch.Generator):
+        from add_bench.data.coco import to_model_range
+
+        pixels = to_model_range(self.coco.load_images(idx.tolist(), self.res))
+        prompts = [self.coco.captions[i] for i in idx.tolist()]
+        c_text = self.nets.text_encoder(prompts) if self.nets.text_encoder is not None else None
+        return (self.nets.sd.to_latents(pixels, gen), self.nets.sd.encode_prompts(prompts),
+                {"pixels": pixels, "c_text": c_text})
+
+
+def training_data(cfg: TrainConfig, nets: Networks):
+    return FashionMnistBatches(cfg) if nets.sd is None else CocoBatches(cfg, nets)
+
+
 def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, step: int) -> Path:
+    if nets.sd is not None:
+        return export_sd_student(nets, cfg, out, wall, step)
     s_card = read_card(resolve_weights(cfg.student.network))
     card = {
         "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": s_card["schedule"],
@@ -286,6 +404,37 @@ def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, ste
         "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),
     }
     save_weights(out, nets.ema.module, card, fp16=False)
+    return out
+
+
+def export_sd_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, step: int) -> Path:
+    """A Stable Diffusion folder: the student's EMA UNet in ``unet/``, the teacher's small components
+    copied, its VAE and text encoder linked (they are frozen and large), and card.json (kind student)."""
+    import os
+    import shutil
+
+    from add_bench.provenance import atomic_write_json
+
+    src = nets.sd.folder.resolve()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    nets.ema.module.save_pretrained(tmp / "unet")
+    for item in sorted(src.iterdir()):
+        if item.name in ("unet", "card.json", "metrics.json"):
+            continue
+        if item.name in ("vae", "text_encoder"):
+            os.symlink(item.resolve(), tmp / item.name, target_is_directory=True)
+        elif item.is_dir():
+            shutil.copytree(item, tmp / item.name)
+        else:
+            shutil.copy2(item, tmp / item.name)
+    atomic_write_json(tmp / "card.json", {
+        "kind": "student", "name": out.parent.name, "teacher": str(src), "weights": "EMA, fp32", "steps": step,
+        "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train")})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 

@@ -342,6 +342,52 @@ def load_clip_s(weights: str | Path | None = None, name: str = "clip_s") -> Clip
     return load_into(ClipS(card["arch"], card["vocab"], card["clip_embed_dim"]), folder).eval().requires_grad_(False)
 
 
+# ------------------------------------------------------------------------ c_text: text towers by name
+# The discriminator's c_text. Embedded: clip_s's text tower over the 10 class prompts (a fixed table,
+# ``prompt_embeddings``). Cluster: an open_clip text tower applied to each caption (the paper: ViT-g-14).
+TEXT_ENCODERS: dict[str, tuple[str, str | None]] = {
+    "clip_s": ("embedded", None),
+    "openclip_vitg14": ("ViT-g-14", "laion2b_s34b_b88k"),  # the paper's
+    "openclip_vitl14": ("ViT-L-14", "laion2b_s32b_b82k"),
+    "openclip_vits32": ("ViT-S-32", None),  # small, for smoke tests with random weights
+}
+
+
+class OpenClipText(nn.Module):
+    """prompts → L2-normalised open_clip text embeddings (B, E), frozen."""
+
+    def __init__(self, model_name: str, weights: str | Path | None, hub_tag: str | None = None):
+        super().__init__()
+        import open_clip
+
+        source = weights if weights is not None else hub_tag
+        if source is None:
+            raise CheckpointError(f"discriminator.c_text_weights is unset and {model_name} has no pretrained tag; "
+                                  "accepted: a local open_clip weights file")
+        check_file(weights, f"{model_name} text tower (discriminator.c_text_weights)")
+        try:
+            model = open_clip.create_model(model_name, pretrained=str(source), require_pretrained=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{source}: cannot load open_clip {model_name} weights ({type(e).__name__}); "
+                                  "offline, pass a local weights file (discriminator.c_text_weights)") from None
+        model.visual = None  # the image tower is not needed for c_text
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(list(prompts))), dim=-1)
+
+
+def build_text_encoder(name: str, weights: str | Path | None = None) -> OpenClipText:
+    """A cluster text tower for c_text by name (``TEXT_ENCODERS``); weights from a local file."""
+    arch, hub_tag = choose(TEXT_ENCODERS, name, "discriminator.c_text_network")
+    if arch == "embedded":
+        raise ConfigError(f"discriminator.c_text_network={name!r} embeds the 10 Fashion-MNIST prompts only; with a "
+                          f"Stable Diffusion teacher accepted: {', '.join(k for k in TEXT_ENCODERS if k != name)}")
+    return OpenClipText(arch, weights, hub_tag)
+
+
 @torch.no_grad()
 def prompt_embeddings(name: str = "clip_s", weights: str | Path | None = None) -> torch.Tensor:
     """The fixed c_text of the 10 class prompts, (10, E), L2-normalised, from clip_s's text tower.

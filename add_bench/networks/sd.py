@@ -134,7 +134,8 @@ def _load(cls, folder: Path, subfolder: str):
         raise CheckpointError(f"{path}: missing; a Stable Diffusion folder needs {subfolder}/ "
                               "(write one with StableDiffusionPipeline.save_pretrained)")
     try:
-        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+        kwargs = {"low_cpu_mem_usage": False} if cls.__module__.startswith("diffusers") else {}  # no accelerate here
+        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - corrupt or mismatched files: one clear line
         raise CheckpointError(f"{path}: cannot load {cls.__name__} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -1,0 +1,139 @@
+"""ADD on a Stable Diffusion teacher (cluster scale), on tiny random-weight models in the real formats:
+latent student, discriminator and c_img on decoded pixels, open_clip c_text per caption, pixel-space
+distillation, exact resume, and a student exported as a loadable Stable Diffusion folder."""
+import json
+
+import pytest
+import torch
+
+from add_bench import checkpoint, train as train_mod
+from add_bench.config import TrainConfig, load
+from add_bench.errors import AddBenchError, ConfigError
+from add_bench.losses import c_exp, distillation_loss, teacher_target
+from cluster_assets import save_tiny_open_clip, save_tiny_sd, write_coco
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd_train")
+    return {"sd": save_tiny_sd(root / "sd"), "coco": write_coco(root / "coco", split="train2017"),
+            "clip": save_tiny_open_clip(root / "clip.pt")}
+
+
+def sd_cfg(a, **extra):
+    base = {"steps": 3, "batch_size": 4, "ckpt_every": 2, "log_every": 1, "threads": 1,
+            "student.network": a["sd"], "teacher.network": a["sd"], "teacher.cfg_scale": 1.5,
+            "feature_network.name": "random", "discriminator.c_img_network": "random",
+            "discriminator.c_text_network": "openclip_vits32", "discriminator.c_text_weights": a["clip"],
+            "coco.root": a["coco"], "coco.resolution": 16, "optim.warmup_steps": 1}
+    base.update(extra)
+    return load(TrainConfig, overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def one_batch(nets, cfg, seed=0):
+    data = train_mod.training_data(cfg, nets)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+    return data.batch(idx, gen), gen
+
+
+def test_gradients_reach_the_student_through_the_decoder_and_nothing_frozen_moves(assets):
+    cfg = sd_cfg(assets)
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    (x0, cond, extra), gen = one_batch(nets, cfg)
+    assert x0.shape == (4, 4, 8, 8) and cond.ndim == 3  # latents; prompt embeddings (B, L, D)
+    assert extra["pixels"].shape == (4, 3, 16, 16) and extra["c_text"].shape[0] == 4
+    grads = {}
+
+    class NoStep(torch.optim.Adam):
+        def step(self, closure=None):
+            grads["student"] = [p.grad.clone() for p in nets.student.unet.parameters() if p.grad is not None]
+
+    opt_s = NoStep(nets.student.unet.parameters(), 1e-4)
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), 1e-4)
+    row = train_mod.add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, 0, **extra)
+    assert row["loss_distill"] > 0 and "loss_d" in row
+    assert grads["student"] and sum(g.abs().sum() for g in grads["student"]) > 0
+    frozen = {"teacher": nets.teacher.unet, "vae": nets.sd.vae, "text encoder": nets.sd.text_encoder,
+              "feature network": nets.feature_network, "c_text tower": nets.text_encoder}
+    for name, module in frozen.items():
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters()), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.discriminator.parameters())
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_distillation_in_pixel_or_latent_space(assets, space):
+    """loss.space=pixel: d(decode(x̂θ), decode(x̂ψ)), the paper's choice for latent models; latent: d on latents."""
+    cfg = sd_cfg(assets, **{"loss.space": space})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    cond = nets.sd.encode_prompts(["a cat", "a dog"])
+    loss = train_mod.distillation_term(nets, cfg, x, cond, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay the draws of t and ε'
+    t = train_mod.sample_teacher_t(cfg, 2, g)
+    eps = torch.randn(x.shape, generator=g)
+    target = teacher_target(nets.teacher, x, cond, t, eps, 1, cfg.teacher.cfg_scale)
+    c_t = c_exp(*nets.teacher.schedule.alpha_sigma(t))
+    a, b = (nets.to_pixels(x), nets.to_pixels(target)) if space == "pixel" else (x, target)
+    torch.testing.assert_close(loss, distillation_loss(a, b, c_t))
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_trains_resumes_exactly_and_exports_a_stable_diffusion_folder(assets, tmp_path):
+    from add_bench.evaluate import generate_text
+    from add_bench.networks.sd import load_stable_diffusion
+
+    cfg = sd_cfg(assets)
+    full = train_mod.train(cfg, tmp_path / "full", progress=False)
+    assert train_mod.train(cfg, tmp_path / "part", budget_minutes=1e-9, progress=False) is None
+    part = train_mod.train(cfg, tmp_path / "part", progress=False)
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "part")
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert len((tmp_path / "part" / "log.jsonl").read_text().splitlines()) == 3
+    # the export: a Stable Diffusion folder with the student's UNet, the teacher's VAE and text encoder
+    card = json.loads((full / "card.json").read_text())
+    assert card["kind"] == "student" and card["steps"] == 3 and card["provenance"]["seed"] == 0
+    assert (full / "vae").resolve() == (assets["sd"] / "vae").resolve()
+    student, teacher = load_stable_diffusion(full), load_stable_diffusion(assets["sd"])
+    s_w, t_w = student.unet.state_dict(), teacher.unet.state_dict()
+    assert any(not torch.equal(s_w[k], t_w[k]) for k in t_w)  # trained
+    assert (part / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (full / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    g = generate_text(student, student.denoiser(), "add", 2, ["a cat", "a dog"], torch.arange(2).numpy(),
+                      resolution=16, progress=False)
+    assert g.samples.images.shape == (2, 16, 16, 3) and g.nfe == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"loss.weighting": "nfsd"}, r"loss.nfsd_negative='other_class' needs class labels; .* accepted: null"),
+    ({"loss.space": "voxel"}, r"loss.space='voxel': unknown; accepted: latent, pixel"),
+    ({"discriminator.c_text_network": "clip_s"}, r"c_text_network='clip_s' embeds the 10 Fashion-MNIST prompts only"),
+    ({"discriminator.c_text_weights": "/nowhere/clip.pt"}, r"/nowhere/clip.pt: ViT-S-32 text tower .* not found"),
+    ({"coco.resolution": 15}, r"resolution=15: must be a multiple of the VAE's scale 2"),
+])
+def test_config_errors(assets, override, message):
+    with pytest.raises(AddBenchError, match=message):
+        cfg = sd_cfg(assets, **override)
+        nets = train_mod.build_networks(cfg)
+        train_mod.training_data(cfg, nets)
+
+
+def test_student_must_share_the_teachers_latent_space(assets, tmp_path):
+    from diffusers import AutoencoderKL
+
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(assets["sd"], other)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    shutil.rmtree(other / "vae")
+    vae.save_pretrained(other / "vae")
+    with pytest.raises(ConfigError, match=r"different vae; a student must share its teacher's latent space"):
+        train_mod.build_networks(sd_cfg(assets, **{"student.network": other}))
