@@ -261,7 +261,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             eval_start = time.time()
             result = evaluate(student, list(cfg.eval_steps), cfg.eval)
             grid_cfg = cfg.eval.copy()
-            grid_cfg.num_samples = grid_cfg.batch_size = 100
+            grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
             _, make = load_generator(student, grid_cfg, 1.0)
             grids = {f"steps_{s}": make("add", s).samples for s in cfg.eval_steps}
             result["cell"] = cell
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
     p.add_argument("--collect", action="store_true", help="only (re)write tables and plots from results")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         ablations = load_ablations(a.ablation, a.overrides)
         out = Path(a.out)

@@ -137,3 +137,38 @@ def test_student_must_share_the_teachers_latent_space(assets, tmp_path):
     vae.save_pretrained(other / "vae")
     with pytest.raises(ConfigError, match=r"different vae; a student must share its teacher's latent space"):
         train_mod.build_networks(sd_cfg(assets, **{"student.network": other}))
+
+
+def test_a_sweep_on_a_stable_diffusion_preset(assets, tmp_path, monkeypatch):
+    """The product's sweep, unchanged, on a cluster-scale preset: train, Inception FID + CLIP score on COCO
+    captions, sample grids, and a table with the CLIP score column."""
+    import yaml
+
+    from add_bench import metrics, sweep
+    from cluster_assets import save_fake_inception
+
+    monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
+    write_coco(assets["coco"], split="val2017")
+    preset = {"steps": 2, "batch_size": 2, "teacher": {"network": str(assets["sd"])},
+              "student": {"network": str(assets["sd"])}, "feature_network": {"name": "random"},
+              "discriminator": {"c_img_network": "random", "c_text_network": "openclip_vits32",
+                                "c_text_weights": str(assets["clip"])},
+              "coco": {"root": str(assets["coco"]), "resolution": 16},
+              "eval": {"metrics": "cluster", "num_samples": 4, "batch_size": 4,
+                       "coco": {"root": str(assets["coco"]), "resolution": 16},
+                       "cluster": {"inception": str(save_fake_inception(tmp_path / "inception")),
+                                   "clip_model": "ViT-S-32", "clip_weights": str(assets["clip"])}}}
+    (tmp_path / "sd_tiny.yaml").write_text(yaml.safe_dump(preset))
+    (tmp_path / "abl.yaml").write_text(yaml.safe_dump({
+        "name": "sd_mini", "table": "1d", "base": str(tmp_path / "sd_tiny.yaml"), "eval_steps": [1],
+        "cells": [{"name": "exp", "label": "exp", "default": True, "paper": {"fid": 20.6, "cs": 0.319}}]}))
+    assert sweep.main([str(tmp_path / "abl.yaml"), "--out", str(tmp_path / "out"), "threads=1"]) == 0
+    cell = json.loads((tmp_path / "out" / "sd_mini" / "cells.json").read_text())["cells"][0]["id"]
+    result = json.loads((tmp_path / "out" / "cells" / cell / "metrics.json").read_text())
+    assert result["kind"] == "student" and result["rows"][0]["sampler"] == "add"
+    assert {"fid", "clip_score"} <= set(result["rows"][0])
+    import numpy as np
+
+    with np.load(tmp_path / "out" / "cells" / cell / "samples.npz") as z:
+        assert z["steps_1"].shape == (4, 16, 16, 3)
+    assert "CLIP score" in (tmp_path / "out" / "sd_mini" / "table.md").read_text()
