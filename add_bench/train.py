@@ -78,6 +78,7 @@ def validate(cfg: TrainConfig) -> None:
     choose(dict.fromkeys(("pretrained", "random")), cfg.student.init, "student.init")
     choose(dict.fromkeys(("mean", "sum")), cfg.loss.reduction, "loss.reduction")
     choose(dict.fromkeys(LR_SCHEDULES), cfg.optim.lr_schedule, "optim.lr_schedule")
+    choose(dict.fromkeys(("pixel", "latent")), cfg.loss.space, "loss.space")
     check_positive(cfg.teacher.steps, "teacher.steps")
     check_positive(cfg.discriminator.r1_every, "discriminator.r1_every")
     if not cfg.loss.adversarial and not cfg.loss.distillation:
@@ -144,7 +145,6 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     if cfg.loss.weighting == "nfsd" and cfg.loss.nfsd_negative != "null":
         raise ConfigError(f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
                           "Diffusion teacher accepted: null")
-    choose(dict.fromkeys(("pixel", "latent")), cfg.loss.space, "loss.space")
     t_sd = load_stable_diffusion(t_folder)
     base = t_sd.unet
     if s_folder.resolve() != t_folder.resolve():
