@@ -39,7 +39,8 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
 ABLATION_KEYS = {"name", "table", "title", "base", "seeds", "eval_steps", "num_samples", "set", "cells", "include",
                  "paper_metric_names"}
-CELL_KEYS = {"name", "label", "default", "paper", "set"}
+CELL_KEYS = {"name", "label", "default", "paper", "set", "bases", "by_base"}
+BY_BASE_KEYS = {"label", "set"}
 SWEEP_OVERRIDES = {"seeds", "base", "eval_steps", "num_samples"}
 
 
@@ -143,6 +144,7 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             raise ConfigError(f"{path}: missing key '{key}'")
     base = sweep_over.get("base", data.get("base", "embedded"))
     preset = Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
+    base_name = preset.stem
     seeds = sweep_over.get("seeds", data.get("seeds", [0]))
     eval_steps = sweep_over.get("eval_steps", data.get("eval_steps", [1, 2, 4]))
     num_samples = sweep_over.get("num_samples", data.get("num_samples"))
@@ -159,7 +161,14 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
         if unknown:
             raise ConfigError(f"{where} ({spec['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
                               f"accepted: {', '.join(sorted(CELL_KEYS))}")
-        sets = {**common, **(spec.get("set") or {})}
+        if base_name not in spec.get("bases", [base_name]):
+            continue  # a row of one scale only (e.g. the embedded random-ViT floor, the cluster DINOv1 row)
+        scale = (spec.get("by_base") or {}).get(base_name) or {}
+        if set(scale) - BY_BASE_KEYS:
+            raise ConfigError(f"{where} ({spec['name']}): by_base.{base_name}: unknown key(s) "
+                              f"{', '.join(sorted(set(scale) - BY_BASE_KEYS))}; accepted: {', '.join(sorted(BY_BASE_KEYS))}")
+        sets = {**common, **(spec.get("set") or {}), **(scale.get("set") or {})}
+        label = scale.get("label", spec.get("label", spec["name"]))
         for seed in seeds:
             extra = {**sets, "seed": seed, "eval_steps": list(eval_steps)}
             if num_samples is not None:
@@ -168,13 +177,25 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
                 cfg = load(TrainConfig, preset, extra=extra)
             except ConfigError as e:
                 raise ConfigError(f"{where} ({spec['name']}): {e}") from None
-            cfg = load_cli(cfg, train_over)
+            cfg = resolved(load_cli(cfg, train_over), f"{where} ({spec['name']}) on base {base_name}")
             validate_names(cfg, f"{where} ({spec['name']})")
-            c = Cell(ablation.name, spec["name"], spec.get("label", spec["name"]), bool(spec.get("default", False)),
-                     spec.get("paper"), seed, cfg)
+            c = Cell(ablation.name, spec["name"], label, bool(spec.get("default", False)), spec.get("paper"), seed, cfg)
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
+
+
+def resolved(cfg: Any, where: str) -> Any:
+    """The config with interpolations (``${oc.env:ADD_BENCH_SD21}`` in cluster presets) replaced by their
+    values, so that a cell's stored config and id name real paths; an unset variable is a clear error."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]} (cluster presets read local paths from "
+                          "ADD_BENCH_* environment variables: see the preset file)") from None
+    out = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+    OmegaConf.set_struct(out, True)
+    return out
 
 
 def load_cli(cfg: Any, overrides: list[str]) -> Any:

@@ -94,6 +94,39 @@ def test_added_keys_count_only_away_from_their_original_value():
         assert sweep.load_ablations(path, [override])[0].cells[0].id != base, override
 
 
+CLUSTER_ENV = ("ADD_BENCH_SD21", "ADD_BENCH_SDXL", "ADD_BENCH_COCO", "ADD_BENCH_DINOV1_S", "ADD_BENCH_DINOV2_S",
+               "ADD_BENCH_DINOV2_L", "ADD_BENCH_CLIP_L", "ADD_BENCH_INCEPTION", "ADD_BENCH_CLIP")
+
+
+def test_table1_on_the_sd21_preset(monkeypatch):
+    """The same ablation files on the cluster preset: the paper's networks by path, scale-only rows, and
+    cells stored with their paths resolved."""
+    from omegaconf import OmegaConf
+
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, f"/models/{var.lower()}")
+    abls = {a.name: a for a in sweep.load_ablations(REPO / "ablations" / "table1.yaml", ["base=sd21"])}
+    fn = abls["feature_network"]
+    assert [c.label for c in fn.cells] == ["ViT-S DINOv1", "ViT-S DINOv2", "ViT-L DINOv2", "ViT-L CLIP"]
+    nets = {c.name: (c.config.feature_network.name, c.config.feature_network.weights) for c in fn.cells}
+    assert nets == {"dinov1_s": ("dinov1_vits16", "/models/add_bench_dinov1_s"),
+                    "dino_s": ("dinov2_vits14", "/models/add_bench_dinov2_s"),
+                    "dino_l": ("dinov2_vitl14", "/models/add_bench_dinov2_l"),
+                    "clip_s": ("openclip_vitl14", "/models/add_bench_clip_l")}
+    default = next(c for c in fn.cells if c.default).config
+    assert default.teacher.network == default.student.network == "/models/add_bench_sd21"
+    assert default.eval.metrics == "cluster" and default.loss.nfsd_negative == "null"
+    # c_text never comes from the network of the CLIP score (evaluation stays independent of training)
+    assert (default.discriminator.c_text_network, default.eval.cluster.clip_model) == ("openclip_vitl14", "ViT-g-14")
+    assert "${" not in OmegaConf.to_yaml(default)
+    assert len({c.id for a in abls.values() for c in a.cells if c.default}) == 1
+    tt = {c.name: c for c in abls["teacher_type"].cells}
+    assert tt["large_large"].label == "SDXL / SDXL" and tt["large_large"].config.student.network == "/models/add_bench_sdxl"
+    monkeypatch.delenv("ADD_BENCH_SD21")
+    with pytest.raises(ConfigError, match=r"cells\[0\] \(exp\) on base sd21: .*ADD_BENCH_SD21"):
+        sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
     ("name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n", r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'"),
@@ -101,7 +134,8 @@ def test_added_keys_count_only_away_from_their_original_value():
     ("name: x\ncells:\n  - {name: a, set: {feature_network.name: vgg16}}\n", r"feature_network.name='vgg16': unknown; accepted:"),
     ("name: x\ncells:\n  - {name: a, set: {loss.weighting: l2}}\n", r"loss.weighting='l2': unknown; accepted: exp, nfsd, sds"),
     ("name: x\ncells:\n  - {name: a, colour: red}\n", r"cells\[0\] \(a\): unknown key\(s\) colour"),
-    ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded"),
+    ("name: x\ncells:\n  - {name: a, by_base: {embedded: {paper: {}}}}\n", r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set"),
+    ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
 ])
 def test_bad_ablation_files(tmp_path, text, message):
     f = tmp_path / "x.yaml"
