@@ -322,11 +322,19 @@ def prepare(ablations: list[Ablation], out: Path) -> dict[str, Cell]:
             if not (folder / "config.yaml").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(c.config))
+    write_manifests(ablations, out)
+    return unique
+
+
+def write_manifests(ablations: list[Ablation], out: Path) -> None:
+    """``<out>/<ablation>/cells.json``: the ablation's rows, their cell ids and the paper's numbers."""
+    for ab in ablations:
+        source = ab.path.resolve()
+        source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
         atomic_write_json(out / ab.name / "cells.json", {
-            "ablation": ab.name, "table": ab.table, "title": ab.title, "source": str(ab.path),
+            "ablation": ab.name, "table": ab.table, "title": ab.title, "source": str(source),
             "paper_metric_names": ab.paper_metric_names, "eval_steps": ab.eval_steps,
             "cells": [c.manifest() for c in ab.cells]})
-    return unique
 
 
 def estimate_minutes(cell: Cell, out: Path) -> float:
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...")
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
-    p.add_argument("--collect", action="store_true", help="only (re)write tables and plots from results")
+    p.add_argument("--collect", action="store_true", help="only (re)write manifests, tables and plots from results")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         ablations = load_ablations(a.ablation, a.overrides)
@@ -433,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out)
         elif a.status:
             show_status(ablations, out)
-        elif a.collect:
+        elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
+            write_manifests(ablations, out)
             collect(ablations, out)
         else:
             slurm = None

@@ -248,3 +248,14 @@ def test_dry_run_lists_cells_status_and_cost(tiny_assets, env, capsys):
     out = capsys.readouterr().out
     assert "exp" in out and "sds" in out and "new" in out and "2 unique cells, 0 done" in out
     assert not (env / "o" / "cells").exists()  # a dry run writes nothing
+
+
+def test_collect_writes_manifests_and_tables_without_running(tmp_path):
+    """--collect: manifests (repo-relative source) and tables from whatever exists, nothing trained."""
+    assert sweep.main([str(REPO / "ablations" / "loss_weighting.yaml"), "--collect", "--out", str(tmp_path),
+                       "seeds=[0,1]"]) == 0
+    manifest = json.loads((tmp_path / "loss_weighting" / "cells.json").read_text())
+    assert manifest["source"] == "ablations/loss_weighting.yaml"
+    assert [c["seed"] for c in manifest["cells"]] == [0, 1] * 3
+    assert not (tmp_path / "cells").exists()  # no cell was prepared or run
+    assert "pending" in (tmp_path / "loss_weighting" / "table.md").read_text()
