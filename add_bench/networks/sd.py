@@ -3,7 +3,7 @@
 A model is a local diffusers folder, as ``StableDiffusionPipeline.save_pretrained`` writes it
 (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``): model hubs
 are unreachable on the machines this suite is tested on, so weights are always read from a path.
-Download a real model elsewhere (the hub ids are in ``SD_MODELS``) and point ``teacher.network`` at it;
+Download a real model elsewhere (hub ids in ``SD_MODELS``) and point ``teacher.network`` at it;
 the tests build tiny random-weight folders in the same layout and load them through this same code.
 
 * :class:`StableDiffusion`: the loaded components (UNet2DConditionModel, AutoencoderKL, CLIP text
@@ -33,19 +33,11 @@ from add_bench.diffusion import Denoiser, Schedule
 from add_bench.errors import CheckpointError, ConfigError
 
 
-@dataclass(frozen=True)
-class SDModel:
-    """A Stable Diffusion release the suite knows: where its weights come from and how ADD samples it."""
-
-    hub_id: str  # download this (elsewhere) and pass the local folder
-    resolution: int  # native image size
-    zero_terminal_snr: bool  # rescale ᾱ so that ᾱ(T−1) = 0 (needs v- or x0-prediction)
-
-
-SD_MODELS: dict[str, SDModel] = {
-    "sd15": SDModel("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, zero_terminal_snr=False),  # ε-prediction
-    "sd21_base": SDModel("stabilityai/stable-diffusion-2-1-base", 512, zero_terminal_snr=False),  # ε-prediction
-    "sd21": SDModel("stabilityai/stable-diffusion-2-1", 768, zero_terminal_snr=True),  # v-prediction
+# The releases this scale is written for (hub ids, to download elsewhere and pass as local folders).
+SD_MODELS: dict[str, str] = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # ε-prediction, 512 px
+    "sd21_base": "stabilityai/stable-diffusion-2-1-base",  # ε-prediction, 512 px
+    "sd21": "stabilityai/stable-diffusion-2-1",  # v-prediction, 768 px (zero terminal SNR applied)
 }
 
 
@@ -124,8 +116,9 @@ class StableDiffusion:
         return posterior.sample(generator) * self.vae.config.scaling_factor
 
     def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → pixels in [−1, 1] (differentiable: the pixel-space distillation loss uses it)."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        """Scaled latents → pixels, ≈ [−1, 1] and not clamped, so that gradients reach every latent
+        (the discriminator and the pixel-space distillation loss backpropagate through the decoder)."""
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
 
 def _load(cls, folder: Path, subfolder: str):
@@ -148,7 +141,7 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
 
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
-        known = ", ".join(f"{k} ({m.hub_id})" for k, m in SD_MODELS.items())
+        known = ", ".join(f"{k} ({hub_id})" for k, hub_id in SD_MODELS.items())
         raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json); "
                               f"download one of {known} and pass its local path")
     sched_file = folder / "scheduler" / "scheduler_config.json"
