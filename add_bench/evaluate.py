@@ -57,25 +57,36 @@ class Generated:
     nfe: int  # network evaluations per sample
 
 
+def sample_in_batches(denoiser: Denoiser, sampler: str, steps: int, noise: torch.Tensor, condition, to_images,
+                      gen: torch.Generator, batch_size: int, cfg_scale: float, progress: bool) -> tuple[np.ndarray, float]:
+    """Run ``sampler`` over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
+    ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken."""
+    check_positive(steps, "steps")
+    sample_fn = get_sampler(sampler)
+    out = []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(noise), batch_size), desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
+        j = i + batch_size
+        out.append(to_images(sample_fn(denoiser, noise[i:j], condition(i, j), steps, cfg_scale, gen)))
+    return np.concatenate(out), time.perf_counter() - start
+
+
+def nfe_per_sample(steps: int, cfg_scale: float) -> int:
+    return steps * (2 if cfg_scale != 1.0 else 1)
+
+
 @torch.no_grad()
 def generate(denoiser: Denoiser, sampler: str, steps: int, num_samples: int, seed: int = 0,
              batch_size: int = 500, cfg_scale: float = 1.0, progress: bool = True) -> Generated:
     """Balanced-class samples from fixed-seed noise; the same seed gives the same noise at every step count."""
     check_positive(steps, "steps")
     check_positive(num_samples, "num_samples")
-    sample_fn = get_sampler(sampler)
     labels = balanced_labels(num_samples)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_samples, 1, 28, 28), generator=gen)
-    out = []
-    start = time.perf_counter()
-    batches = range(0, num_samples, batch_size)
-    for i in tqdm(batches, desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
-        x = sample_fn(denoiser, noise[i:i + batch_size], labels[i:i + batch_size], steps, cfg_scale, gen)
-        out.append(to_uint8(x))
-    seconds = time.perf_counter() - start
-    nfe = steps * (2 if cfg_scale != 1.0 else 1)
-    return Generated(SampleSet(np.concatenate(out), labels.numpy()), seconds, nfe)
+    images, seconds = sample_in_batches(denoiser, sampler, steps, noise, lambda i, j: labels[i:j], to_uint8, gen,
+                                        batch_size, cfg_scale, progress)
+    return Generated(SampleSet(images, labels.numpy()), seconds, nfe_per_sample(steps, cfg_scale))
 
 
 def is_stable_diffusion(folder: Path) -> bool:
@@ -91,17 +102,11 @@ def generate_text(sd, denoiser: Denoiser, sampler: str, steps: int, prompts: lis
     from add_bench.networks.sd import pixels_to_uint8
 
     check_positive(steps, "steps")
-    sample_fn = get_sampler(sampler)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *sd.latent_shape(resolution)), generator=gen)
-    out = []
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
-        cond = sd.encode_prompts(prompts[i:i + batch_size])
-        latents = sample_fn(denoiser, noise[i:i + batch_size], cond, steps, cfg_scale, gen)
-        out.append(pixels_to_uint8(sd.to_pixels(latents)))
-    seconds = time.perf_counter() - start
-    return Generated(SampleSet(np.concatenate(out), ids, list(prompts)), seconds, steps * (2 if cfg_scale != 1.0 else 1))
+    images, seconds = sample_in_batches(denoiser, sampler, steps, noise, lambda i, j: sd.encode_prompts(prompts[i:j]),
+                                        lambda z: pixels_to_uint8(sd.to_pixels(z)), gen, batch_size, cfg_scale, progress)
+    return Generated(SampleSet(images, ids, list(prompts)), seconds, nfe_per_sample(steps, cfg_scale))
 
 
 def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float):
@@ -119,7 +124,8 @@ def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float):
         kind = read_card(folder).get("kind", "student") if (folder / "card.json").is_file() else "teacher"
         coco, pick = eval_set(cfg)
         prompts, ids = [coco.captions[i] for i in pick], coco.image_ids[pick]
-        return kind, lambda sampler, s: generate_text(sd, sd.denoiser(), sampler, s, prompts, ids, cfg.seed,
+        denoiser = sd.denoiser()  # ∅ encoded once, for every step count
+        return kind, lambda sampler, s: generate_text(sd, denoiser, sampler, s, prompts, ids, cfg.seed,
                                                       cfg.batch_size, cfg_scale, cfg.coco.resolution)
     denoiser, card = load_denoiser(folder)
     return card["kind"], lambda sampler, s: generate(denoiser, sampler, s, cfg.num_samples, cfg.seed,

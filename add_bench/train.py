@@ -135,6 +135,11 @@ def discriminator_side(cfg: TrainConfig, make_c_text):
     return feature_network, c_img_network, c_text, disc
 
 
+def config_dict(config) -> dict:
+    """A diffusers (FrozenDict) or transformers (PretrainedConfig) model config as a plain dict."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Networks:
     """Stable Diffusion teacher and student (latent space; the teacher's VAE and text encoder)."""
     import copy
@@ -150,8 +155,7 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     if s_folder.resolve() != t_folder.resolve():
         s_sd = load_stable_diffusion(s_folder)
         for part in ("vae", "text_encoder"):
-            a, b = getattr(s_sd, part).config, getattr(t_sd, part).config
-            if (a.to_dict() if hasattr(a, "to_dict") else dict(a)) != (b.to_dict() if hasattr(b, "to_dict") else dict(b)):
+            if config_dict(getattr(s_sd, part).config) != config_dict(getattr(t_sd, part).config):
                 raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder}: different {part}; "
                                   "a student must share its teacher's latent space and text encoder")
         if s_sd.schedule.cfg != t_sd.schedule.cfg:
@@ -206,7 +210,7 @@ def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, 
         negative = null
     z = add_noise(x_student.detach(), eps, alpha, sigma)
     tt = t.repeat(3)
-    eps_all = nets.teacher(torch.cat([z, z, z]), tt, torch.cat([labels, null, negative])).eps
+    eps_all = nets.teacher(z.repeat(3, 1, 1, 1), tt, torch.cat([labels, null, negative])).eps
     eps_cond, eps_uncond, eps_neg = eps_all.chunk(3)
     delta = nfsd_delta(eps_cond, eps_uncond, eps_neg, t, cfg.teacher.cfg_scale)
     return nfsd_target(x_student, delta, alpha, sigma)
