@@ -13,7 +13,9 @@ Cluster scale: when ``teacher.network`` is a Stable Diffusion folder (``add_benc
 the VAE latent of a COCO image (``coco``), the condition is the caption's prompt embedding, the feature
 network and c_img see decoded pixels, c_text is an open_clip text embedding of the caption, and the
 distillation loss is taken on decoded pixels (``loss.space``, as the paper); ``student/`` is then a
-Stable Diffusion folder with the student's UNet.
+Stable Diffusion folder with the student's UNet. A student and a teacher from different folders (Table
+1e: SD2.1 student, SDXL teacher) meet in pixel space: the teacher encodes the student's decoded sample
+with its own VAE, is conditioned by its own text encoder(s), and its x0 prediction is decoded again.
 """
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ class Networks:
     c_img_network: torch.nn.Module | None  # frozen; CLS embedding of x0 = c_img
     c_text: torch.Tensor | None  # embedded: (num_classes, E) fixed prompt embeddings
     discriminator: Discriminator  # trainable heads D_φ,k
-    sd: Any = None  # latent models: the teacher's StableDiffusion (VAE, text encoder); None = pixel space
+    sd: Any = None  # latent models: the student's StableDiffusion (VAE, text encoder); None = pixel space
     text_encoder: Any = None  # latent models: captions → c_text (an open_clip text tower)
+    teacher_sd: Any = None  # a teacher from another folder (own VAE, text encoders); None = shares ``sd``
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
@@ -135,13 +138,9 @@ def discriminator_side(cfg: TrainConfig, make_c_text):
     return feature_network, c_img_network, c_text, disc
 
 
-def config_dict(config) -> dict:
-    """A diffusers (FrozenDict) or transformers (PretrainedConfig) model config as a plain dict."""
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
 def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Networks:
-    """Stable Diffusion teacher and student (latent space; the teacher's VAE and text encoder)."""
+    """Stable Diffusion teacher and student in latent space. The same folder: one VAE, text encoder and
+    schedule. Different folders (Table 1e): each keeps its own, and they meet in pixel space."""
     import copy
 
     from add_bench.networks.featnets import build_text_encoder
@@ -151,24 +150,23 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
         raise ConfigError(f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
                           "Diffusion teacher accepted: null")
     t_sd = load_stable_diffusion(t_folder)
-    base = t_sd.unet
+    s_sd, teacher_sd = t_sd, None
     if s_folder.resolve() != t_folder.resolve():
-        s_sd = load_stable_diffusion(s_folder)
-        for part in ("vae", "text_encoder"):
-            if config_dict(getattr(s_sd, part).config) != config_dict(getattr(t_sd, part).config):
-                raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder}: different {part}; "
-                                  "a student must share its teacher's latent space and text encoder")
-        if s_sd.schedule.cfg != t_sd.schedule.cfg:
-            raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder} use different noise schedules")
-        base = s_sd.unet
+        if cfg.loss.distillation and cfg.loss.space != "pixel":
+            raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder} are different models: "
+                              f"they meet in pixel space, so loss.space={cfg.loss.space!r} is not possible; "
+                              "accepted: loss.space=pixel")
+        s_sd, teacher_sd = load_stable_diffusion(s_folder), t_sd
+    base = s_sd.unet
     student = copy.deepcopy(base) if cfg.student.init == "pretrained" else type(base).from_config(base.config)
     student.train().requires_grad_(True)
     d = cfg.discriminator
     text_encoder = build_text_encoder(d.c_text_network, d.c_text_weights) if d.c_text else None
     feature_network, c_img_network, _, disc = discriminator_side(
         cfg, (lambda: text_encoder(["a photo"])) if text_encoder is not None else None)
-    return Networks(t_sd.denoiser(student), checkpoint.EMA(student, cfg.optim.ema_decay), t_sd.denoiser(),
-                    feature_network, c_img_network, None, disc, sd=t_sd, text_encoder=text_encoder)
+    return Networks(s_sd.denoiser(student), checkpoint.EMA(student, cfg.optim.ema_decay), t_sd.denoiser(),
+                    feature_network, c_img_network, None, disc, sd=s_sd, text_encoder=text_encoder,
+                    teacher_sd=teacher_sd)
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -180,21 +178,32 @@ def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Te
     return torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=gen)
 
 
-def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None) -> torch.Tensor:
+def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None,
+                      teacher_cond=None) -> torch.Tensor:
     """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample. For a latent
-    model with ``loss.space=pixel`` both x̂θ and x̂ψ are decoded first (``img_student``: x̂θ decoded)."""
-    n = x_student.shape[0]
+    model with ``loss.space=pixel`` both x̂θ and x̂ψ are decoded first (``img_student``: x̂θ decoded).
+    A teacher with its own VAE (``nets.teacher_sd``) sees sg(x̂θ) re-encoded into its latent space, is
+    conditioned by ``teacher_cond`` (its own prompt embeddings) and its x̂ψ is decoded by its own VAE."""
+    bridge = nets.teacher_sd is not None
+    if bridge:
+        img_student = img_student if img_student is not None else nets.to_pixels(x_student)
+        with torch.no_grad():
+            x_teacher_in = nets.teacher_sd.to_latents(img_student.detach(), mode=True)
+        labels = teacher_cond
+    else:
+        x_teacher_in = x_student
+    n = x_teacher_in.shape[0]
     t = sample_teacher_t(cfg, n, gen)
-    eps = torch.randn(x_student.shape, generator=gen)
-    alpha, sigma = nets.teacher.schedule.alpha_sigma(t, x_student.ndim)
+    eps = torch.randn(x_teacher_in.shape, generator=gen)
+    alpha, sigma = nets.teacher.schedule.alpha_sigma(t, x_teacher_in.ndim)
     c_t = C_WEIGHTINGS[cfg.loss.weighting](alpha, sigma)
     if cfg.loss.weighting == "nfsd":
-        target = nfsd_x0_target(nets, cfg, x_student, labels, t, eps, alpha, sigma, gen)
+        target = nfsd_x0_target(nets, cfg, x_teacher_in, labels, t, eps, alpha, sigma, gen)
     else:
-        target = teacher_target(nets.teacher, x_student, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
+        target = teacher_target(nets.teacher, x_teacher_in, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
     if nets.sd is not None and cfg.loss.space == "pixel":
         with torch.no_grad():
-            target = nets.to_pixels(target)
+            target = nets.teacher_sd.to_pixels(target) if bridge else nets.to_pixels(target)
         x_student = img_student if img_student is not None else nets.to_pixels(x_student)
     return distillation_loss(x_student, target, c_t, cfg.loss.reduction)
 
@@ -227,12 +236,14 @@ def conditioning(nets: Networks, pixels: torch.Tensor, labels: torch.Tensor, c_t
 
 
 def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int,
-             pixels: torch.Tensor | None = None, c_text: torch.Tensor | None = None) -> dict[str, float]:
+             pixels: torch.Tensor | None = None, c_text: torch.Tensor | None = None,
+             teacher_cond: torch.Tensor | None = None) -> dict[str, float]:
     """One ADD iteration: a generator (student) update, then a discriminator update.
 
     ``labels`` is the denoisers' condition (class labels, or prompt embeddings of a text model). A latent
     model also passes ``pixels`` (the real images whose latents are x0) and ``c_text`` (per-sample text
-    embeddings); for a pixel model both default to x0 and the class prompt's c_text."""
+    embeddings); for a pixel model both default to x0 and the class prompt's c_text. ``teacher_cond``:
+    the teacher's own condition when it comes from another folder (``nets.teacher_sd``)."""
     pixels = x0 if pixels is None else pixels
     n = x0.shape[0]
     grid = torch.tensor(list(cfg.student.timesteps))
@@ -258,7 +269,7 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
         loss_g = loss_g + loss_adv
         log["loss_g_adv"] = loss_adv.item()
     if cfg.loss.distillation:
-        loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student)
+        loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student, teacher_cond)
         loss_g = loss_g + cfg.loss.lambda_distill * loss_distill
         log["loss_distill"] = loss_distill.item()
     check_finite(loss_g, "generator loss", step)
@@ -372,7 +383,8 @@ class FashionMnistBatches:
 
 class CocoBatches:
     """COCO image–caption pairs for a latent model: batch(idx) → (x0 = VAE latents, prompt embeddings,
-    {pixels, c_text}). Images are read and encoded on the fly (a cluster run wants cached latents)."""
+    {pixels, c_text[, teacher_cond]}). Images are read and encoded on the fly (a cluster run wants
+    cached latents)."""
 
     def __init__(self, cfg: TrainConfig, nets: Networks):
         from add_bench.data.coco import load_captions
@@ -390,8 +402,10 @@ class CocoBatches:
         pixels = to_model_range(self.coco.load_images(idx.tolist(), self.res))
         prompts = [self.coco.captions[i] for i in idx.tolist()]
         c_text = self.nets.text_encoder(prompts) if self.nets.text_encoder is not None else None
-        return (self.nets.sd.to_latents(pixels, gen), self.nets.sd.encode_prompts(prompts),
-                {"pixels": pixels, "c_text": c_text})
+        extra = {"pixels": pixels, "c_text": c_text}
+        if self.nets.teacher_sd is not None:
+            extra["teacher_cond"] = self.nets.teacher_sd.encode_prompts(prompts)
+        return self.nets.sd.to_latents(pixels, gen), self.nets.sd.encode_prompts(prompts), extra
 
 
 def training_data(cfg: TrainConfig, nets: Networks):
@@ -412,8 +426,8 @@ def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, ste
 
 
 def export_sd_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, step: int) -> Path:
-    """A Stable Diffusion folder: the student's EMA UNet in ``unet/``, the teacher's small components
-    copied, its VAE and text encoder linked (they are frozen and large), and card.json (kind student)."""
+    """A Stable Diffusion folder: the student's EMA UNet in ``unet/``, the small components of the folder
+    it came from copied, its VAE and text encoder(s) linked (frozen and large), card.json (kind student)."""
     import os
     import shutil
 
@@ -427,14 +441,15 @@ def export_sd_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, 
     for item in sorted(src.iterdir()):
         if item.name in ("unet", "card.json", "metrics.json"):
             continue
-        if item.name in ("vae", "text_encoder"):
+        if item.name in nets.sd.frozen_parts:
             os.symlink(item.resolve(), tmp / item.name, target_is_directory=True)
         elif item.is_dir():
             shutil.copytree(item, tmp / item.name)
         else:
             shutil.copy2(item, tmp / item.name)
     atomic_write_json(tmp / "card.json", {
-        "kind": "student", "name": out.parent.name, "teacher": str(src), "weights": "EMA, fp32", "steps": step,
+        "kind": "student", "name": out.parent.name, "teacher": str((nets.teacher_sd or nets.sd).folder.resolve()),
+        "student_base": str(src), "weights": "EMA, fp32", "steps": step,
         "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train")})
     shutil.rmtree(out, ignore_errors=True)

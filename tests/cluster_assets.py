@@ -3,6 +3,7 @@
 * ``save_tiny_sd``: a random-weight Stable Diffusion folder in diffusers' layout: a 2-block
   UNet2DConditionModel, a 2-block AutoencoderKL (16 px ↔ 8×8×4 latents), a 2-layer CLIP text encoder
   and a character-level CLIP tokenizer whose vocabulary is written here;
+* ``save_tiny_sdxl``: the same for SDXL base (two text encoders, size-conditioned UNet);
 * ``write_coco``: a COCO-2017-layout folder (captions JSON + images);
 * ``save_fake_inception``: a torchscript file with clean-fid's Inception interface;
 * ``save_tiny_open_clip``: random open_clip ViT-S-32 weights.
@@ -23,36 +24,85 @@ def byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def save_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int = 0, max_length: int = 16) -> Path:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def tiny_tokenizer(folder: Path, max_length: int):
+    """A character-level CLIP tokenizer (byte alphabet, no merges) whose vocabulary is written beside ``folder``."""
+    from transformers import CLIPTokenizer
 
-    folder = Path(folder)
     tok_dir = folder.parent / f"{folder.name}_vocab"
     tok_dir.mkdir(parents=True, exist_ok=True)
     chars = byte_symbols()
     vocab = {s: i for i, s in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+    return CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=max_length)
+
+
+def tiny_text_config(n_vocab: int, max_length: int, hidden: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=max_length, projection_dim=32,
+                          bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+
+
+def tiny_vae(scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                         norm_num_groups=8, sample_size=16, scaling_factor=scaling_factor)
+
+
+def tiny_scheduler(prediction_type: str):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def save_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int = 0, max_length: int = 16) -> Path:
+    """SD 1.x/2.x layout: one CLIP text encoder (32-d), a UNet with cross-attention on it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder, max_length)
     torch.manual_seed(seed)
-    n = len(vocab)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, projection_dim=32, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1))
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer.get_vocab()), max_length))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-        norm_num_groups=8, sample_size=16)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
+    StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=tiny_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sdxl(folder: Path, prediction_type: str = "epsilon", seed: int = 0, max_length: int = 16,
+                   force_zeros_for_empty_prompt: bool = True) -> Path:
+    """SDXL base layout: two text encoders (32-d hidden each; the second with a 32-d pooled projection),
+    a UNet with ``addition_embed_type='text_time'`` (pooled 32 + 6 size ids × 8), cross-attention on
+    the 64-d concatenation, SDXL's VAE scaling factor."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder, max_length)
+    n = len(tokenizer.get_vocab())
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(tiny_text_config(n, max_length))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(n, max_length))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        transformer_layers_per_block=(1, 2))
+    StableDiffusionXLPipeline(vae=tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                              tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                              scheduler=tiny_scheduler(prediction_type),
+                              force_zeros_for_empty_prompt=force_zeros_for_empty_prompt).save_pretrained(folder)
     return folder
 
 

@@ -10,13 +10,14 @@ from add_bench import checkpoint, train as train_mod
 from add_bench.config import TrainConfig, load
 from add_bench.errors import AddBenchError, ConfigError
 from add_bench.losses import c_exp, distillation_loss, teacher_target
-from cluster_assets import save_tiny_open_clip, save_tiny_sd, write_coco
+from cluster_assets import save_tiny_open_clip, save_tiny_sd, save_tiny_sdxl, write_coco
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_train")
-    return {"sd": save_tiny_sd(root / "sd"), "coco": write_coco(root / "coco", split="train2017"),
+    return {"sd": save_tiny_sd(root / "sd"), "sdxl": save_tiny_sdxl(root / "sdxl"),
+            "coco": write_coco(root / "coco", split="train2017"),
             "clip": save_tiny_open_clip(root / "clip.pt")}
 
 
@@ -123,20 +124,61 @@ def test_config_errors(assets, override, message):
         train_mod.training_data(cfg, nets)
 
 
-def test_student_must_share_the_teachers_latent_space(assets, tmp_path):
-    from diffusers import AutoencoderKL
+def test_a_teacher_from_another_model_meets_the_student_in_pixel_space(assets):
+    """Table 1e at cluster scale (SD2.1 student, SDXL teacher): the teacher encodes sg(decode(x̂θ)) with
+    its own VAE, is conditioned by its own encoders, and x̂ψ is decoded by its own VAE; d in pixels."""
+    cfg = sd_cfg(assets, **{"teacher.network": assets["sdxl"]})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    assert nets.teacher_sd.is_xl and not nets.sd.is_xl  # student: SD (v-prediction), teacher: SDXL (ε)
+    assert nets.student.schedule.cfg != nets.teacher.schedule.cfg
+    (x0, cond, extra), _ = one_batch(nets, cfg)
+    torch.testing.assert_close(extra["teacher_cond"], nets.teacher_sd.encode_prompts(extra_prompts(nets, cfg)))
+    x = torch.randn(4, 4, 8, 8, requires_grad=True)
+    img = nets.to_pixels(x)
+    loss = train_mod.distillation_term(nets, cfg, x, cond, torch.Generator().manual_seed(5), img,
+                                       extra["teacher_cond"])
+    g = torch.Generator().manual_seed(5)  # replay the draws of t and ε'
+    t = train_mod.sample_teacher_t(cfg, 4, g)
+    with torch.no_grad():
+        z_teacher = nets.teacher_sd.to_latents(img, mode=True)
+    eps = torch.randn(z_teacher.shape, generator=g)
+    target = teacher_target(nets.teacher, z_teacher, extra["teacher_cond"], t, eps, 1, cfg.teacher.cfg_scale)
+    c_t = c_exp(*nets.teacher.schedule.alpha_sigma(t))
+    torch.testing.assert_close(loss, distillation_loss(img, nets.teacher_sd.to_pixels(target), c_t))
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"are different models: they meet in pixel space, so "
+                                          r"loss.space='latent' is not possible; accepted: loss.space=pixel"):
+        train_mod.build_networks(sd_cfg(assets, **{"teacher.network": assets["sdxl"], "loss.space": "latent"}))
 
-    other = tmp_path / "other"
-    import shutil
 
-    shutil.copytree(assets["sd"], other)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
-    shutil.rmtree(other / "vae")
-    vae.save_pretrained(other / "vae")
-    with pytest.raises(ConfigError, match=r"different vae; a student must share its teacher's latent space"):
-        train_mod.build_networks(sd_cfg(assets, **{"student.network": other}))
+def extra_prompts(nets, cfg, seed=0):
+    """The captions of ``one_batch``'s draw."""
+    data = train_mod.training_data(cfg, nets)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+    return [data.coco.captions[i] for i in idx.tolist()]
+
+
+@pytest.mark.parametrize("student, teacher", [("sdxl", "sdxl"), ("sd", "sdxl")])
+def test_sdxl_trains_and_exports(assets, tmp_path, student, teacher):
+    """ADD with an SDXL teacher, as SDXL/SDXL (one folder) or SD/SDXL (two): trains, exports the student
+    as a folder of its own family, which loads and samples."""
+    from add_bench.evaluate import generate_text
+    from add_bench.networks.sd import load_stable_diffusion
+
+    cfg = sd_cfg(assets, **{"student.network": assets[student], "teacher.network": assets[teacher], "steps": 2})
+    out = train_mod.train(cfg, tmp_path / "run", progress=False)
+    card = json.loads((out / "card.json").read_text())
+    assert card["teacher"] == str(assets[teacher].resolve()) and card["student_base"] == str(assets[student].resolve())
+    exported = load_stable_diffusion(out)
+    assert exported.is_xl == (student == "sdxl")
+    for part in exported.frozen_parts:
+        assert (out / part).resolve() == (assets[student] / part).resolve()
+    g = generate_text(exported, exported.denoiser(), "add", 2, ["a cat", "a dog"], torch.arange(2).numpy(),
+                      resolution=16, progress=False)
+    assert g.samples.images.shape == (2, 16, 16, 3)
 
 
 def test_a_sweep_on_a_stable_diffusion_preset(assets, tmp_path, monkeypatch):

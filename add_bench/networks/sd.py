@@ -13,10 +13,15 @@ the tests build tiny random-weight folders in the same layout and load them thro
 * :class:`TextDenoiser`: the suite's Denoiser for a text-conditional UNet. Its condition is the
   prompt embedding c (B, L, D); ∅ is the empty prompt's embedding, as in diffusers' pipelines. The
   samplers of :mod:`add_bench.diffusion` run on it unchanged, in latent space.
+* :class:`XLTextDenoiser`: SDXL (two text encoders, pooled embedding, size conditioning). Its condition
+  is still one tensor, so that samplers and CFG batch it like any other: the concatenated penultimate
+  hidden states of both encoders (B, L, D) with one extra row carrying the pooled embedding
+  (:func:`pack_xl_condition`); the size conditioning (original = target size, no crop) follows from the
+  latents' shape. ∅ is all zeros when the folder says ``force_zeros_for_empty_prompt`` (SDXL base), as
+  in diffusers' pipeline.
 * Latents ↔ pixels through the VAE (``to_latents`` / ``to_pixels``): the paper computes the
-  distillation loss in pixel space for latent models.
-
-SDXL (two text encoders, pooled embeddings and size conditioning) is not covered yet.
+  distillation loss in pixel space for latent models, which also lets a teacher from another latent
+  space (Table 1e: SD2.1 student, SDXL teacher) judge the student's decoded sample.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ SD_MODELS: dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # ε-prediction, 512 px
     "sd21_base": "stabilityai/stable-diffusion-2-1-base",  # ε-prediction, 512 px
     "sd21": "stabilityai/stable-diffusion-2-1",  # v-prediction, 768 px (zero terminal SNR applied)
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",  # ε-prediction, 1024 px, two text encoders
 }
 
 
@@ -74,6 +80,43 @@ class TextDenoiser(Denoiser):
         return self.null_embedding.to(cond.dtype).expand(cond.shape[0], *self.null_embedding.shape[1:])
 
 
+def pack_xl_condition(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """SDXL's condition as one tensor: token embeddings (B, L, D) + a last row holding the pooled
+    embedding (B, P), zero-padded to D (P ≤ D: 1280 ≤ 2048 for SDXL)."""
+    b, _, d = embeds.shape
+    if pooled.shape[1] > d:
+        raise ConfigError(f"SDXL pooled embedding of {pooled.shape[1]} dims does not fit a row of {d}")
+    row = embeds.new_zeros(b, 1, d)
+    row[:, 0, :pooled.shape[1]] = pooled
+    return torch.cat([embeds, row], dim=1)
+
+
+def unpack_xl_condition(cond: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_xl_condition`: (token embeddings, pooled embedding)."""
+    return cond[:, :-1], cond[:, -1, :pooled_dim]
+
+
+class XLTextDenoiser(TextDenoiser):
+    """SDXL's ``UNet2DConditionModel`` (``addition_embed_type='text_time'``): the packed condition is split
+    into token and pooled embeddings, and the size conditioning is (H, W, 0, 0, H, W) in pixels of the
+    image being generated, as diffusers' pipeline builds it for a square image without crop."""
+
+    TIME_IDS = 6  # original size (2) + crop top-left (2) + target size (2)
+
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_embedding: torch.Tensor, vae_scale: int):
+        super().__init__(unet, schedule, null_embedding)
+        c = unet.config
+        self.vae_scale = vae_scale
+        self.pooled_dim = c.projection_class_embeddings_input_dim - self.TIME_IDS * c.addition_time_embed_dim
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        embeds, pooled = unpack_xl_condition(cond, self.pooled_dim)
+        h, w = (side * self.vae_scale for side in x_t.shape[-2:])
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], -1)
+        return self.unet(x_t, t, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
 @dataclass
 class StableDiffusion:
     """The components of one Stable Diffusion folder, frozen and in eval mode."""
@@ -84,6 +127,18 @@ class StableDiffusion:
     text_encoder: torch.nn.Module
     tokenizer: Any
     schedule: Schedule
+    text_encoder_2: Any = None  # SDXL's second (projection) text encoder and its tokenizer
+    tokenizer_2: Any = None
+    zeros_for_empty_prompt: bool = False  # SDXL base: ∅ is all zeros, not the empty prompt's embedding
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def frozen_parts(self) -> tuple[str, ...]:
+        """The frozen components besides the UNet (a student folder links them to its teacher's)."""
+        return ("vae", "text_encoder", "text_encoder_2") if self.is_xl else ("vae", "text_encoder")
 
     @property
     def vae_scale(self) -> int:
@@ -98,22 +153,43 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """c = the text encoder's last hidden state of the padded prompt tokens (as diffusers' pipelines)."""
+        """c as diffusers' pipelines compute it: SD 1.x/2.x, the text encoder's last hidden state of the
+        padded prompt tokens; SDXL, both encoders' penultimate hidden states concatenated, packed with
+        the second encoder's pooled projection (:func:`pack_xl_condition`)."""
+        def tokens(tokenizer, chunk):
+            return tokenizer(chunk, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+
         out = []
         for i in range(0, len(prompts), batch_size):
-            ids = self.tokenizer(list(prompts[i:i + batch_size]), padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            out.append(self.text_encoder(ids)[0])
+            chunk = list(prompts[i:i + batch_size])
+            if not self.is_xl:
+                out.append(self.text_encoder(tokens(self.tokenizer, chunk))[0])
+                continue
+            first = self.text_encoder(tokens(self.tokenizer, chunk), output_hidden_states=True)
+            second = self.text_encoder_2(tokens(self.tokenizer_2, chunk), output_hidden_states=True)
+            embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            out.append(pack_xl_condition(embeds, second.text_embeds))
         return torch.cat(out)
+
+    def null_embedding(self) -> torch.Tensor:
+        """∅ (1, L, D): the empty prompt's embedding, or zeros where the folder forces them (SDXL)."""
+        empty = self.encode_prompts([""])
+        return torch.zeros_like(empty) if self.zeros_for_empty_prompt else empty
 
     def denoiser(self, unet: torch.nn.Module | None = None) -> TextDenoiser:
         """The teacher (this folder's UNet) or, given ``unet``, a student sharing the schedule and ∅."""
-        return TextDenoiser(unet if unet is not None else self.unet, self.schedule, self.encode_prompts([""]))
+        unet = unet if unet is not None else self.unet
+        if self.is_xl:
+            return XLTextDenoiser(unet, self.schedule, self.null_embedding(), self.vae_scale)
+        return TextDenoiser(unet, self.schedule, self.null_embedding())
 
-    def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [−1, 1] (B, 3, H, W) → scaled latents (a sample of the VAE posterior)."""
+    def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                   mode: bool = False) -> torch.Tensor:
+        """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode."""
         posterior = self.vae.encode(pixels).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        z = posterior.mode() if mode else posterior.sample(generator)
+        return z * self.vae.config.scaling_factor
 
     def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → pixels, ≈ [−1, 1] and not clamped, so that gradients reach every latent
@@ -135,9 +211,10 @@ def _load(cls, folder: Path, subfolder: str):
 
 
 def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = None) -> StableDiffusion:
-    """Load a local Stable Diffusion folder; ``zero_terminal_snr`` None = on for v-prediction models."""
+    """Load a local Stable Diffusion (1.x, 2.x, XL base) folder; ``zero_terminal_snr`` None = on for
+    v-prediction models."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
@@ -148,19 +225,30 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
     if not sched_file.is_file():
         raise CheckpointError(f"{sched_file}: missing")
     sched = json.loads(sched_file.read_text())
+    index = json.loads((folder / "model_index.json").read_text())
+    xl = bool((index.get("text_encoder_2") or [None])[0])
+    if xl and not (index.get("text_encoder") or [None])[0]:
+        raise ConfigError(f"{folder}: an SDXL folder without text_encoder (the refiner) cannot generate from "
+                          "noise; accepted: SD 1.x / 2.x / SDXL base folders")
     if zero_terminal_snr is None:
         zero_terminal_snr = sched.get("prediction_type", "epsilon") == "v_prediction"
     schedule = Schedule(schedule_config(sched, zero_terminal_snr, str(sched_file)))
     unet = _load(UNet2DConditionModel, folder, "unet")
-    if getattr(unet.config, "addition_embed_type", None):
-        raise ConfigError(f"{folder}/unet: addition_embed_type={unet.config.addition_embed_type!r} (SDXL-style "
-                          "conditioning) is not supported yet; accepted: SD 1.x / 2.x folders")
+    embed_type = getattr(unet.config, "addition_embed_type", None)
+    if embed_type != ("text_time" if xl else None):
+        raise ConfigError(f"{folder}/unet: addition_embed_type={embed_type!r} with "
+                          f"{'two text encoders' if xl else 'one text encoder'}; accepted: None (SD 1.x / 2.x) "
+                          "or 'text_time' with text_encoder_2 (SDXL)")
     vae = _load(AutoencoderKL, folder, "vae")
     text_encoder = _load(CLIPTextModel, folder, "text_encoder")
     tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return StableDiffusion(folder, unet, vae, text_encoder, tokenizer, schedule)
+    text_encoder_2 = _load(CLIPTextModelWithProjection, folder, "text_encoder_2") if xl else None
+    tokenizer_2 = _load(CLIPTokenizer, folder, "tokenizer_2") if xl else None
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return StableDiffusion(folder, unet, vae, text_encoder, tokenizer, schedule, text_encoder_2, tokenizer_2,
+                           zeros_for_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
 def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
