@@ -11,12 +11,13 @@ import torch
 from add_bench.config import choose
 
 
+# draws come from a CPU generator and move to the images' device (the same augmentations everywhere)
 def rand(x: torch.Tensor, generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.rand(shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def randint(x: torch.Tensor, generator: torch.Generator | None, low: int, high: int, n: int) -> torch.Tensor:
-    return torch.randint(low, high, (n,), generator=generator, device=x.device)
+    return torch.randint(low, high, (n,), generator=generator).to(x.device)
 
 
 def color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

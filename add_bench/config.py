@@ -198,6 +198,7 @@ class TrainConfig:
     ckpt_every: int = 200
     log_every: int = 10
     threads: int = 0
+    device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_network: FeatureNetworkConfig = field(default_factory=FeatureNetworkConfig)

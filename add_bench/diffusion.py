@@ -45,12 +45,14 @@ class Schedule:
     def alpha_sigma(self, t: torch.Tensor | int, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """α_t and σ_t, shaped to broadcast against a batch of ``ndim``-dimensional images.
 
-        t = -1 means "the end of sampling": α = 1, σ = 0 (diffusers' final_alpha_cumprod).
+        t = -1 means "the end of sampling": α = 1, σ = 0 (diffusers' final_alpha_cumprod). The lookup
+        runs in float64 on the CPU; the result lives on t's device.
         """
-        t = torch.as_tensor(t).long()
+        t = torch.as_tensor(t)
+        device, t = t.device, t.long().cpu()
         abar = torch.where(t < 0, torch.ones((), dtype=torch.float64), self.alphas_cumprod[t.clamp(min=0)])
         shape = (-1,) + (1,) * (ndim - 1) if t.ndim else ()
-        return abar.sqrt().float().reshape(shape), (1 - abar).sqrt().float().reshape(shape)
+        return abar.sqrt().float().reshape(shape).to(device), (1 - abar).sqrt().float().reshape(shape).to(device)
 
     def timesteps(self, steps: int) -> list[int]:
         """The sampler's timesteps for a step count: trailing spacing, 4 → [999, 749, 499, 249]."""
@@ -69,6 +71,12 @@ class Schedule:
 
 
 # ----------------------------------------------------------------------------------- conversions
+def randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """N(0, I) drawn from a CPU generator and moved to ``like``'s device and dtype: the same numbers on
+    every device, so a seed means one run whatever the hardware (and CPU runs are unchanged)."""
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
 def add_noise(x0, eps, alpha, sigma):
     """x_t = α_t·x0 + σ_t·ε (forward process)."""
     return alpha * x0 + sigma * eps
@@ -120,6 +128,14 @@ class Denoiser:
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=labels).sample
+
+    def to(self, device: torch.device) -> "Denoiser":
+        self.unet.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
 
     def null_condition(self, labels: torch.Tensor) -> torch.Tensor:
         """∅ for a batch of conditions: the null class."""
@@ -177,7 +193,7 @@ def sample_add(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float =
         x0 = denoiser(x, tau, labels, cfg_scale).x0
         if i + 1 < len(taus):
             alpha, sigma = denoiser.schedule.alpha_sigma(taus[i + 1])
-            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            fresh = randn(x0.shape, generator, x0)
             x = add_noise(x0, fresh, alpha, sigma)
     return x0
 

@@ -63,11 +63,13 @@ def sample_in_batches(denoiser: Denoiser, sampler: str, steps: int, noise: torch
     ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken."""
     check_positive(steps, "steps")
     sample_fn = get_sampler(sampler)
+    device = denoiser.device
     out = []
     start = time.perf_counter()
     for i in tqdm(range(0, len(noise), batch_size), desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
         j = i + batch_size
-        out.append(to_images(sample_fn(denoiser, noise[i:j], condition(i, j), steps, cfg_scale, gen)))
+        z = noise[i:j].to(device)
+        out.append(to_images(sample_fn(denoiser, z, condition(i, j).to(device), steps, cfg_scale, gen)))
     return np.concatenate(out), time.perf_counter() - start
 
 
@@ -109,9 +111,13 @@ def generate_text(sd, denoiser: Denoiser, sampler: str, steps: int, prompts: lis
     return Generated(SampleSet(images, ids, list(prompts)), seconds, nfe_per_sample(steps, cfg_scale))
 
 
-def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float):
+def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float, device: str = "auto"):
     """(kind, make) where make(sampler, steps) → Generated: a class-conditional weights folder
-    (embedded) or a Stable Diffusion folder prompted with COCO captions (cluster)."""
+    (embedded) or a Stable Diffusion folder prompted with COCO captions (cluster), sampled on
+    ``device`` (auto: a GPU if one is visible); the noise is drawn on the CPU either way."""
+    from add_bench.distributed import processes, resolve_device
+
+    dev = resolve_device(device, processes().local_rank)
     folder = resolve_weights(checkpoint)
     if is_stable_diffusion(folder):
         from add_bench.data.coco import eval_set
@@ -120,14 +126,15 @@ def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float):
         if cfg.metrics != "cluster":
             raise ConfigError(f"{folder}: a Stable Diffusion model is scored with metrics=cluster (Inception FID, "
                               f"CLIP score on COCO captions); got metrics={cfg.metrics!r}")
-        sd = load_stable_diffusion(folder)
+        sd = load_stable_diffusion(folder).to(dev)
         kind = read_card(folder).get("kind", "student") if (folder / "card.json").is_file() else "teacher"
         coco, pick = eval_set(cfg)
         prompts, ids = [coco.captions[i] for i in pick], coco.image_ids[pick]
-        denoiser = sd.denoiser()  # ∅ encoded once, for every step count
+        denoiser = sd.denoiser().to(dev)  # ∅ encoded once, for every step count
         return kind, lambda sampler, s: generate_text(sd, denoiser, sampler, s, prompts, ids, cfg.seed,
                                                       cfg.batch_size, cfg_scale, cfg.coco.resolution)
     denoiser, card = load_denoiser(folder)
+    denoiser.to(dev)
     return card["kind"], lambda sampler, s: generate(denoiser, sampler, s, cfg.num_samples, cfg.seed,
                                                      cfg.batch_size, cfg_scale)
 
@@ -139,11 +146,11 @@ def export_samples(path: str | Path, samples: SampleSet) -> None:
 
 
 def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler: str | None = None,
-             cfg_scale: float = 1.0, export: str | Path | None = None, suite=None) -> dict[str, Any]:
+             cfg_scale: float = 1.0, export: str | Path | None = None, suite=None, device: str = "auto") -> dict[str, Any]:
     for s in steps:
         check_positive(s, "steps")
     suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
-    kind, make = load_generator(checkpoint, cfg, cfg_scale)
+    kind, make = load_generator(checkpoint, cfg, cfg_scale, device)
     sampler = sampler or ("ddim" if kind == "teacher" else "add")
     rows = []
     for s in steps:
@@ -167,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
     p.add_argument("--export-samples", metavar="PATH.npz")
+    p.add_argument("--device", default="auto", help="auto (a GPU if visible, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         cfg = load(EvalConfig, overrides=a.overrides)
         start = time.time()
-        result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples)
+        result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device)
         result["provenance"] = provenance(cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]]))
         out = Path(a.out) if a.out else resolve_weights(a.checkpoint) / "metrics.json"
         atomic_write_json(out, result)

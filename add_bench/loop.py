@@ -51,25 +51,40 @@ class Run:
     the resumed step, wall time across resumptions, periodic checkpoints and a time budget.
 
     The caller owns the loop and advances ``run.step``; ``end_of_step`` checkpoints when due and says
-    whether to stop early (budget used up, a checkpoint written)."""
+    whether to stop early (budget used up, a checkpoint written).
+
+    Several processes (``procs``, :mod:`add_bench.distributed`): all of them load the checkpoint, each
+    restores its own generator; process 0 writes it, holding every process's generator state."""
 
     def __init__(self, workdir: Path, objects: dict[str, Any], generator: torch.Generator, total: int,
-                 ckpt_every: int, budget_minutes: float = 0):
+                 ckpt_every: int, budget_minutes: float = 0, procs: Any = None):
         import sys
         import time
 
         from add_bench import checkpoint
+        from add_bench.distributed import Processes
 
         self.workdir, self.objects, self.generator = Path(workdir), objects, generator
+        self.procs = procs or Processes()
         self.total, self.ckpt_every, self.budget_s = total, ckpt_every, budget_minutes * 60
         self.step, self._wall_before = 0, 0.0
         if checkpoint.exists(self.workdir):
             state = checkpoint.load(self.workdir)
             self.step = checkpoint.restore(state, objects, generator)
+            generators = state["extra"].get("generators")
+            if self.procs.world > 1 or generators:
+                if not generators or len(generators) != self.procs.world:
+                    from add_bench.errors import CheckpointError
+
+                    raise CheckpointError(f"{self.workdir}: checkpoint written by {len(generators or [0])} process(es), "
+                                          f"resumed with {self.procs.world}; resume with the same number")
+                generator.set_state(generators[self.procs.rank])
             self._wall_before = state["extra"].get("wall_time_s", 0.0)
-            print(f"resuming {self.workdir} at step {self.step}", file=sys.stderr)
+            if self.procs.is_writer:
+                print(f"resuming {self.workdir} at step {self.step}", file=sys.stderr)
         self.log = JsonlLog(self.workdir / "log.jsonl")
-        self.log.truncate(self.step)  # rows written after the checkpoint we resume from are written again
+        if self.procs.is_writer:
+            self.log.truncate(self.step)  # rows written after the checkpoint we resume from are written again
         self._start = time.time()
 
     @property
@@ -84,15 +99,22 @@ class Run:
 
     def save(self) -> None:
         from add_bench import checkpoint
+        from add_bench.distributed import gather_objects
 
-        checkpoint.save(self.workdir, self.step, self.objects, self.generator, {"wall_time_s": self.wall_time_s})
+        extra = {"wall_time_s": self.wall_time_s}
+        if self.procs.world > 1:
+            extra["generators"] = gather_objects(self.generator.get_state())  # a collective: every process
+        if self.procs.is_writer:
+            checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra)
 
     def end_of_step(self) -> bool:
         """Checkpoint when due; return True when the budget is used up before the end (stop now)."""
         import sys
         import time
 
-        out_of_time = self.budget_s > 0 and time.time() - self._start > self.budget_s
+        from add_bench.distributed import any_process
+
+        out_of_time = any_process(self.budget_s > 0 and time.time() - self._start > self.budget_s)
         if self.step % self.ckpt_every == 0 or self.done or out_of_time:
             self.save()
         if out_of_time and not self.done:

@@ -79,7 +79,7 @@ def presets() -> dict[str, Path]:
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
-EXECUTION_KEYS = ("threads", "ckpt_every", "log_every")
+EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every")
 
 
 # Keys added to the config schema after cells were first computed, with the value that reproduces
@@ -280,10 +280,10 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             student = train(cfg, wd)
             train_wall = json.loads((student / "card.json").read_text())["train_wall_time_s"]
             eval_start = time.time()
-            result = evaluate(student, list(cfg.eval_steps), cfg.eval)
+            result = evaluate(student, list(cfg.eval_steps), cfg.eval, device=cfg.device)
             grid_cfg = cfg.eval.copy()
             grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
-            _, make = load_generator(student, grid_cfg, 1.0)
+            _, make = load_generator(student, grid_cfg, 1.0, cfg.device)
             grids = {f"steps_{s}": make("add", s).samples for s in cfg.eval_steps}
             result["cell"] = cell
             result["train"] = {"steps": cfg.steps, "wall_time_s": train_wall,

@@ -2,6 +2,7 @@
 feature network (paper section 1).
 
     python -m add_bench.train [config.yaml] [key=value ...] [--workdir runs/<name>] [--evaluate]
+    torchrun --nproc_per_node=N -m add_bench.train ...     (data parallel: one process per GPU)
 
 Each step: draw x0, s ∈ T_student, ε; x_s = α_s·x0 + σ_s·ε; the student predicts x̂θ(x_s, s).
   generator:      L = L_adv^G (Eq. 2) + λ·L_distill (Eq. 4)       → student update, EMA
@@ -31,7 +32,8 @@ from add_bench import checkpoint
 from add_bench.augment import diff_augment
 from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, load_split
-from add_bench.diffusion import Denoiser, Schedule, add_noise
+from add_bench import distributed
+from add_bench.diffusion import Denoiser, Schedule, add_noise, randn
 from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
 from add_bench.losses import (
     C_WEIGHTINGS, discriminator_hinge_loss, distillation_loss, generator_adversarial_loss, nfsd_delta,
@@ -64,6 +66,20 @@ class Networks:
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
         return x if self.sd is None else self.sd.to_pixels(x)
+
+    def to(self, device: torch.device) -> "Networks":
+        """Every network (trainable and frozen) and fixed tensor on ``device``."""
+        self.student.to(device)
+        self.teacher.to(device)
+        for m in (self.ema.module, self.feature_network, self.c_img_network, self.discriminator, self.text_encoder):
+            if m is not None:
+                m.to(device)
+        for sd in (self.sd, self.teacher_sd):
+            if sd is not None:
+                sd.to(device)
+        if self.c_text is not None:
+            self.c_text = self.c_text.to(device)
+        return self
 
 
 def schedule_from_card(card: dict[str, Any]) -> Schedule:
@@ -185,6 +201,7 @@ def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, 
     A teacher with its own VAE (``nets.teacher_sd``) sees sg(x̂θ) re-encoded into its latent space, is
     conditioned by ``teacher_cond`` (its own prompt embeddings) and its x̂ψ is decoded by its own VAE."""
     bridge = nets.teacher_sd is not None
+    device = x_student.device
     if bridge:
         img_student = img_student if img_student is not None else nets.to_pixels(x_student)
         with torch.no_grad():
@@ -193,8 +210,8 @@ def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, 
     else:
         x_teacher_in = x_student
     n = x_teacher_in.shape[0]
-    t = sample_teacher_t(cfg, n, gen)
-    eps = torch.randn(x_teacher_in.shape, generator=gen)
+    t = sample_teacher_t(cfg, n, gen).to(device)
+    eps = randn(x_teacher_in.shape, gen, x_teacher_in)
     alpha, sigma = nets.teacher.schedule.alpha_sigma(t, x_teacher_in.ndim)
     c_t = C_WEIGHTINGS[cfg.loss.weighting](alpha, sigma)
     if cfg.loss.weighting == "nfsd":
@@ -214,7 +231,7 @@ def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, 
     n = len(labels)
     null = nets.teacher.null_condition(labels)
     if cfg.loss.nfsd_negative == "other_class":  # a random different class plays the negative prompt
-        negative = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen)) % NUM_CLASSES
+        negative = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen).to(labels.device)) % NUM_CLASSES
     else:
         negative = null
     z = add_noise(x_student.detach(), eps, alpha, sigma)
@@ -247,8 +264,8 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     pixels = x0 if pixels is None else pixels
     n = x0.shape[0]
     grid = torch.tensor(list(cfg.student.timesteps))
-    s = grid[torch.randint(0, len(grid), (n,), generator=gen)]
-    eps = torch.randn(x0.shape, generator=gen)
+    s = grid[torch.randint(0, len(grid), (n,), generator=gen)].to(x0.device)
+    eps = randn(x0.shape, gen, x0)
     alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
     x_s = add_noise(x0, eps, alpha_s, sigma_s)
     x_student = nets.student(x_s, s, labels).x0  # x̂θ(x_s, s)
@@ -275,6 +292,7 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     check_finite(loss_g, "generator loss", step)
     opt_s.zero_grad(set_to_none=True)
     loss_g.backward()
+    distributed.average_gradients(nets.student.unet)
     log["grad_norm_student"] = clip(nets.student.unet, cfg.optim.student_grad_clip)
     opt_s.step()
     nets.ema.update(nets.student.unet, step)
@@ -295,6 +313,7 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
         check_finite(loss_d, "discriminator loss", step)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
+        distributed.average_gradients(nets.discriminator)
         log["grad_norm_discriminator"] = clip(nets.discriminator, cfg.optim.discriminator_grad_clip)
         opt_d.step()
         real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
@@ -332,39 +351,66 @@ def optimisers(nets: Networks, cfg: TrainConfig) -> tuple[torch.optim.Adam, torc
 
 
 def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
-    """Train (or resume) the cell in ``workdir``; return the student weights folder when finished."""
+    """Train (or resume) the cell in ``workdir``; return the student weights folder when finished.
+
+    On ``cfg.device``; started as several processes (torchrun, SLURM tasks: :mod:`add_bench.distributed`)
+    each takes batch_size / processes samples per step and the gradients are averaged."""
     from tqdm import tqdm
 
     set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    nets = build_networks(cfg)
+    procs = distributed.processes()
+    device = distributed.resolve_device(cfg.device, procs.local_rank)
+    distributed.init(device)
+    batch = distributed.local_batch(cfg.batch_size, procs)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, procs))
+    nets = build_networks(cfg).to(device)
     data = training_data(cfg, nets)
     opt_s, opt_d = optimisers(nets, cfg)
     objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
                "opt_student": opt_s, "opt_discriminator": opt_d}
-    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True, disable=not progress)
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True,
+               disable=not (progress and procs.is_writer))
     o = cfg.optim
     while not run.done:
         for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
-        x0, cond, extra = data.batch(idx, gen)
+        idx = torch.randint(0, len(data), (batch,), generator=gen)
+        x0, cond, extra = to_device(data.batch(idx, gen), device)
         row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, **extra)
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         run.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})
+        if procs.world > 1 and (run.step % cfg.ckpt_every == 0 or run.done):
+            distributed.check_in_sync(run.step, student=nets.student.unet, discriminator=nets.discriminator)
         if run.step % cfg.log_every == 0 or run.done:
-            run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
+            row = distributed.mean_over_processes(row)
+            if procs.is_writer:
+                run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
         if run.end_of_step():
             bar.close()
             return None
     bar.close()
     wall, step = run.wall_time_s, run.step
-    return export_student(nets, cfg, workdir / "student", wall, step)
+    out = workdir / "student"
+    if procs.is_writer:
+        export_student(nets, cfg, out, wall, step)
+    distributed.barrier()  # the student exists for every process from here
+    return out
+
+
+def to_device(obj, device: torch.device):
+    """Tensors (also inside tuples, lists and dicts) moved to ``device``; anything else as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 class FashionMnistBatches:
@@ -399,7 +445,7 @@ class CocoBatches:
     def batch(self, idx: torch.Tensor, gen: torch.Generator):
         from add_bench.data.coco import to_model_range
 
-        pixels = to_model_range(self.coco.load_images(idx.tolist(), self.res))
+        pixels = to_model_range(self.coco.load_images(idx.tolist(), self.res)).to(self.nets.sd.vae.device)
         prompts = [self.coco.captions[i] for i in idx.tolist()]
         c_text = self.nets.text_encoder(prompts) if self.nets.text_encoder is not None else None
         extra = {"pixels": pixels, "c_text": c_text}
@@ -474,18 +520,22 @@ def main(argv: list[str] | None = None) -> int:
         student = train(cfg, workdir, a.budget_minutes)
         if student is None:
             return 3
+        if not distributed.processes().is_writer:
+            return 0  # process 0 reports and evaluates
         print(f"student weights: {student}", file=sys.stderr)
         if a.evaluate:
             from add_bench.evaluate import evaluate
             from add_bench.provenance import atomic_write_json
 
-            result = evaluate(student, list(cfg.eval_steps), cfg.eval)
+            result = evaluate(student, list(cfg.eval_steps), cfg.eval, device=cfg.device)
             result["provenance"] = provenance(cfg, cfg.seed, None, command="python -m add_bench.train --evaluate")
             atomic_write_json(workdir / "metrics.json", result)
             print(f"wrote {workdir / 'metrics.json'}", file=sys.stderr)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
     return 0
 
 

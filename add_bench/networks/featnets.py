@@ -376,7 +376,8 @@ class OpenClipText(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(list(prompts))), dim=-1)
+        tokens = self.tokenizer(list(prompts)).to(next(self.model.parameters()).device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
 
 
 def build_text_encoder(name: str, weights: str | Path | None = None) -> OpenClipText:

@@ -76,6 +76,11 @@ class TextDenoiser(Denoiser):
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
+    def to(self, device: torch.device) -> "TextDenoiser":
+        super().to(device)
+        self.null_embedding = self.null_embedding.to(device)
+        return self
+
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         return self.null_embedding.to(cond.dtype).expand(cond.shape[0], *self.null_embedding.shape[1:])
 
@@ -158,7 +163,7 @@ class StableDiffusion:
         the second encoder's pooled projection (:func:`pack_xl_condition`)."""
         def tokens(tokenizer, chunk):
             return tokenizer(chunk, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+                             return_tensors="pt").input_ids.to(self.text_encoder.device)
 
         out = []
         for i in range(0, len(prompts), batch_size):
@@ -171,6 +176,12 @@ class StableDiffusion:
             embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
             out.append(pack_xl_condition(embeds, second.text_embeds))
         return torch.cat(out)
+
+    def to(self, device: torch.device) -> "StableDiffusion":
+        """The frozen components on ``device`` (the UNet moves with its denoiser)."""
+        for part in ("unet", *self.frozen_parts):
+            getattr(self, part).to(device)
+        return self
 
     def null_embedding(self) -> torch.Tensor:
         """∅ (1, L, D): the empty prompt's embedding, or zeros where the folder forces them (SDXL)."""
@@ -253,4 +264,4 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
 
 def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [−1, 1] → uint8 (B, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

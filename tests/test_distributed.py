@@ -1,0 +1,126 @@
+"""Data-parallel ADD over processes (add_bench.distributed), for real: two CPU processes joined by gloo,
+as torchrun or SLURM tasks would start them on GPUs (NCCL). Tiny embedded cells."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from add_bench import checkpoint, distributed
+from add_bench.errors import ConfigError
+
+TINY = ["steps=4", "batch_size=8", "ckpt_every=2", "log_every=1", "threads=1", "device=cpu",
+        "optim.warmup_steps=1", "feature_network.name=random", "discriminator.c_img_network=random"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(rank: int, world: int, port: int, target: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        globals()[target](rank, *args)
+    finally:
+        distributed.finish()
+
+
+def run_processes(target: str, *args, world: int = 2) -> None:
+    mp.start_processes(_process, args=(world, free_port(), target, args), nprocs=world, start_method="spawn")
+
+
+def _grads(rank: int, out: str) -> None:
+    """Each process: the gradient of its half of a batch, averaged over the processes."""
+    distributed.init(torch.device("cpu"))
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    net(x.chunk(2)[rank]).pow(2).mean().backward()
+    distributed.average_gradients(net)
+    torch.save([p.grad for p in net.parameters()], Path(out) / f"grad{rank}.pt")
+
+
+def test_averaged_gradients_equal_the_full_batch_gradient(tmp_path):
+    run_processes("_grads", str(tmp_path))
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    net(x).pow(2).mean().backward()
+    for rank in (0, 1):
+        for got, want in zip(torch.load(tmp_path / f"grad{rank}.pt"), [p.grad for p in net.parameters()]):
+            torch.testing.assert_close(got, want)
+
+
+def _train(rank: int, workdir: str, overrides: list[str], budget: float, faulty: bool) -> None:
+    from add_bench import train as train_mod
+    from add_bench.config import TrainConfig, load
+
+    if faulty and rank == 1:  # a faulty process: its averaged gradients come out slightly wrong
+        average = distributed.average_gradients
+
+        def wrong(module):
+            average(module)  # still joins every all-reduce, so nothing hangs
+            for q in module.parameters():
+                if q.grad is not None:
+                    q.grad.add_(1e-3)
+
+        distributed.average_gradients = wrong
+    cfg = load(TrainConfig, overrides=overrides)
+    try:
+        train_mod.train(cfg, Path(workdir), budget_minutes=budget, progress=False)
+    except Exception as e:  # noqa: BLE001 - reported to the test through a file
+        (Path(workdir) / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+
+
+def test_two_processes_train_in_sync_resume_exactly_and_one_writes(tmp_path):
+    run_processes("_train", str(tmp_path / "full"), TINY, 0, False)
+    assert not list((tmp_path / "full").glob("error*.txt"))
+    state = checkpoint.load(tmp_path / "full")
+    assert state["step"] == 4 and len(state["extra"]["generators"]) == 2
+    assert not torch.equal(*state["extra"]["generators"])  # each process its own draws
+    rows = [json.loads(r) for r in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step logged once
+    assert (tmp_path / "full" / "student" / "model.safetensors").is_file()
+
+    # interrupted after its first checkpoint (a budget that ends at once), then resumed: the same run
+    run_processes("_train", str(tmp_path / "part"), TINY, 1e-9, False)
+    assert checkpoint.load(tmp_path / "part")["step"] == 1
+    run_processes("_train", str(tmp_path / "part"), TINY, 0, False)
+    a, b = state, checkpoint.load(tmp_path / "part")
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+
+    # resumed with another number of processes: refused, the checkpoint left as it was
+    from add_bench import train as train_mod
+    from add_bench.config import TrainConfig, load
+    from add_bench.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), resumed with 1"):
+        train_mod.train(load(TrainConfig, overrides=TINY + ["steps=6"]), tmp_path / "part", progress=False)
+    assert checkpoint.load(tmp_path / "part")["step"] == 4
+
+
+def test_processes_out_of_sync_are_caught(tmp_path):
+    run_processes("_train", str(tmp_path), TINY, 0, True)
+    errors = sorted(p.read_text() for p in tmp_path.glob("error*.txt"))
+    assert errors and all("TrainingDiverged: step 2: the processes' student" in e for e in errors), errors
+    assert not (tmp_path / "student").exists()
+
+
+def test_batch_must_split_and_devices_are_checked(monkeypatch):
+    with pytest.raises(ConfigError, match=r"batch_size=10 does not split over 4 processes"):
+        distributed.local_batch(10, distributed.Processes(0, 4, 0))
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"device='cuda:1': no CUDA device is visible here; accepted: auto, cpu"):
+        distributed.resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"device='tpu': unknown; accepted: auto, cpu, cuda, cuda:N"):
+        distributed.resolve_device("tpu")
