@@ -300,7 +300,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when the sweep process ends, however it ends
+    (Ctrl-C, SIGTERM, SIGKILL), so that no cell keeps training orphaned; its last checkpoint stays."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent ended before prctl took effect
+        os._exit(1)
+
+
 def _init_worker(threads: int) -> None:
+    _die_with_parent()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 

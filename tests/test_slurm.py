@@ -216,6 +216,54 @@ def test_run_local_failing_cell_does_not_stop_others(tmp_path):
     assert seq["bad"] == "error: ValueError: boom in bad"
 
 
+def sleepy_cell(cell_id: str, workdir: str) -> dict:
+    (Path(workdir) / "pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    return {"ok": True}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"  # a zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_local_workers_end_with_the_sweep_process(tmp_path):
+    """A sweep killed with SIGKILL (no handler can run) leaves no worker training on, orphaned."""
+    import signal
+
+    script = ("import sys; sys.path.insert(0, {tests!r}); from test_slurm import sleepy_cell; "
+              "from add_bench.launchers import run_local; "
+              "run_local([('a', sleepy_cell), ('b', sleepy_cell)], workers=2, folder={folder!r})"
+              ).format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / c / "pid").exists() for c in "ab"):
+            assert time.time() < deadline and parent.poll() is None, "workers did not start"
+            time.sleep(0.5)
+        workers = [int((tmp_path / c / "pid").read_text()) for c in "ab"]
+        assert all(_alive(w) for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "a worker outlived the sweep process"
+    finally:
+        parent.kill()
+        for c in "ab":
+            if (tmp_path / c / "pid").exists():
+                try:
+                    os.kill(int((tmp_path / c / "pid").read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"launcher='foo': unknown; accepted: local, slurm"):
         check_launcher("foo")
