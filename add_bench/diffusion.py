@@ -155,7 +155,7 @@ class Denoiser:
         return unc + cfg_scale * (cond - unc)
 
     def to_prediction(self, x_t, t, out) -> Prediction:
-        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).expand(x_t.shape[0]), x_t.ndim)
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]), x_t.ndim)
         kind = self.schedule.prediction_type
         if kind == "v_prediction":
             return Prediction(x0_from_v(x_t, out, alpha, sigma), eps_from_v(x_t, out, alpha, sigma))

@@ -179,7 +179,7 @@ class StableDiffusion:
 
     def to(self, device: torch.device) -> "StableDiffusion":
         """The frozen components on ``device`` (the UNet moves with its denoiser)."""
-        for part in ("unet", *self.frozen_parts):
+        for part in self.frozen_parts:
             getattr(self, part).to(device)
         return self
 
