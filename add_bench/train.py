@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from add_bench import checkpoint
+from add_bench import checkpoint, distributed
 from add_bench.augment import diff_augment
 from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, load_split
-from add_bench import distributed
 from add_bench.diffusion import Denoiser, Schedule, add_noise, randn
 from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
 from add_bench.losses import (
@@ -220,7 +219,7 @@ def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, 
         target = teacher_target(nets.teacher, x_teacher_in, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
     if nets.sd is not None and cfg.loss.space == "pixel":
         with torch.no_grad():
-            target = nets.teacher_sd.to_pixels(target) if bridge else nets.to_pixels(target)
+            target = (nets.teacher_sd or nets.sd).to_pixels(target)  # x̂ψ decoded by the teacher's own VAE
         x_student = img_student if img_student is not None else nets.to_pixels(x_student)
     return distillation_loss(x_student, target, c_t, cfg.loss.reduction)
 
