@@ -53,6 +53,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The code a process runs is the code it imported: a sweep worker started before a later commit still
+# runs the older code, so provenance names the commit read when this module was first imported.
+IMPORTED_COMMIT = git_commit()
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -74,7 +79,7 @@ def provenance(config: Any = None, seed: int | None = None, wall_time_s: float |
 
     return {
         "command": command,
-        "git_commit": git_commit(),
+        "git_commit": IMPORTED_COMMIT,  # the code this process runs (HEAD at import), not HEAD now
         "seed": seed,
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
