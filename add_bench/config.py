@@ -188,10 +188,38 @@ class OptimConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How a cell's generator is sampled when it is evaluated."""
+
+    sampler: Optional[str] = None  # ddim | dpm_solver | add (add_bench.diffusion.SAMPLERS); None = the method's own
+    cfg_scale: float = 1.0  # classifier-free guidance at sampling time (teacher rows; ADD samples without it)
+
+
+@dataclass
+class ProgressiveConfig:
+    """``method: progressive``: progressive distillation (Salimans & Ho 2022), guided as in Meng et al. 2023.
+
+    Stage 0 (``guided_steps`` > 0, "CFG-aware distillation"): a student learns the teacher's guided x0
+    prediction (``teacher.cfg_scale``) in one evaluation at each of the ``start_steps`` DDIM timesteps.
+    Then each halving trains a student (initialised from its teacher) to match two DDIM steps of its
+    teacher (the previous stage's student) with one: ``start_steps`` → start_steps/2 → … → 1."""
+
+    start_steps: int = 8  # DDIM steps of the first stage (a power of two); halved per stage down to 1
+    guided_steps: int = 1000  # stage-0 iterations; 0 = none (the first halving then uses the guided teacher)
+    steps_per_stage: int = 1000  # iterations per halving
+    lr: float = 1e-4  # Adam per stage, linear warm-up then linear decay to 0 (Salimans & Ho anneal each halving)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50
+
+
+@dataclass
 class TrainConfig:
     """``python -m add_bench.train``: one ADD cell, on the embedded benchmark or, when ``teacher.network``
-    is a Stable Diffusion folder, on COCO (``coco``) in the teacher's latent space."""
+    is a Stable Diffusion folder, on COCO (``coco``) in the teacher's latent space. A sweep cell of
+    another ``method`` (Table 2: the teacher sampled as is, progressive distillation) reads the same
+    schema; the fields a method does not use are ignored by it."""
 
+    method: str = "add"  # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
     seed: int = 0
     steps: int = 1800  # ≈ 9 min on 2 idle CPU cores (python -m add_bench.bench: 0.27 s per step)
     batch_size: int = 32
@@ -209,6 +237,8 @@ class TrainConfig:
     coco: CocoConfig = field(default_factory=lambda: CocoConfig(split="train2017"))  # training data of a Stable Diffusion teacher
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -4,7 +4,7 @@
     python -m add_bench.evaluate runs/<cell> --steps 1 2 4 --out metrics.json --export-samples s.npz
 
 A checkpoint is a weights folder (model.safetensors + card.json). The sampler defaults to DDIM for a
-teacher and ADD multi-step sampling for a student. Samples use balanced classes and a fixed seed, so
+teacher and ADD multi-step sampling for a student (``--sampler ddim|dpm_solver|add``). Samples use balanced classes and a fixed seed, so
 every step count starts from the same noise; ``--export-samples`` writes uint8 images (N, 28, 28) and
 int labels so any other tool can score the same samples.
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
-from add_bench.diffusion import Denoiser, Schedule, get_sampler
+from add_bench.diffusion import SAMPLERS, Denoiser, Schedule, get_sampler
 from add_bench.errors import AddBenchError, CheckpointError, ConfigError
 from add_bench.metrics import SampleSet, build_suite, score
 from add_bench.networks.unets import load_unet, read_card
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="weights folder or shipped name (e.g. teacher_small)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sampler", choices=["ddim", "add"], default=None)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                   help="default: ddim for a teacher, add for a student")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
     p.add_argument("--export-samples", metavar="PATH.npz")

@@ -124,3 +124,36 @@ def teacher_target(teacher, x_student: torch.Tensor, labels: torch.Tensor, t: to
         if i + 1 < steps:
             x = ddim_step(pred.x0, pred.eps, *schedule.alpha_sigma(times[i + 1], x.ndim))
     return pred.x0
+
+
+# ============================================================== progressive distillation (Table 2 baseline)
+# Salimans & Ho 2022, Algorithm 2: the student learns to match two DDIM steps of its teacher with one.
+
+def progressive_target(z_t: torch.Tensor, z_next: torch.Tensor, alpha_t, sigma_t, alpha_next, sigma_next) -> torch.Tensor:
+    """x̃ = (z̃ − (σ_s/σ_t)·z_t) / (α_s − (σ_s/σ_t)·α_t): the x0 whose single DDIM step t → s from z_t
+    lands on the teacher's two-step result z̃ = z_next (at the last step, s = clean: x̃ = z̃)."""
+    ratio = sigma_next / sigma_t
+    return (z_next - ratio * z_t) / (alpha_next - ratio * alpha_t)
+
+
+def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """max(SNR, 1) with SNR = α²/σ² ("truncated SNR" weighting of the x-space loss)."""
+    return (alpha**2 / sigma.clamp(min=1e-8) ** 2).clamp(min=1.0)
+
+
+def progressive_loss(x_student: torch.Tensor, x_target: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """E[ max(SNR_t, 1)·||x̂ − x̃||² ] (squared L2 averaged over pixels), target detached."""
+    d = (x_student - x_target.detach()).pow(2).flatten(1).mean(1)
+    return (truncated_snr_weight(alpha, sigma).flatten() * d).mean()
+
+
+@torch.no_grad()
+def two_teacher_steps(teacher, z_t, labels, t, t_mid, t_next, cfg_scale: float = 1.0) -> torch.Tensor:
+    """z̃: two deterministic DDIM steps of the frozen teacher, t → t_mid → t_next (t_next = −1: clean)."""
+    from add_bench.diffusion import ddim_step
+
+    schedule = teacher.schedule
+    pred = teacher(z_t, t, labels, cfg_scale)
+    z_mid = ddim_step(pred.x0, pred.eps, *schedule.alpha_sigma(t_mid, z_t.ndim))
+    pred = teacher(z_mid, t_mid, labels, cfg_scale)
+    return ddim_step(pred.x0, pred.eps, *schedule.alpha_sigma(t_next, z_t.ndim))

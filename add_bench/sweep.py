@@ -38,8 +38,8 @@ from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
 ABLATION_KEYS = {"name", "table", "title", "base", "seeds", "eval_steps", "num_samples", "set", "cells", "include",
-                 "paper_metric_names"}
-CELL_KEYS = {"name", "label", "default", "paper", "set", "bases", "by_base"}
+                 "paper_metric_names", "paper_note"}
+CELL_KEYS = {"name", "label", "default", "paper", "set", "bases", "by_base", "steps"}
 BY_BASE_KEYS = {"label", "set"}
 SWEEP_OVERRIDES = {"seeds", "base", "eval_steps", "num_samples"}
 
@@ -55,10 +55,12 @@ class Cell:
     seed: int
     config: Any  # resolved TrainConfig
     id: str = ""
+    steps: int | None = None  # the step count this row reports (None: the table's headline, 1)
 
     def manifest(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "default": self.default, "seed": self.seed,
-                "id": self.id, "paper": self.paper}
+        row = {"name": self.name, "label": self.label, "default": self.default, "seed": self.seed,
+               "id": self.id, "paper": self.paper}
+        return row | ({"steps": self.steps} if self.steps is not None else {})
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Ablation:
     eval_steps: list[int]
     cells: list[Cell] = field(default_factory=list)
     paper_metric_names: dict = field(default_factory=dict)
+    paper_note: str | None = None  # what the paper's numbers are (default: ADD-M on SD2.1, Table 1)
 
 
 def presets() -> dict[str, Path]:
@@ -90,6 +93,10 @@ ADDED_KEYS: dict[str, Any] = {
     "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
     "coco": {"root": None, "split": "train2017", "resolution": 512},
     "loss.space": "pixel",
+    "method": "add",
+    "sampling": {"sampler": None, "cfg_scale": 1.0},
+    "progressive": {"start_steps": 8, "guided_steps": 1000, "steps_per_stage": 1000, "lr": 1e-4,
+                    "betas": [0.9, 0.999], "warmup_steps": 50},
 }
 
 
@@ -151,7 +158,8 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise ConfigError(f"{path}: seeds={seeds!r}: expected a non-empty list of integers")
     ablation = Ablation(data["name"], str(data.get("table", "")), data.get("title", data["name"]), path,
-                        list(eval_steps), paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}))
+                        list(eval_steps), paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}),
+                        paper_note=data.get("paper_note"))
     common = dict(data.get("set") or {})
     for i, spec in enumerate(data["cells"]):
         where = f"{path}: cells[{i}]"
@@ -169,8 +177,14 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
                               f"{', '.join(sorted(set(scale) - BY_BASE_KEYS))}; accepted: {', '.join(sorted(BY_BASE_KEYS))}")
         sets = {**common, **(spec.get("set") or {}), **(scale.get("set") or {})}
         label = scale.get("label", spec.get("label", spec["name"]))
+        row_steps = spec.get("steps")
+        if row_steps is not None and (not isinstance(row_steps, int) or isinstance(row_steps, bool) or row_steps <= 0):
+            raise ConfigError(f"{where} ({spec['name']}): steps={row_steps!r}: expected a positive integer (the step "
+                              "count this row reports)")
+        # a cell's own eval_steps (a method row: DPM-Solver at 8 and 25 steps) unless the command line sets them
+        steps_here = sweep_over.get("eval_steps", sets.pop("eval_steps", None) or eval_steps)
         for seed in seeds:
-            extra = {**sets, "seed": seed, "eval_steps": list(eval_steps)}
+            extra = {**sets, "seed": seed, "eval_steps": list(steps_here)}
             if num_samples is not None:
                 extra["eval.num_samples"] = num_samples
             try:
@@ -179,7 +193,11 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
                 raise ConfigError(f"{where} ({spec['name']}): {e}") from None
             cfg = resolved(load_cli(cfg, train_over), f"{where} ({spec['name']}) on base {base_name}")
             validate_names(cfg, f"{where} ({spec['name']})")
-            c = Cell(ablation.name, spec["name"], label, bool(spec.get("default", False)), spec.get("paper"), seed, cfg)
+            if row_steps is not None and row_steps not in cfg.eval_steps:
+                raise ConfigError(f"{where} ({spec['name']}): steps={row_steps} is not among the cell's eval_steps="
+                                  f"{list(cfg.eval_steps)}")
+            c = Cell(ablation.name, spec["name"], label, bool(spec.get("default", False)), spec.get("paper"), seed, cfg,
+                     steps=row_steps)
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
@@ -209,11 +227,13 @@ def load_cli(cfg: Any, overrides: list[str]) -> Any:
 
 def validate_names(cfg: Any, where: str) -> None:
     """Registry names are checked at expansion time, before anything runs."""
-    from add_bench.train import validate
+    from add_bench.methods import validate
     from add_bench.networks.featnets import FEATURE_NETWORKS
 
     try:
         validate(cfg)
+        if cfg.method != "add":
+            return
         choose(FEATURE_NETWORKS, cfg.feature_network.name, "feature_network.name")
         if cfg.discriminator.c_img:
             choose(FEATURE_NETWORKS, cfg.discriminator.c_img_network, "discriminator.c_img_network")
@@ -266,8 +286,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell from ``<workdir>/config.yaml``; write metrics.json or error.json.
 
     Module-level and self-contained, so local workers and SLURM array tasks can call it."""
-    from add_bench.evaluate import evaluate, load_generator
-    from add_bench.train import train
+    from add_bench.methods import make
 
     wd = Path(workdir)
     with FolderLock(wd, f"cell {cell}"):
@@ -277,16 +296,12 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
         start = time.time()
         try:
             cfg = load(TrainConfig, wd / "config.yaml")
-            student = train(cfg, wd)
-            train_wall = json.loads((student / "card.json").read_text())["train_wall_time_s"]
+            made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
             eval_start = time.time()
-            result = evaluate(student, list(cfg.eval_steps), cfg.eval, device=cfg.device)
-            grid_cfg = cfg.eval.copy()
-            grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
-            _, make = load_generator(student, grid_cfg, 1.0, cfg.device)
-            grids = {f"steps_{s}": make("add", s).samples for s in cfg.eval_steps}
+            result, grids = evaluate_generators(made, cfg)
             result["cell"] = cell
-            result["train"] = {"steps": cfg.steps, "wall_time_s": train_wall,
+            result["method"] = cfg.method
+            result["train"] = {"steps": made.train_steps, "wall_time_s": made.train_wall_time_s,
                                "last_log": last_log_row(wd / "log.jsonl")}
             result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
             result["provenance"] = provenance(cfg, cfg.seed, time.time() - start,
@@ -304,6 +319,26 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             atomic_write_json(wd / "error.json", {"cell": cell, "error": f"{type(e).__name__}: {e}",
                                                   "traceback": traceback.format_exc()})
             raise
+
+
+def evaluate_generators(made, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score every step count of a method's generators (one evaluation per weights folder) and draw
+    a 100-sample grid per step count; rows in step order."""
+    from add_bench.evaluate import evaluate, load_generator
+
+    rows, kinds, grids = [], set(), {}
+    grid_cfg = cfg.eval.copy()
+    grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
+    for folder, steps in made.groups().items():
+        r = evaluate(folder, steps, cfg.eval, made.sampler, made.cfg_scale, device=cfg.device)
+        rows += r["rows"]
+        kinds.add(r["kind"])
+        _, draw = load_generator(folder, grid_cfg, made.cfg_scale, cfg.device)
+        grids.update({s: draw(made.sampler, s).samples for s in steps})
+    folders = sorted({str(f) for f in made.checkpoints.values()})
+    result = {"checkpoint": folders[0] if len(folders) == 1 else folders, "kind": "/".join(sorted(kinds)),
+              "num_samples": cfg.eval.num_samples, "rows": sorted(rows, key=lambda r: r["steps"])}
+    return result, {f"steps_{s}": grids[s] for s in sorted(grids)}
 
 
 def last_log_row(path: Path) -> dict[str, Any] | None:
@@ -334,7 +369,19 @@ def write_manifests(ablations: list[Ablation], out: Path) -> None:
         atomic_write_json(out / ab.name / "cells.json", {
             "ablation": ab.name, "table": ab.table, "title": ab.title, "source": str(source),
             "paper_metric_names": ab.paper_metric_names, "eval_steps": ab.eval_steps,
+            **({"paper_note": ab.paper_note} if ab.paper_note else {}),
             "cells": [c.manifest() for c in ab.cells]})
+
+
+def training_iterations(cfg: Any) -> int:
+    """Iterations a cell trains for: ADD's ``steps``, none for the teacher, every stage of progressive distillation."""
+    if cfg.method == "teacher":
+        return 0
+    if cfg.method == "progressive":
+        from add_bench.progressive import stages
+
+        return stages(cfg)[-1].end
+    return cfg.steps
 
 
 def estimate_minutes(cell: Cell, out: Path) -> float:
@@ -348,8 +395,8 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
             rates.append(r["train"]["wall_time_s"] / r["train"]["steps"] / bs)
     per_sample_step = sum(rates) / len(rates) if rates else 0.5 / 32
     cfg = cell.config
-    train_s = cfg.steps * cfg.batch_size * per_sample_step
-    eval_s = cfg.eval.num_samples * sum(cfg.eval_steps) * 1.5e-3
+    train_s = training_iterations(cfg) * cfg.batch_size * per_sample_step
+    eval_s = cfg.eval.num_samples * sum(cfg.eval_steps) * 1.5e-3 * (2 if cfg.sampling.cfg_scale != 1 else 1)
     return (train_s + eval_s) / 60
 
 

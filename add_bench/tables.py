@@ -106,9 +106,10 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
         paper = c.get("paper") or {}
         base = {"order": order[c["name"]], "name": c["name"], "label": c.get("label", c["name"]),
                 "default": bool(c.get("default", False)), "seed": c.get("seed"), "id": str(c["id"]),
-                "status": status, "error": error, "paper_fid": paper.get("fid"), "paper_cs": paper.get("cs")}
+                "status": status, "error": error, "paper_fid": paper.get("fid"), "paper_cs": paper.get("cs"),
+                "paper_time": paper.get("time"), "row_steps": c.get("steps")}
         if metrics is None:
-            records += [{**base, "steps": s} for s in planned]
+            records += [{**base, "steps": s} for s in ([c["steps"]] if c.get("steps") else planned)]
             continue
         prov = metrics.get("provenance") or {}
         for row in metrics["rows"]:
@@ -118,9 +119,11 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
                             "sec_per_1000": row.get("sec_per_1000"), "num_samples": metrics.get("num_samples"),
                             "git_commit": prov.get("git_commit"), "machine": machine_text(prov.get("machine"))})
     columns = ["order", "name", "label", "default", "seed", "id", "status", "error", "steps", "nfe", "fid", "align",
-               "align_key", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "git_commit", "machine"]
+               "align_key", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time", "row_steps",
+               "git_commit", "machine"]
     df = pd.DataFrame.from_records(records, columns=columns)
-    for col in ("steps", "nfe", "fid", "align", "sec_per_1000", "num_samples", "paper_fid", "paper_cs"):
+    for col in ("steps", "nfe", "fid", "align", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time",
+                "row_steps"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -162,10 +165,25 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         fid_mean=("fid", "mean"), fid_ci95=("fid", ci95), fid_n=("fid", "count"),
         align_mean=("align", "mean"), align_ci95=("align", ci95), align_n=("align", "count"),
         nfe=("nfe", "mean"), sec_per_1000=("sec_per_1000", "mean"),
-        paper_fid=("paper_fid", "first"), paper_cs=("paper_cs", "first"),
+        paper_fid=("paper_fid", "first"), paper_cs=("paper_cs", "first"), paper_time=("paper_time", "first"),
+        row_steps=("row_steps", "first"),
     ).reset_index()
     agg["steps"] = agg["steps"].astype(int)
     return agg
+
+
+def per_row_steps(agg: pd.DataFrame) -> bool:
+    """Do the rows name their own step counts (a method comparison, the paper's Table 2)?"""
+    return bool(agg["row_steps"].notna().any())
+
+
+def headline(agg: pd.DataFrame) -> tuple[pd.DataFrame, int | None]:
+    """The main table's rows: each cell at its own ``steps`` where the ablation file gives one, else at the
+    headline step count; and that common step count (None when the rows differ)."""
+    steps = headline_steps(agg)
+    want = agg["row_steps"].fillna(steps)
+    head = agg[agg["steps"] == want].reset_index(drop=True)
+    return head, (None if per_row_steps(agg) else steps)
 
 
 def headline_steps(agg: pd.DataFrame) -> int:
@@ -233,28 +251,40 @@ def alignment_of(df: pd.DataFrame) -> str:
 
 
 def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, str]) -> pd.DataFrame:
-    """The displayed main table (strings): marker, setting, ours FID, ours alignment, paper FID / CS, n seeds."""
+    """The displayed main table (strings): marker, setting, ours FID, ours alignment, paper FID / CS, n seeds.
+    Rows at their own step counts (a method comparison) also show steps, NFE and sampling time."""
+    per_row = per_row_steps(head)
+    paper_time = per_row and head["paper_time"].notna().any()
     rows = []
     for r in head.itertuples():
-        rows.append({"": "*" if r.default else "", "setting": r.label,
-                     "ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
-                     f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r),
-                     f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
-                     f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3),
-                     "n seeds": f"{r.fid_n}/{r.n_seeds}"})
+        row = {"": "*" if r.default else "", "setting": r.label}
+        if per_row:
+            row |= {"steps": str(int(r.steps)), "NFE": paper_number(r.nfe, 0),
+                    "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1)}
+        row |= {"ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
+                f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r),
+                f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
+                f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3)}
+        if paper_time:
+            row["paper s / image (A100)"] = paper_number(r.paper_time, 2)
+        rows.append(row | {"n seeds": f"{r.fid_n}/{r.n_seeds}"})
     return pd.DataFrame(rows)
 
 
 def steps_table(agg: pd.DataFrame, align_name: str) -> pd.DataFrame:
     """The displayed per-step table (strings): one row per cell, FID and alignment at each step count."""
     rows = []
+    all_steps = sorted(int(s) for s in agg["steps"].unique())
     for (_, name), g in agg.groupby(["order", "name"], sort=True):
         first = g.iloc[0]
         row = {"": "*" if first.default else "", "setting": first.label}
+        at = {int(r.steps): r for r in g.itertuples()}
         for metric, title, digits in (("fid", "FID", 2), ("align", align_name, 3)):
-            for r in g.itertuples():
-                row[f"{title} @{r.steps}"] = fmt(getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_ci95"),
-                                                 getattr(r, f"{metric}_n"), digits) or missing_text(r)
+            for steps in all_steps:  # a step count this cell is not sampled at (a method table): —
+                r = at.get(steps)
+                row[f"{title} @{steps}"] = "—" if r is None else fmt(
+                    getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_ci95"), getattr(r, f"{metric}_n"), digits
+                ) or missing_text(r)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -288,16 +318,18 @@ def failure_lines(df: pd.DataFrame) -> list[str]:
     return [f"- {r.name}, seed {r.seed} (cell `{r.id}`): failed: {short_error(r.error, 200)}" for r in failed.itertuples()]
 
 
-def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int, agreement: dict) -> str:
+def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int | None, agreement: dict) -> str:
     align = alignment_of(df)
     num = df["num_samples"].dropna()
     n = f"-{int(num.iloc[0])}" if len(num) else ""
+    where = ("each row at its own step count (as in the paper's Table 2; NFE counts the network evaluations per "
+             "sample, CFG doubling them)") if steps is None else \
+        f"{steps} sampling step{'s' * (steps != 1)} (as in the paper's Table 1)"
     lines = [f"# {table_title(manifest)}", "",
-             f"Ablation `{manifest.get('ablation', '?')}`, {steps} sampling step{'s' * (steps != 1)} "
-             f"(as in the paper's Table 1); `*` = default row. Ours: mean ± 95% CI over seeds (t-distribution); "
-             "`(n=1)` = a single seed; `n seeds` = finished / planned.", "",
+             f"Ablation `{manifest.get('ablation', '?')}`, {where}; `*` = default row. Ours: mean ± 95% CI over "
+             "seeds (t-distribution); `(n=1)` = a single seed; `n seeds` = finished / planned.", "",
              f"Metrics (ours): {CONVENTIONS.get(align, CONVENTIONS['align_prob']).format(n=n)}", "",
-             PAPER_NOTE.format(table=manifest.get("table", "1")), "",
+             manifest.get("paper_note") or PAPER_NOTE.format(table=manifest.get("table", "1")), "",
              to_markdown(head_df) if len(head_df) else "_cells.json lists no cells._", ""]
     tau = agreement.get("kendall_tau_fid")
     if tau is not None:
@@ -383,8 +415,9 @@ def plot_fid_vs_alignment(head: pd.DataFrame, manifest: dict, align_name: str, p
     annotate_points(paper_ax, paper["paper_cs"], paper["paper_fid"], list(paper["name"]), colors, list(paper["default"]))
     if paper.empty:
         empty_panel(paper_ax, "no paper numbers for these cells")
-    steps = int(head["steps"].iloc[0]) if len(head) else HEADLINE_STEPS
-    ours_ax.set(xlabel=f"{align_name} ↑", ylabel="FID ↓", title=f"ours ({steps} step{'s' * (steps != 1)}, mean ± 95% CI)")
+    steps = sorted(int(x) for x in head["steps"].unique()) or [HEADLINE_STEPS]
+    at = f"{steps[0]} step{'s' * (steps[0] != 1)}" if len(steps) == 1 else "each row at its steps"
+    ours_ax.set(xlabel=f"{align_name} ↑", ylabel="FID ↓", title=f"ours ({at}, mean ± 95% CI)")
     paper_ax.set(xlabel="CLIP score ↑", ylabel="COCO FID-5k ↓", title=f"paper (ADD-M, Table {manifest.get('table', '?')})")
     fig.suptitle(f"{table_title(manifest)}: * = default; compare directions, not values", fontsize=10)
     fig.tight_layout()
@@ -433,6 +466,7 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
         first = g.iloc[0]
         cells.append({
             "name": name, "label": first.label, "default": bool(first.default), "status": first.status,
+            "row_steps": None if first.row_steps != first.row_steps else int(first.row_steps),
             "error": first.error, "n_seeds": int(first.n_seeds),
             "ids": list(dict.fromkeys(df.loc[df["name"] == name, "id"])),
             "paper": {"fid": first.paper_fid, "cs": first.paper_cs},
@@ -449,6 +483,8 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
 def headline_csv(head: pd.DataFrame, align: str) -> str:
     cols = ["default", "name", "label", "steps", "status", "error", "n_seeds", "fid_n", "fid_mean", "fid_ci95",
             "align_mean", "align_ci95", "paper_fid", "paper_cs"]
+    if per_row_steps(head):  # a method comparison: the cost of each row too
+        cols += ["nfe", "sec_per_1000", "paper_time"]
     return head[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
 
 
@@ -464,8 +500,7 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
     manifest = read_manifest(out)
     df = load_results(out)
     agg = aggregate(df)
-    steps = headline_steps(agg)
-    head = agg[agg["steps"] == steps].reset_index(drop=True)
+    head, steps = headline(agg)
     align = alignment_of(df)
     paper_names = manifest.get("paper_metric_names") or {}
     agreement = ranking_agreement(head)

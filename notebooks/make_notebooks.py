@@ -96,7 +96,7 @@ def compared_cells(s: dict) -> list[tuple[dict, dict]]:
     """(cell, our FID stats at the headline step count) for cells with both our number and the paper's."""
     out = []
     for c in s["cells"]:
-        ours = c["steps"].get(str(s["headline_steps"]), {}).get("fid", {})
+        ours = c["steps"].get(str(c.get("row_steps") or s["headline_steps"]), {}).get("fid", {})
         if c["paper"]["fid"] is not None and ours.get("n"):
             out.append((c, ours))
     return out
@@ -172,6 +172,20 @@ if not students and teacher is None:
 for name, agg in students.items():
     print(name)
     display(agg[["steps", "nfe", "fid_mean", "fid_ci95", "align_mean", "align_ci95", "n_seeds"]])'''),
+    new_markdown_cell("""\
+## Our Table 2: methods on equal terms
+
+`python -m add_bench.sweep ablations/methods.yaml` runs the teacher with DDIM and DPM-Solver, progressive
+distillation (guided) and ADD with the same teacher, data, evaluation network and seeds; each row at its own
+step count, with its network evaluations per sample (NFE) and sampling seconds per 1000 samples on the CPU."""),
+    new_code_cell('''\
+methods_csv = ROOT / "methods" / "table.csv"
+methods = pd.read_csv(methods_csv) if methods_csv.is_file() else None
+if methods is None:
+    print(f"no method comparison at {methods_csv} yet; run python -m add_bench.sweep ablations/methods.yaml --out {ROOT}")
+else:
+    display(methods[["label", "steps", "nfe", "sec_per_1000", "fid_mean", "fid_ci95", "align_mean", "align_ci95",
+                     "n_seeds", "status", "paper_fid", "paper_cs", "paper_time"]])'''),
     new_markdown_cell("## FID vs NFE"),
     new_code_cell('''\
 import matplotlib.pyplot as plt
@@ -209,7 +223,11 @@ if teacher is not None:
         ours_ax.axhline(floor["fid"], color="k", lw=1, ls=":", label=f"floor: {floor['model']}")
 for name, agg in students.items():
     ours_ax.errorbar(agg["nfe"], agg["fid_mean"], yerr=agg["fid_ci95"], marker="*", ms=10, capsize=3, label=name)
-if teacher is None and not students:
+if methods is not None:
+    for label, g in methods.dropna(subset=["fid_mean"]).groupby("label", sort=False):
+        ours_ax.errorbar(g["nfe"], g["fid_mean"], yerr=g["fid_ci95"], marker="s", ls="none", capsize=3,
+                         label=f"methods.yaml: {label}")
+if teacher is None and not students and methods is None:
     ours_ax.text(0.5, 0.5, "no results yet", ha="center", transform=ours_ax.transAxes)
 else:
     ours_ax.legend(fontsize=7)

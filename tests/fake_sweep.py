@@ -1,5 +1,6 @@
 """A fake sweep results root with known numbers, in the exact layout ``add_bench.sweep`` writes.
 
+``methods``: the default cell as two rows at 1 and 4 steps (the Table 2 layout), tables written.
 ``loss_weighting``: 3 cells × 2 seeds: ``exp`` (default) finished on both seeds (FID 10 / 12 at 1 step),
 ``sds`` pending (no result files), ``nfsd`` failed (error.json). ``teacher_steps``: 3 cells × 1 seed, all
 finished, so rankings can be compared with the paper. Plus ``teacher/table.csv`` and samples.npz files.
@@ -83,6 +84,18 @@ def make_fake_sweep(root: Path, alignment_key: str = "align_prob") -> Path:
         (root / ablation / "cells.json").write_text(json.dumps({
             "ablation": ablation, "table": table, "title": title,
             "paper_metric_names": {"fid": "FID", "cs": "CLIP score"}, "eval_steps": list(STEPS), "cells": entries}))
+    # a method comparison (Table 2 layout): rows at their own step counts, here the default cell at 1 and 4
+    (root / "methods").mkdir(parents=True, exist_ok=True)
+    (root / "methods" / "cells.json").write_text(json.dumps({
+        "ablation": "methods", "table": "2", "title": "Methods", "eval_steps": list(STEPS),
+        "paper_note": "The paper's numbers are SD1.5-based methods (Table 2).",
+        "cells": [{"name": "add1", "label": "ADD", "default": True, "seed": 0, "id": "default_s0", "steps": 1,
+                   "paper": {"fid": 19.7, "cs": 0.326, "time": 0.09}},
+                  {"name": "add4", "label": "ADD", "default": False, "seed": 0, "id": "default_s0", "steps": 4,
+                   "paper": None}]}))
+    from add_bench.tables import write_tables
+
+    write_tables(root / "methods")
     (root / "teacher").mkdir(parents=True, exist_ok=True)
     (root / "teacher" / "table.csv").write_text(TEACHER_CSV)
     return root

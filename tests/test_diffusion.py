@@ -109,3 +109,49 @@ def test_add_sampler_renoises_at_student_timesteps(schedule):
     assert out.shape == (2, 1, 4, 4)
     # with v = 0: x0(999) = 0, then x_749 = σ·ε', x0 = α·x_749 …: the result is non-zero (fresh noise entered)
     assert out.abs().sum() > 0
+
+
+class GaussianData(torch.nn.Module):
+    """The exact denoiser of data x0 ~ N(μ, s²) per pixel: E[x0 | x_t] = μ + α s²/(α² s² + σ²)·(x_t − α μ),
+    returned as the v-prediction a trained UNet would give. Its probability-flow ODE maps the noise z at
+    t = 999 (α = 0) to μ + s·z, so a sampler's error is measurable exactly."""
+
+    def __init__(self, schedule: Schedule, mu: float, s: float):
+        super().__init__()
+        self.schedule, self.mu, self.s = schedule, mu, s
+
+    def forward(self, x_t, t, class_labels=None):
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t.ndim)
+        x0 = self.mu + alpha * self.s**2 / (alpha**2 * self.s**2 + sigma**2) * (x_t - alpha * self.mu)
+        eps = (x_t - alpha * x0) / sigma
+        return type("Out", (), {"sample": v_from_x0_eps(x0, eps, alpha, sigma)})()
+
+
+@pytest.mark.parametrize("mu, s", [(0.3, 0.5), (0.0, 1.0)])
+def test_samplers_solve_the_probability_flow_ode_of_gaussian_data(schedule, mu, s):
+    from add_bench.diffusion import get_sampler
+
+    den = Denoiser(GaussianData(schedule, mu, s), schedule, null_label=10)
+    z = torch.linspace(-3, 3, 61).view(-1, 1, 1, 1)
+    labels = torch.zeros(61, dtype=torch.long)
+
+    def error(sampler, steps):
+        return (get_sampler(sampler)(den, z, labels, steps) - (mu + s * z)).abs().max().item()
+
+    ddim = {n: error("ddim", n) for n in (4, 8, 25, 100)}
+    dpm = {n: error("dpm_solver", n) for n in (4, 8, 25, 100)}
+    assert ddim[100] < ddim[25] < ddim[8] < ddim[4] and ddim[100] < 0.05, ddim  # first order: error ∝ 1/steps
+    assert ddim[25] / ddim[100] > 3, ddim
+    assert dpm[25] < 0.01 and dpm[100] < 2e-3, dpm  # second order: far closer at the same step count
+    assert dpm[25] < 0.1 * ddim[25] and dpm[8] < ddim[8], (dpm, ddim)
+
+
+def test_dpm_solver_uses_the_teachers_schedule(schedule):
+    from add_bench.diffusion import make_dpm_solver
+
+    sched = make_dpm_solver(schedule.cfg)
+    sched.set_timesteps(4)
+    assert [int(t) for t in sched.timesteps] == schedule.timesteps(4) == [999, 749, 499, 249]
+    # same betas; only ᾱ at t = 999 differs (2⁻²⁴ instead of 0: DPM-Solver needs a finite log-SNR)
+    torch.testing.assert_close(sched.alphas_cumprod[:-1].double(), schedule.alphas_cumprod[:-1], atol=1e-6, rtol=1e-5)
+    assert sched.alphas_cumprod[-1] == 2**-24 and schedule.alphas_cumprod[-1] == 0

@@ -136,3 +136,15 @@ def test_sample_grid():
     grid = sample_grid(images, labels, per_class=10)
     assert grid.shape == (280, 280) and grid.dtype == np.uint8
     assert grid[3 * 28, 0] == 7 and grid[3 * 28, 28] == 8 and grid[0, 0] == 9 and grid[0, 28] == 0
+
+
+def test_method_table_rows_at_their_own_step_counts(tmp_path):
+    root = make_fake_sweep(tmp_path / "sweep")
+    table = (root / "methods" / "table.md").read_text()
+    assert "each row at its own step count" in table and "SD1.5-based methods (Table 2)" in table
+    csv = pd.read_csv(root / "methods" / "table.csv")
+    # the default cell of seed 0: FID 10 at 1 step, 8 at 4 steps; NFE and sampling time of each row
+    assert list(csv["steps"]) == [1, 4] and list(csv["fid_mean"]) == [10.0, 8.0]
+    assert list(csv["nfe"]) == [1, 4] and list(csv["sec_per_1000"]) == [3.2, 12.8] and csv["paper_time"][0] == 0.09
+    steps = (root / "methods" / "table_steps.md").read_text()
+    assert "FID @1" in steps and "FID @4" in steps

@@ -1,0 +1,92 @@
+"""How a sweep cell's generator is made: a small registry of methods (the paper's Table 2 compares them).
+
+    add          train an ADD student (add_bench.train); sampled with the ADD multi-step sampler
+    teacher      no training: the teacher itself, sampled by ``sampling.sampler`` (ddim | dpm_solver)
+                 with ``sampling.cfg_scale``
+    progressive  progressive distillation (add_bench.progressive); each step count has its own student,
+                 sampled with DDIM
+
+Each method is ``make(cfg, workdir) -> Generators``: which weights folder answers which step count, with
+which sampler and guidance, and what the training cost. ``add_bench.sweep`` evaluates them all alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from add_bench.config import TrainConfig, check_positive, choose
+
+
+@dataclass
+class Generators:
+    checkpoints: dict[int, Path]  # eval step count → weights folder
+    sampler: str
+    cfg_scale: float
+    train_steps: int  # training iterations (0: nothing trained)
+    train_wall_time_s: float
+
+    def groups(self) -> dict[Path, list[int]]:
+        """Weights folder → the step counts it is evaluated at (one evaluation per folder)."""
+        out: dict[Path, list[int]] = {}
+        for steps, folder in self.checkpoints.items():
+            out.setdefault(folder, []).append(steps)
+        return out
+
+
+def card_wall(folder: Path) -> tuple[int, float]:
+    import json
+
+    card = json.loads((folder / "card.json").read_text())
+    return int(card.get("steps", 0)), float(card.get("train_wall_time_s", 0.0))
+
+
+def make_add(cfg: TrainConfig, workdir: Path) -> Generators:
+    from add_bench.train import train
+
+    student = train(cfg, workdir)
+    steps, wall = card_wall(student)
+    return Generators({s: student for s in cfg.eval_steps}, cfg.sampling.sampler or "add", cfg.sampling.cfg_scale,
+                      steps, wall)
+
+
+def make_teacher(cfg: TrainConfig, workdir: Path) -> Generators:
+    from add_bench.provenance import resolve_weights
+
+    folder = resolve_weights(cfg.teacher.network)
+    return Generators({s: folder for s in cfg.eval_steps}, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, 0, 0.0)
+
+
+def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
+    from add_bench.progressive import train_progressive
+
+    students = train_progressive(cfg, workdir)
+    folders = {s: students[s] for s in cfg.eval_steps}
+    steps, wall = card_wall(students[min(students)])  # the last stage's card holds the whole run's time
+    return Generators(folders, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, steps, wall)
+
+
+METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progressive}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """The method name, its sampler, and the method's own settings; ADD cells: ``train.validate``."""
+    from add_bench.diffusion import SAMPLERS
+
+    choose(METHODS, cfg.method, "method")
+    if cfg.sampling.sampler is not None:
+        choose(SAMPLERS, cfg.sampling.sampler, "sampling.sampler")
+    if cfg.method == "add":
+        from add_bench.train import validate as validate_add
+
+        validate_add(cfg)
+    elif cfg.method == "progressive":
+        from add_bench.progressive import validate as validate_progressive
+
+        validate_progressive(cfg)
+    for s in cfg.eval_steps:
+        check_positive(s, "eval_steps")
+
+
+def make(cfg: TrainConfig, workdir: Path) -> Generators:
+    validate(cfg)
+    return METHODS[cfg.method](cfg, workdir)
