@@ -9,6 +9,7 @@ One run in a work folder, in stages (``progressive.*`` in the config):
       two DDIM steps of its teacher with one (``losses.two_teacher_steps``, ``losses.progressive_target``,
       ``losses.progressive_loss``) → ``students/<N/2>steps``, down to ``students/1steps``.
 
+The student is always a copy of ``teacher.network`` (the method's definition; ``student.*`` is ADD's).
 Each stage exports its student's EMA weights (a weights folder ``add_bench.evaluate`` samples with
 DDIM at that step count); the next stage's teacher is read back from that folder, so a run resumes
 exactly from ``checkpoint.pt`` at any step, inside a stage or at its boundary.
@@ -164,7 +165,8 @@ def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0
             index = plan.index(stage)
             previous = plan[index - 1] if index else None
             teacher = base_teacher if previous is None else load_stage_teacher(workdir, previous, schedule, card)
-            cfg_scale = cfg.teacher.cfg_scale if previous is None else 1.0  # later stages learn a guided student
+            # the first teacher is guided (teacher.cfg_scale); later teachers are students that learnt the guidance
+            cfg_scale = cfg.teacher.cfg_scale if previous is None else 1.0
             if run.step == stage.start and previous is not None:  # the student starts as its teacher
                 unet.load_state_dict(teacher.unet.state_dict())
                 ema.module.load_state_dict(teacher.unet.state_dict())
