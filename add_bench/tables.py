@@ -259,7 +259,7 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
     for r in head.itertuples():
         row = {"": "*" if r.default else "", "setting": r.label}
         if per_row:
-            row |= {"steps": str(int(r.steps)), "NFE": paper_number(r.nfe, 0),
+            row |= {"steps": str(int(r.steps)), "NFE": "—" if r.nfe != r.nfe else str(int(r.nfe)),
                     "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1)}
         row |= {"ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
                 f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r),
@@ -323,7 +323,8 @@ def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int
     num = df["num_samples"].dropna()
     n = f"-{int(num.iloc[0])}" if len(num) else ""
     where = ("each row at its own step count (as in the paper's Table 2; NFE counts the network evaluations per "
-             "sample, CFG doubling them)") if steps is None else \
+             "sample, CFG doubling them; seconds per 1000 samples were measured while each cell was evaluated, on "
+             "the machine that ran it: see Provenance, and compare NFE across machines)") if steps is None else \
         f"{steps} sampling step{'s' * (steps != 1)} (as in the paper's Table 1)"
     lines = [f"# {table_title(manifest)}", "",
              f"Ablation `{manifest.get('ablation', '?')}`, {where}; `*` = default row. Ours: mean ± 95% CI over "

@@ -148,3 +148,15 @@ def test_method_table_rows_at_their_own_step_counts(tmp_path):
     assert list(csv["nfe"]) == [1, 4] and list(csv["sec_per_1000"]) == [3.2, 12.8] and csv["paper_time"][0] == 0.09
     steps = (root / "methods" / "table_steps.md").read_text()
     assert "FID @1" in steps and "FID @4" in steps
+
+
+def test_method_rows_show_whole_nfe_and_their_own_steps():
+    from add_bench.tables import headline_table
+
+    head = pd.DataFrame([{"default": False, "label": "DPM-Solver", "steps": 25, "row_steps": 25, "nfe": 50.0,
+                          "sec_per_1000": 120.0, "fid_mean": 0.68, "fid_ci95": 0.0, "fid_n": 1, "align_mean": 0.94,
+                          "align_ci95": 0.0, "align_n": 1, "paper_fid": 20.1, "paper_cs": 0.318, "paper_time": 0.88,
+                          "n_seeds": 1, "status": "done", "error": None}])
+    row = headline_table(head, "align. prob", {}).iloc[0]
+    assert (row["steps"], row["NFE"], row["s / 1000 samples (ours, CPU)"]) == ("25", "50", "120")
+    assert row["paper s / image (A100)"] == "0.88" and row["ours FID ↓"] == "0.68 (n=1)"
