@@ -120,7 +120,7 @@ class StudentConfig:
 
     network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
     init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
-    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # T_student
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
 
 
 @dataclass

@@ -128,8 +128,10 @@ class Denoiser:
     (prompt embeddings: ``add_bench.networks.sd.TextDenoiser``) override ``raw`` and ``null_condition``.
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_label: int):
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_label: int,
+                 student_timesteps: list[int] | None = None):
         self.unet, self.schedule, self.null_label = unet, schedule, null_label
+        self.student_timesteps = student_timesteps  # an ADD student's T_student (the ADD sampler's timesteps)
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=labels).sample
@@ -186,14 +188,23 @@ def sample_ddim(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float 
     return x
 
 
+def add_timesteps(schedule: Schedule, steps: int, student_timesteps: list[int] | None = None) -> list[int]:
+    """The ADD sampler's timesteps: T_student itself when ``steps`` = |T_student|, else the trailing ones
+    (4 → 999, 749, 499, 249) with none above the student's top timestep max(T_student)."""
+    taus = schedule.timesteps(steps)
+    if not student_timesteps:
+        return taus
+    if steps == len(student_timesteps):
+        return sorted(student_timesteps, reverse=True)
+    return [min(t, max(student_timesteps)) for t in taus]
+
+
 @torch.no_grad()
 def sample_add(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float = 1.0, generator=None):
-    """ADD multi-step sampling: predict x0 at τ_N = 999, re-noise to the next τ with fresh noise, repeat.
-
-    The student timesteps for ``steps`` are the trailing ones (4 → 999, 749, 499, 249).
-    """
+    """ADD multi-step sampling: predict x0 at the top student timestep τ_N, re-noise to the next τ with
+    fresh noise, repeat (:func:`add_timesteps`; T_student = 999, 749, 499, 249 → the trailing ones)."""
     x = noise
-    taus = denoiser.schedule.timesteps(steps)
+    taus = add_timesteps(denoiser.schedule, steps, denoiser.student_timesteps)
     for i, tau in enumerate(taus):
         x0 = denoiser(x, tau, labels, cfg_scale).x0
         if i + 1 < len(taus):

@@ -47,7 +47,7 @@ def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
     from omegaconf import OmegaConf
 
     schedule = Schedule(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"]))
-    return Denoiser(load_unet(folder), schedule, card["null_label"]), card
+    return Denoiser(load_unet(folder), schedule, card["null_label"], card.get("student_timesteps")), card
 
 
 @dataclass

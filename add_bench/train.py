@@ -463,7 +463,8 @@ def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, ste
     s_card = read_card(resolve_weights(cfg.student.network))
     card = {
         "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": s_card["schedule"],
-        "null_label": NUM_CLASSES, "weights": "EMA, fp32", "steps": step, "train_wall_time_s": round(wall, 1),
+        "null_label": NUM_CLASSES, "student_timesteps": list(cfg.student.timesteps),  # the ADD sampler's τ
+        "weights": "EMA, fp32", "steps": step, "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),
     }
     save_weights(out, nets.ema.module, card, fp16=False)

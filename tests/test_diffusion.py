@@ -155,3 +155,24 @@ def test_dpm_solver_uses_the_teachers_schedule(schedule):
     # same betas; only ᾱ at t = 999 differs (2⁻²⁴ instead of 0: DPM-Solver needs a finite log-SNR)
     torch.testing.assert_close(sched.alphas_cumprod[:-1].double(), schedule.alphas_cumprod[:-1], atol=1e-6, rtol=1e-5)
     assert sched.alphas_cumprod[-1] == 2**-24 and schedule.alphas_cumprod[-1] == 0
+
+
+def test_add_sampler_uses_the_students_timesteps(schedule):
+    from add_bench.diffusion import add_timesteps
+
+    assert add_timesteps(schedule, 4, [999, 749, 499, 249]) == [999, 749, 499, 249]  # the default: trailing
+    assert add_timesteps(schedule, 2, None) == [999, 499]
+    top = [960, 700, 400, 100]  # a T_student whose top timestep keeps a little signal (α ≈ 0.06)
+    assert add_timesteps(schedule, 4, top) == [960, 700, 400, 100]
+    assert add_timesteps(schedule, 1, top) == [960] and add_timesteps(schedule, 2, top) == [960, 499]
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, class_labels=None):
+            seen.append(int(t[0]))
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    den = Denoiser(Recorder(), schedule, null_label=10, student_timesteps=top)
+    sample_add(den, torch.randn(2, 1, 4, 4), torch.tensor([0, 1]), 4, generator=torch.Generator().manual_seed(0))
+    assert seen == top
