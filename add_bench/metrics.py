@@ -5,7 +5,8 @@ chosen by name (``METRIC_SUITES``). Callers never know which metric they hold:
 
 * ``embedded``: FID on the evaluation network's 128-d penultimate features (reference: the 10k test
   split, statistics cached once) and alignment = mean probability the evaluation network gives the
-  conditioning class (``align_prob``) plus its accuracy (``align_acc``): the stand-in for CLIP score.
+  conditioning class (``align_prob``) plus its accuracy (``align_acc``): the stand-in for CLIP score;
+  and within-class ``diversity`` (pixel standard deviation across one class's samples: mode collapse).
 * ``cluster``: clean-fid's Inception FID ("clean" mode) against the COCO val2017 images whose captions
   prompted the samples, and open_clip CLIP score; both load weights from a local path
   (``eval.cluster.*``, or the ``ADD_BENCH_INCEPTION`` folder and ``ADD_BENCH_CLIP`` file) since hubs are offline.
@@ -144,11 +145,23 @@ class Alignment:
                 "align_acc": float((p.argmax(1) == labels).mean())}
 
 
+class Diversity:
+    """Within-condition diversity: the per-pixel standard deviation across the samples of one class,
+    averaged over pixels and classes, in [0, 1] pixel units (5k real training images: ≈ 0.19). A student
+    that maps every noise to one image per class scores ≈ 0 whatever its FID; this makes that visible."""
+
+    def __call__(self, samples: SampleSet) -> dict[str, float]:
+        x = samples.images.astype(np.float64) / 255
+        labels = samples.labels.astype(int)
+        stds = [x[labels == c].std(0).mean() for c in np.unique(labels) if (labels == c).sum() > 1]
+        return {"diversity": float(np.mean(stds)) if stds else float("nan")}
+
+
 def embedded_suite(cfg: EvalConfig) -> list[Metric]:
     scorer = EvalNetScorer(cfg.evalnet)
     d = cfg.data
     test_images = lambda: load_split("test", d.root, download=d.download).images  # noqa: E731
-    return [FID(scorer.features, test_images, f"{scorer.id}_fashion-mnist-test"), Alignment(scorer)]
+    return [FID(scorer.features, test_images, f"{scorer.id}_fashion-mnist-test"), Alignment(scorer), Diversity()]
 
 
 # ------------------------------------------------------------------------------- cluster metrics

@@ -65,3 +65,16 @@ def test_sample_set_validates():
     with pytest.raises(ValueError, match="2 images but 3 labels"):
         SampleSet(np.zeros((2, 28, 28), np.uint8), np.array([0, 1, 2]))
     assert SampleSet(np.zeros((1, 28, 28), np.uint8), np.array([7])).prompts == ["a photo of a sneaker"]
+
+
+def test_diversity_is_zero_for_one_image_per_class_and_grows_with_spread(real_images):
+    from add_bench.metrics import Diversity
+
+    labels = np.repeat(np.arange(10), 20)
+    templates = np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    collapsed = SampleSet(templates[labels], labels)  # every noise → the class's one image
+    assert Diversity()(collapsed)["diversity"] == pytest.approx(0.0, abs=1e-12)
+    spread = SampleSet(np.array([0, 255] * 100, np.uint8)[:, None, None].repeat(28, 1).repeat(28, 2), labels)
+    assert Diversity()(spread)["diversity"] == pytest.approx(0.5)  # black/white halves: std 0.5 in [0, 1] units
+    real = Diversity()(SampleSet(real_images[:200], labels))["diversity"]
+    assert 0.05 < real < 0.5
