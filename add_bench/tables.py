@@ -36,7 +36,9 @@ HEADLINE_STEPS = 1
 DEFAULT_EVAL_STEPS = (1, 2, 4)
 CONVENTIONS = {
     "align_prob": "FID{n} on the evaluation network's 128-d features against the 10k test split; alignment = mean "
-                  "evaluation-network probability of the conditioning class (the embedded stand-in for CLIP score).",
+                  "evaluation-network probability of the conditioning class (the embedded stand-in for CLIP score); "
+                  "diversity = within-class pixel standard deviation of the cell's 100-sample grid (10 per class, "
+                  "`metrics.Diversity`; real training images ≈ 0.17), near 0 when every noise gives the class's one image.",
     "clip_score": "FID{n}: clean-fid Inception FID (\"clean\" mode); CLIP score: open_clip mean of max(cos, 0) "
                   "between image and prompt, on the paper's 0–1 scale.",
 }
@@ -81,6 +83,23 @@ def read_cell(folder: Path) -> tuple[str, dict | None, str | None]:
     return "pending", None, None
 
 
+def grid_diversity(folder: Path) -> dict[int, float]:
+    """Within-class diversity (``metrics.Diversity``) of a cell's committed sample grids (``samples.npz``:
+    100 samples, 10 per class, per step count): {steps: diversity}; {} without grids."""
+    path = folder / "samples.npz"
+    if not path.is_file():
+        return {}
+    from add_bench.metrics import Diversity, SampleSet
+
+    try:
+        with np.load(path) as z:
+            labels = z["labels"]
+            return {int(k.split("_", 1)[1]): Diversity()(SampleSet(z[k], labels))["diversity"]
+                    for k in z.files if k.startswith("steps_")}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def alignment_key(row: dict) -> str | None:
     """Which alignment metric a metrics row carries (``clip_score`` on the cluster scale, else ``align_prob``)."""
     return next((k for k in ALIGNMENT_KEYS if row.get(k) is not None), None)
@@ -112,18 +131,20 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
             records += [{**base, "steps": s} for s in ([c["steps"]] if c.get("steps") else planned)]
             continue
         prov = metrics.get("provenance") or {}
+        grids = grid_diversity(ablation_dir.parent / "cells" / str(c["id"]))
         for row in metrics["rows"]:
             key = alignment_key(row)
             records.append({**base, "steps": row.get("steps"), "nfe": row.get("nfe"), "fid": row.get("fid"),
                             "align": row.get(key) if key else None, "align_key": key,
+                            "diversity": grids.get(row.get("steps")),
                             "sec_per_1000": row.get("sec_per_1000"), "num_samples": metrics.get("num_samples"),
                             "git_commit": prov.get("git_commit"), "machine": machine_text(prov.get("machine"))})
     columns = ["order", "name", "label", "default", "seed", "id", "status", "error", "steps", "nfe", "fid", "align",
-               "align_key", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time", "row_steps",
-               "git_commit", "machine"]
+               "align_key", "diversity", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time",
+               "row_steps", "git_commit", "machine"]
     df = pd.DataFrame.from_records(records, columns=columns)
-    for col in ("steps", "nfe", "fid", "align", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time",
-                "row_steps"):
+    for col in ("steps", "nfe", "fid", "align", "diversity", "sec_per_1000", "num_samples", "paper_fid", "paper_cs",
+                "paper_time", "row_steps"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -164,6 +185,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         error=("error", first_error), n_seeds=("seed", "nunique"),
         fid_mean=("fid", "mean"), fid_ci95=("fid", ci95), fid_n=("fid", "count"),
         align_mean=("align", "mean"), align_ci95=("align", ci95), align_n=("align", "count"),
+        div_mean=("diversity", "mean"), div_ci95=("diversity", ci95), div_n=("diversity", "count"),
         nfe=("nfe", "mean"), sec_per_1000=("sec_per_1000", "mean"),
         paper_fid=("paper_fid", "first"), paper_cs=("paper_cs", "first"), paper_time=("paper_time", "first"),
         row_steps=("row_steps", "first"),
@@ -255,6 +277,7 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
     Rows at their own step counts (a method comparison) also show steps, NFE and sampling time."""
     per_row = per_row_steps(head)
     paper_time = per_row and head["paper_time"].notna().any()
+    diversity = bool(head["div_n"].sum()) if "div_n" in head else False
     rows = []
     for r in head.itertuples():
         row = {"": "*" if r.default else "", "setting": r.label}
@@ -262,8 +285,10 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
             row |= {"steps": str(int(r.steps)), "NFE": "—" if r.nfe != r.nfe else str(int(r.nfe)),
                     "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1)}
         row |= {"ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
-                f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r),
-                f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
+                f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r)}
+        if diversity:
+            row["ours diversity ↑"] = fmt(r.div_mean, r.div_ci95, r.div_n, 3) or missing_text(r)
+        row |= {f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
                 f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3)}
         if paper_time:
             row["paper s / image (A100)"] = paper_number(r.paper_time, 2)
@@ -483,7 +508,7 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
 
 def headline_csv(head: pd.DataFrame, align: str) -> str:
     cols = ["default", "name", "label", "steps", "status", "error", "n_seeds", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "paper_fid", "paper_cs"]
+            "align_mean", "align_ci95", "div_mean", "div_ci95", "paper_fid", "paper_cs"]
     if per_row_steps(head):  # a method comparison: the cost of each row too
         cols += ["nfe", "sec_per_1000", "paper_time"]
     return head[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
@@ -491,7 +516,7 @@ def headline_csv(head: pd.DataFrame, align: str) -> str:
 
 def steps_csv(agg: pd.DataFrame, align: str) -> str:
     cols = ["name", "label", "default", "steps", "status", "n_seeds", "nfe", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "sec_per_1000"]
+            "align_mean", "align_ci95", "div_mean", "div_ci95", "sec_per_1000"]
     return agg[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
 
 

@@ -160,3 +160,18 @@ def test_method_rows_show_whole_nfe_and_their_own_steps():
     row = headline_table(head, "align. prob", {}).iloc[0]
     assert (row["steps"], row["NFE"], row["s / 1000 samples (ours, CPU)"]) == ("25", "50", "120")
     assert row["paper s / image (A100)"] == "0.88" and row["ours FID ↓"] == "0.68 (n=1)"
+
+
+def test_tables_show_the_within_class_diversity_of_each_cells_grid(tmp_path):
+    root = make_fake_sweep(tmp_path / "sweep")
+    # seed 1 of the default cell collapsed: every sample of a class is the same image
+    z = dict(np.load(root / "cells" / "default_s1" / "samples.npz"))
+    first = {c: np.flatnonzero(z["labels"] == c)[0] for c in range(10)}
+    for key in [k for k in z if k.startswith("steps_")]:
+        z[key] = z[key][[first[c] for c in z["labels"]]]
+    np.savez_compressed(root / "cells" / "default_s1" / "samples.npz", **z)
+    write_tables(root / "loss_weighting")
+    csv = pd.read_csv(root / "loss_weighting" / "table.csv")
+    uniform = 255 / np.sqrt(12) / 255  # std of uniform random pixels (seed 0's grids)
+    assert csv.loc[0, "div_mean"] == pytest.approx(uniform / 2, abs=0.01)  # mean of ≈0.29 (seed 0) and 0 (seed 1)
+    assert "ours diversity ↑" in (root / "loss_weighting" / "table.md").read_text()
