@@ -94,7 +94,8 @@ def grid_diversity(folder: Path) -> dict[int, float]:
     try:
         with np.load(path) as z:
             labels = z["labels"]
-            return {int(k.split("_", 1)[1]): Diversity()(SampleSet(z[k], labels))["diversity"]
+            prompts = [""] * len(labels)  # labels may be COCO image ids (cluster scale): no class prompts
+            return {int(k.split("_", 1)[1]): Diversity()(SampleSet(z[k], labels, prompts))["diversity"]
                     for k in z.files if k.startswith("steps_")}
     except (OSError, ValueError, KeyError):
         return {}
