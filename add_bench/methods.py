@@ -34,9 +34,10 @@ class Generators:
 
 
 def card_wall(folder: Path) -> tuple[int, float]:
-    import json
+    """(training iterations, training seconds) from a trained weights folder's card."""
+    from add_bench.networks.unets import read_card
 
-    card = json.loads((folder / "card.json").read_text())
+    card = read_card(folder)
     return int(card.get("steps", 0)), float(card.get("train_wall_time_s", 0.0))
 
 

@@ -143,7 +143,7 @@ def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0
     folder = resolve_weights(cfg.teacher.network)
     card = read_card(folder)
     schedule = schedule_from_card(card)
-    base_teacher = Denoiser(load_into(build_unet(card["unet"]), folder).eval().requires_grad_(False), schedule, NUM_CLASSES)
+    base_teacher = frozen_denoiser(folder, card, schedule)
     unet = load_into(build_unet(card["unet"]), folder).train()
     student = Denoiser(unet, schedule, NUM_CLASSES)
     ema = checkpoint.EMA(unet, cfg.optim.ema_decay)
@@ -199,10 +199,14 @@ def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0
     return {s.student_steps: student_folder(workdir, s.student_steps) for s in plan}
 
 
+def frozen_denoiser(folder: Path, card: dict, schedule) -> Denoiser:
+    """A teacher: the weights in ``folder`` (architecture from ``card``), eval mode, no gradients."""
+    return Denoiser(load_into(build_unet(card["unet"]), folder).eval().requires_grad_(False), schedule, NUM_CLASSES)
+
+
 def load_stage_teacher(workdir: Path, stage: Stage, schedule, card: dict) -> Denoiser:
-    folder = student_folder(workdir, stage.student_steps)
-    unet = load_into(build_unet(card["unet"]), folder).eval().requires_grad_(False)
-    return Denoiser(unet, schedule, NUM_CLASSES)
+    """The next stage's teacher: the student ``stage`` exported."""
+    return frozen_denoiser(student_folder(workdir, stage.student_steps), card, schedule)
 
 
 def export(module: torch.nn.Module, teacher_card: dict, cfg: TrainConfig, out: Path, stage: Stage, run: Run) -> None:

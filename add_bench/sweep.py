@@ -396,7 +396,9 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
     per_sample_step = sum(rates) / len(rates) if rates else 0.5 / 32
     cfg = cell.config
     train_s = training_iterations(cfg) * cfg.batch_size * per_sample_step
-    eval_s = cfg.eval.num_samples * sum(cfg.eval_steps) * 1.5e-3 * (2 if cfg.sampling.cfg_scale != 1 else 1)
+    from add_bench.evaluate import nfe_per_sample
+
+    eval_s = cfg.eval.num_samples * sum(nfe_per_sample(s, cfg.sampling.cfg_scale) for s in cfg.eval_steps) * 1.5e-3
     return (train_s + eval_s) / 60
 
 
