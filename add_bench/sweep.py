@@ -2,7 +2,7 @@
 locally or as a SLURM job array, and write tables and plots that mirror the paper.
 
     python -m add_bench.sweep ablations/loss_weighting.yaml [key=value ...] [--out DIR]
-        [--launcher local|slurm] [--workers N] [--dry-run] [--status] [--collect]
+        [--launcher local|slurm] [--workers N] [--cells NAME,...] [--dry-run] [--status] [--collect]
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -12,7 +12,9 @@ default row is in all of them) is trained once. Layout of the results folder (``
 ``runs/sweeps``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
-is recorded and the sweep goes on; a lock keeps a second sweep out of a folder in use.
+is recorded and the sweep goes on; a lock keeps a second sweep out of a folder in use. ``--cells``
+runs only the named rows (e.g. more seeds of the promising rows of a probe); the tables list every row
+with its finished / planned seed count.
 """
 from __future__ import annotations
 
@@ -402,14 +404,16 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
     return (train_s + eval_s) / 60
 
 
-def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path) -> float:
+def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None) -> float:
     total = 0.0
     print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
     seen = set()
     for ab in ablations:
         for c in ab.cells:
             status = cell_status(out / "cells" / c.id)
-            est = 0.0 if status == "done" or c.id in seen else estimate_minutes(c, out)
+            if only is not None and c.id not in only and status != "done":
+                status = "skipped"  # not selected by --cells
+            est = 0.0 if status in ("done", "skipped") or c.id in seen else estimate_minutes(c, out)
             shared = " (shared)" if c.id in seen else ""
             seen.add(c.id)
             total += est
@@ -427,7 +431,21 @@ def collect(ablations: list[Ablation], out: Path) -> None:
         print(f"{ab.name}: wrote {', '.join(sorted(str(p) for p in written.values()))}", file=sys.stderr)
 
 
-def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None) -> dict:
+def selected_ids(ablations: list[Ablation], names: list[str] | None) -> set[str] | None:
+    """The cell ids of the rows named by ``--cells`` (every seed of each), or None for all rows."""
+    if not names:
+        return None
+    known = {c.name for ab in ablations for c in ab.cells}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--cells {','.join(unknown)}: no such row in {ablations[0].path}; rows: "
+                          f"{', '.join(sorted(known))}")
+    return {c.id for ab in ablations for c in ab.cells if c.name in names}
+
+
+def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None,
+              only: set[str] | None = None) -> dict:
+    """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables."""
     from tqdm import tqdm
 
     from add_bench.launchers import check_launcher, run_local, submit_slurm
@@ -435,8 +453,9 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
     check_launcher(launcher)
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out)
-        todo = [i for i in cells if cell_status(out / "cells" / i) != "done"]
-        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(todo)} already done", file=sys.stderr)
+        todo = [i for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only)]
+        skipped = "" if only is None else f", {len(cells) - len(only)} not selected by --cells"
+        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(todo)} already done{skipped}", file=sys.stderr)
         if launcher == "slurm":
             ids = submit_slurm([(i, run_cell) for i in todo], out / "cells", slurm)
             print(f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
@@ -482,12 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
     p.add_argument("--collect", action="store_true", help="only (re)write manifests, tables and plots from results")
+    p.add_argument("--cells", default=None, metavar="NAME[,NAME]",
+                   help="run only these rows (every seed of each); the tables still list every row")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         ablations = load_ablations(a.ablation, a.overrides)
         out = Path(a.out)
+        only = selected_ids(ablations, a.cells.split(",") if a.cells else None)
         if a.dry_run:
-            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out)
+            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only)
         elif a.status:
             show_status(ablations, out)
         elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
@@ -499,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 from add_bench.launchers import SlurmConfig, check_slurm_config
 
                 slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
-            run_sweep(ablations, out, a.launcher, a.workers, slurm)
+            run_sweep(ablations, out, a.launcher, a.workers, slurm, only)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -195,6 +195,24 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
+def one_row_per_cell(df: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """``agg`` with the rows that share their cells merged (a method table samples one training at several
+    step counts: pd1, pd2, pd4 are one progressive run): the first row's name, every label joined with " / ",
+    the default mark if any row has it. For the every-step table, its CSV and the FID-vs-steps plot."""
+    cell_of = df.groupby("name")["id"].agg(lambda ids: tuple(sorted(set(ids))))
+    names = list(dict.fromkeys(agg["name"]))  # manifest order
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault(cell_of[name], []).append(name)
+    firsts = {name: group[0] for group in groups.values() for name in group}
+    labels = {group[0]: " / ".join(dict.fromkeys(agg.loc[agg["name"].isin(group), "label"])) for group in groups.values()}
+    defaults = {group[0]: bool(agg.loc[agg["name"].isin(group), "default"].any()) for group in groups.values()}
+    out = agg[agg["name"].map(lambda n: firsts[n] == n)].copy()
+    out["label"] = out["name"].map(labels)
+    out["default"] = out["name"].map(defaults)
+    return out.reset_index(drop=True)
+
+
 def per_row_steps(agg: pd.DataFrame) -> bool:
     """Do the rows name their own step counts (a method comparison, the paper's Table 2)?"""
     return bool(agg["row_steps"].notna().any())
@@ -532,7 +550,8 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
     paper_names = manifest.get("paper_metric_names") or {}
     agreement = ranking_agreement(head)
     head_df = headline_table(head, ALIGNMENT_NAMES[align], paper_names)
-    steps_df = steps_table(agg, ALIGNMENT_NAMES[align])
+    per_cell = one_row_per_cell(df, agg)
+    steps_df = steps_table(per_cell, ALIGNMENT_NAMES[align])
     texts = {
         "table.md": markdown(manifest, df, head_df, steps, agreement),
         "table.tex": latex(head_df, manifest),
@@ -540,7 +559,7 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
         "table_steps.md": f"# {table_title(manifest)}: every step count\n\nMean ± 95% CI over seeds; `*` = default row. "
                           "See `table.md` for metric conventions and provenance.\n\n"
                           + to_markdown(steps_df) + "\n",
-        "table_steps.csv": steps_csv(agg, align),
+        "table_steps.csv": steps_csv(per_cell, align),
     }
     written = {}
     for name, text in texts.items():
@@ -548,7 +567,7 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
         written[name] = out / name
     written["fid_vs_alignment.png"] = plot_fid_vs_alignment(head, manifest, ALIGNMENT_NAMES[align],
                                                             out / "fid_vs_alignment.png")
-    written["fid_vs_steps.png"] = plot_fid_vs_steps(agg, manifest, out / "fid_vs_steps.png")
+    written["fid_vs_steps.png"] = plot_fid_vs_steps(per_cell, manifest, out / "fid_vs_steps.png")
     atomic_write_json(out / "summary.json", summary(manifest, df, agg, steps, agreement))
     written["summary.json"] = out / "summary.json"
     return written

@@ -1,5 +1,6 @@
 """The sweep runner: expansion, shared cells, resume after SIGKILL, failures, locks, bad input."""
 import json
+import re
 import os
 import random
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -215,6 +217,22 @@ def test_failing_cell_is_recorded_and_others_finish(tiny_assets, env):
     assert "no_such_teacher" in err["error"] and "CheckpointError" in err["error"]
     manifest = json.loads((env / "out" / "mini" / "cells.json").read_text())
     assert [c["name"] for c in manifest["cells"]] == ["ok", "broken"]
+
+
+def test_cells_option_runs_only_the_named_rows(tiny_assets, env, capsys):
+    preset = tiny_preset(tiny_assets, env)
+    abl = ablation_file(env, preset, cells=[{"name": "a", "default": True}, {"name": "b", "set": {"loss.lambda_distill": 1.0}}])
+    assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert re.search(r"\ba\s+0\s+\w+\s+skipped", plan) and re.search(r"\bb\s+0\s+\w+\s+new", plan)
+    assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b"]) == 0
+    a, b = (c.id for c in sweep.load_ablations(abl)[0].cells)
+    assert sweep.cell_status(env / "out" / "cells" / b) == "done"
+    assert not (env / "out" / "cells" / a / "metrics.json").exists()
+    rows = pd.read_csv(env / "out" / "mini" / "table.csv").set_index("name")
+    assert rows.loc["a", "status"] == "pending" and rows.loc["b", "status"] == "done"  # both rows listed
+    assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b,c"]) == 2
+    assert "--cells c: no such row" in capsys.readouterr().err
 
 
 def test_second_sweep_on_a_folder_in_use_is_refused(tmp_path):

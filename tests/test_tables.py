@@ -148,6 +148,23 @@ def test_method_table_rows_at_their_own_step_counts(tmp_path):
     assert list(csv["nfe"]) == [1, 4] and list(csv["sec_per_1000"]) == [3.2, 12.8] and csv["paper_time"][0] == 0.09
     steps = (root / "methods" / "table_steps.md").read_text()
     assert "FID @1" in steps and "FID @4" in steps
+    # add1 and add4 are one cell (one training): one row in the every-step table and its CSV, not two copies
+    assert len([line for line in steps.splitlines() if line.startswith("|") and "ADD" in line]) == 1
+    steps_csv = pd.read_csv(root / "methods" / "table_steps.csv")
+    assert list(steps_csv["name"]) == ["add1"] * 3 and list(steps_csv["fid_mean"]) == [10.0, 9.0, 8.0]
+    assert steps_csv["default"].all()
+
+
+def test_rows_sharing_a_cell_merge_their_labels_in_the_every_step_table():
+    from add_bench.tables import one_row_per_cell
+
+    df = pd.DataFrame({"name": ["pd1", "pd4", "cfg", "add", "pd1", "pd4", "cfg"],
+                       "id": ["p0", "p0", "p0", "a0", "p1", "p1", "p1"]})  # two seeds of the progressive cell
+    agg = pd.DataFrame({"order": [0, 1, 2, 3], "name": ["pd1", "pd4", "cfg", "add"], "steps": [1, 1, 1, 1],
+                        "label": ["PD", "PD", "CFG-aware", "ADD"], "default": [False, False, False, True]})
+    out = one_row_per_cell(df, agg)
+    assert list(out["name"]) == ["pd1", "add"] and list(out["label"]) == ["PD / CFG-aware", "ADD"]
+    assert list(out["default"]) == [False, True]
 
 
 def test_method_rows_show_whole_nfe_and_their_own_steps():
