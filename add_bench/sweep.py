@@ -349,14 +349,15 @@ def last_log_row(path: Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------ the sweep
-def prepare(ablations: list[Ablation], out: Path) -> dict[str, Cell]:
-    """Write each ablation's manifest and each unique cell's config.yaml; return id → cell."""
+def prepare(ablations: list[Ablation], out: Path, only: set[str] | None = None) -> dict[str, Cell]:
+    """Write each ablation's manifest and the config.yaml of each unique cell (of those in ``only``);
+    return id → cell."""
     unique: dict[str, Cell] = {}
     for ab in ablations:
         for c in ab.cells:
             unique.setdefault(c.id, c)
             folder = out / "cells" / c.id
-            if not (folder / "config.yaml").is_file():
+            if (only is None or c.id in only) and not (folder / "config.yaml").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(c.config))
     write_manifests(ablations, out)
@@ -452,7 +453,7 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
 
     check_launcher(launcher)
     with FolderLock(out, "results folder"):
-        cells = prepare(ablations, out)
+        cells = prepare(ablations, out, only)
         todo = [i for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only)]
         skipped = "" if only is None else f", {len(cells) - len(only)} not selected by --cells"
         print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(todo)} already done{skipped}", file=sys.stderr)

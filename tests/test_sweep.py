@@ -228,7 +228,7 @@ def test_cells_option_runs_only_the_named_rows(tiny_assets, env, capsys):
     assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b"]) == 0
     a, b = (c.id for c in sweep.load_ablations(abl)[0].cells)
     assert sweep.cell_status(env / "out" / "cells" / b) == "done"
-    assert not (env / "out" / "cells" / a / "metrics.json").exists()
+    assert not (env / "out" / "cells" / a).exists()  # not even a folder for the row not selected
     rows = pd.read_csv(env / "out" / "mini" / "table.csv").set_index("name")
     assert rows.loc["a", "status"] == "pending" and rows.loc["b", "status"] == "done"  # both rows listed
     assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b,c"]) == 2
