@@ -454,9 +454,11 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
     check_launcher(launcher)
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out, only)
-        todo = [i for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only)]
-        skipped = "" if only is None else f", {len(cells) - len(only)} not selected by --cells"
-        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(todo)} already done{skipped}", file=sys.stderr)
+        unfinished = [i for i in cells if cell_status(out / "cells" / i) != "done"]
+        todo = [i for i in unfinished if only is None or i in only]
+        skipped = "" if only is None else f", {len(unfinished) - len(todo)} not selected by --cells"
+        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(unfinished)} already done{skipped}",
+              file=sys.stderr)
         if launcher == "slurm":
             ids = submit_slurm([(i, run_cell) for i in todo], out / "cells", slurm)
             print(f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
