@@ -9,6 +9,7 @@ Reads the sweep's manifest ``<root>/<ablation>/cells.json`` and each cell's ``<r
   paper's Table 1): ours (mean ± 95% CI over seeds) beside the paper's FID / CLIP score; default row ``*``.
   The CSV holds the numbers (mean, ci95, n, status); the Markdown and LaTeX hold the formatted text.
 * ``table_steps.md`` / ``table_steps.csv``: FID and alignment at every evaluated step count.
+* ``samples.png``: each row's committed samples (10 per class) at the row's step count.
 * ``fid_vs_alignment.png`` (ours | paper, side by side) and ``fid_vs_steps.png``.
 * ``summary.json``: the aggregated numbers, the ranking agreement with the paper and the provenance.
 
@@ -383,7 +384,8 @@ def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int
                   f"{sum(agree)} of {len(agree)} pairwise directions agree.", ""]
     if failure_lines(df):
         lines += ["Failures:", *failure_lines(df), ""]
-    lines += ["Every step count: `table_steps.md`. Plots: `fid_vs_alignment.png`, `fid_vs_steps.png`.", "",
+    lines += ["Every step count: `table_steps.md`. Plots: `fid_vs_alignment.png`, `fid_vs_steps.png`; "
+              "each row's samples: `samples.png`.", "",
               "## Provenance", "", *provenance_lines(provenance_summary(df)), ""]
     return "\n".join(lines)
 
@@ -492,6 +494,47 @@ def plot_fid_vs_steps(agg: pd.DataFrame, manifest: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def first_grid(folder_ids: list[str], cells_dir: Path, steps: int) -> np.ndarray | None:
+    """The sample grid (10 per class) at ``steps`` of the first of these cells that has one."""
+    for i in folder_ids:
+        path = cells_dir / i / "samples.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    if f"steps_{steps}" in z.files:
+                        return sample_grid(z[f"steps_{steps}"], z["labels"])
+            except (OSError, ValueError, KeyError):
+                continue
+    return None
+
+
+def plot_samples(head: pd.DataFrame, df: pd.DataFrame, manifest: dict, cells_dir: Path, path: Path) -> Path:
+    """One panel per row of the main table: its cell's committed samples at the row's step count (the
+    lowest finished seed; one class per grid row), so a mode collapse is seen at a glance."""
+    n = max(len(head), 1)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = new_figure((3.2 * cols, 3.6 * rows))
+    fig.set_layout_engine("constrained")  # square image panels: tight_layout lets titles overlap the row above
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, r in zip(axes, head.itertuples()):
+        done = df[(df["name"] == r.name) & (df["status"] == "done")].sort_values("seed")
+        grid = first_grid(list(dict.fromkeys(done["id"])), cells_dir, int(r.steps))
+        seed = "" if done.empty else f", seed {int(done['seed'].iloc[0])}"
+        ax.set_title(f"{r.label}{' *' if r.default else ''}\n{int(r.steps)} step{'s' if r.steps != 1 else ''}{seed}",
+                     fontsize=8)
+        if grid is None:
+            empty_panel(ax, "no samples yet")
+        else:
+            ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[len(head):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{table_title(manifest)}: samples (one class per grid row)", fontsize=10)
+    return save_figure(fig, path)
+
+
 # ------------------------------------------------------------------------------ writing
 def jsonable(value: Any) -> Any:
     """NaN → None, numpy scalars → Python, recursively."""
@@ -568,6 +611,7 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
     written["fid_vs_alignment.png"] = plot_fid_vs_alignment(head, manifest, ALIGNMENT_NAMES[align],
                                                             out / "fid_vs_alignment.png")
     written["fid_vs_steps.png"] = plot_fid_vs_steps(per_cell, manifest, out / "fid_vs_steps.png")
+    written["samples.png"] = plot_samples(head, df, manifest, out.parent / "cells", out / "samples.png")
     atomic_write_json(out / "summary.json", summary(manifest, df, agg, steps, agreement))
     written["summary.json"] = out / "summary.json"
     return written

@@ -57,7 +57,7 @@ def test_write_tables(root):
     folder = root / "loss_weighting"
     written = write_tables(folder)
     names = {"table.md", "table.tex", "table.csv", "table_steps.md", "table_steps.csv", "fid_vs_alignment.png",
-             "fid_vs_steps.png", "summary.json"}
+             "fid_vs_steps.png", "samples.png", "summary.json"}
     assert set(written) == names and all((folder / n).is_file() for n in names)
     assert not list(folder.glob(".*tmp"))  # nothing left from the atomic writes
     md = (folder / "table.md").read_text()
@@ -82,7 +82,7 @@ def test_write_tables(root):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["cells"][0]["steps"]["1"]["fid"] == {"mean": 11.0, "ci95": pytest.approx(T_975_1), "n": 2}
     assert summary["cells"][1]["steps"]["1"]["fid"]["mean"] is None and summary["provenance"]["pending"] == 2
-    for png in ("fid_vs_alignment.png", "fid_vs_steps.png"):
+    for png in ("fid_vs_alignment.png", "fid_vs_steps.png", "samples.png"):
         with Image.open(folder / png) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 300
@@ -165,6 +165,18 @@ def test_rows_sharing_a_cell_merge_their_labels_in_the_every_step_table():
     out = one_row_per_cell(df, agg)
     assert list(out["name"]) == ["pd1", "add"] and list(out["label"]) == ["PD / CFG-aware", "ADD"]
     assert list(out["default"]) == [False, True]
+
+
+def test_sample_panels_show_each_rows_grid_or_say_it_has_none(tmp_path):
+    from add_bench.tables import first_grid
+
+    root = make_fake_sweep(tmp_path / "sweep")
+    grid = first_grid(["default_s0"], root / "cells", 1)
+    with np.load(root / "cells" / "default_s0" / "samples.npz") as z:
+        first_of_class_3 = z["steps_1"][np.flatnonzero(z["labels"] == 3)[0]]
+    assert grid.shape == (280, 280) and (grid[84:112, :28] == first_of_class_3).all()  # class 3 = grid row 3
+    assert first_grid(["default_s0"], root / "cells", 8) is None  # not sampled at 8 steps
+    assert first_grid(["no_such_cell", "default_s0"], root / "cells", 1) is not None  # the next seed's grid
 
 
 def test_method_rows_show_whole_nfe_and_their_own_steps():
