@@ -432,14 +432,14 @@ def collect(ablations: list[Ablation], out: Path) -> None:
         print(f"{ab.name}: wrote {', '.join(sorted(str(p) for p in written.values()))}", file=sys.stderr)
 
 
-def selected_ids(ablations: list[Ablation], names: list[str] | None) -> set[str] | None:
+def selected_ids(ablations: list[Ablation], names: list[str] | None, source: str | Path = "") -> set[str] | None:
     """The cell ids of the rows named by ``--cells`` (every seed of each), or None for all rows."""
     if not names:
         return None
     known = {c.name for ab in ablations for c in ab.cells}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--cells {','.join(unknown)}: no such row in {ablations[0].path}; rows: "
+        raise ConfigError(f"--cells {','.join(unknown)}: no such row in {source or ablations[0].path}; rows: "
                           f"{', '.join(sorted(known))}")
     return {c.id for ab in ablations for c in ab.cells if c.name in names}
 
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ablations = load_ablations(a.ablation, a.overrides)
         out = Path(a.out)
-        only = selected_ids(ablations, a.cells.split(",") if a.cells else None)
+        only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
         if a.dry_run:
             print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only)
         elif a.status:

@@ -494,15 +494,19 @@ def plot_fid_vs_steps(agg: pd.DataFrame, manifest: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def first_grid(folder_ids: list[str], cells_dir: Path, steps: int) -> np.ndarray | None:
-    """The sample grid (10 per class) at ``steps`` of the first of these cells that has one."""
+def first_grid(folder_ids: list[str], cells_dir: Path, steps: int, num_classes: int = 10) -> np.ndarray | None:
+    """The sample grid at ``steps`` of the first of these cells that has one: one class per grid row, or,
+    when the labels are not class indices (COCO image ids at cluster scale), the samples in order, 10 a row."""
     for i in folder_ids:
         path = cells_dir / i / "samples.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
                     if f"steps_{steps}" in z.files:
-                        return sample_grid(z[f"steps_{steps}"], z["labels"])
+                        images, labels = z[f"steps_{steps}"], z["labels"]
+                        if labels.min() < 0 or labels.max() >= num_classes:
+                            labels = np.arange(len(images)) // 10
+                        return sample_grid(images, labels, num_classes=num_classes)
             except (OSError, ValueError, KeyError):
                 continue
     return None

@@ -177,6 +177,13 @@ def test_sample_panels_show_each_rows_grid_or_say_it_has_none(tmp_path):
     assert grid.shape == (280, 280) and (grid[84:112, :28] == first_of_class_3).all()  # class 3 = grid row 3
     assert first_grid(["default_s0"], root / "cells", 8) is None  # not sampled at 8 steps
     assert first_grid(["no_such_cell", "default_s0"], root / "cells", 1) is not None  # the next seed's grid
+    # cluster scale: the labels are COCO image ids, so the samples are tiled in order, 10 per grid row
+    coco = root / "cells" / "coco"
+    coco.mkdir()
+    images = np.random.default_rng(0).integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
+    np.savez_compressed(coco / "samples.npz", steps_1=images, labels=np.arange(139, 159))
+    grid = first_grid(["coco"], root / "cells", 1)
+    assert grid.shape == (80, 80, 3) and (grid[8:16, 16:24] == images[12]).all() and not grid[16:].any()
 
 
 def test_method_rows_show_whole_nfe_and_their_own_steps():
