@@ -495,18 +495,14 @@ def plot_fid_vs_steps(agg: pd.DataFrame, manifest: dict, path: Path) -> Path:
 
 
 def first_grid(folder_ids: list[str], cells_dir: Path, steps: int, num_classes: int = 10) -> np.ndarray | None:
-    """The sample grid at ``steps`` of the first of these cells that has one: one class per grid row, or,
-    when the labels are not class indices (COCO image ids at cluster scale), the samples in order, 10 a row."""
+    """The sample grid at ``steps`` (:func:`sample_grid`) of the first of these cells that has one."""
     for i in folder_ids:
         path = cells_dir / i / "samples.npz"
         if path.is_file():
             try:
                 with np.load(path) as z:
                     if f"steps_{steps}" in z.files:
-                        images, labels = z[f"steps_{steps}"], z["labels"]
-                        if labels.min() < 0 or labels.max() >= num_classes:
-                            labels = np.arange(len(images)) // 10
-                        return sample_grid(images, labels, num_classes=num_classes)
+                        return sample_grid(z[f"steps_{steps}"], z["labels"], num_classes=num_classes)
             except (OSError, ValueError, KeyError):
                 continue
     return None
@@ -629,12 +625,15 @@ def ablation_dirs(root: str | Path) -> list[Path]:
 
 
 def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num_classes: int = 10) -> np.ndarray:
-    """One row per class, ``per_class`` samples each (black where a class has fewer), as one image array."""
-    images = np.asarray(images)
+    """One row per class, ``per_class`` samples each (black where a class has fewer), as one image array.
+    Labels that are not class indices (COCO image ids at cluster scale): the samples in order instead."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        labels = np.arange(len(images)) // per_class
     h, w = images.shape[1:3]
     grid = np.zeros((num_classes * h, per_class * w, *images.shape[3:]), dtype=images.dtype)
     for c in range(num_classes):
-        for j, i in enumerate(np.flatnonzero(np.asarray(labels) == c)[:per_class]):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
             grid[c * h:(c + 1) * h, j * w:(j + 1) * w] = images[i]
     return grid
 
