@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import queue
 import shlex
 import subprocess
 import sys
@@ -313,20 +314,39 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, slots: Any) -> None:
     _die_with_parent()
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # each worker's progress bars on their own terminal line, below the parent's "cells" bar
+    try:
+        os.environ["TQDM_POSITION"] = str(slots.get(timeout=30) + 1)
+    except queue.Empty:  # a replacement worker: share the first worker's line
+        os.environ["TQDM_POSITION"] = "1"
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _call_pickled(payload: bytes, cell_id: str, workdir: str) -> dict:
+def _call_pickled(payload: bytes, cell_id: str, workdir: str, threads: int) -> dict:
     import cloudpickle
+    import torch
 
+    torch.set_num_threads(threads)
     fn = cloudpickle.loads(payload)
     Path(workdir).mkdir(parents=True, exist_ok=True)
+    print(f"\ncell {cell_id}: started on {threads} thread(s) → {workdir}", file=sys.stderr)
     return fn(cell_id, workdir)
+
+
+def thread_plan(n: int, workers: int, cores: int) -> list[int]:
+    """Torch threads for each of ``n`` cells run in order by ``workers`` processes on ``cores`` cores.
+
+    Cells of about equal length run in rounds of ``workers``; every cell gets ``cores // workers``
+    threads, except that a last round of fewer cells shares all the cores among its cells (3 cells on
+    2 workers and 2 cores: 1, 1, then 2 threads for the cell that runs alone)."""
+    workers = max(1, min(workers, n))
+    last = n - (n - 1) // workers * workers if n else 0  # cells in the final round
+    return [max(1, cores // (workers if j < n - last else last)) for j in range(n)]
 
 
 def _error_text(e: BaseException) -> str:
@@ -337,7 +357,8 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
     """Run cells here; returns cell_id → the cell's result dict, or ``"error: <Type>: <message>"``.
 
     ``workers=1`` runs them one after another in this process; ``workers>1`` uses that many spawned
-    processes (each with ``cores // workers`` torch threads). Each cell's workdir is
+    processes (each cell with ``cores // workers`` torch threads, a short last round with more:
+    :func:`thread_plan`), each worker's progress bar on its own line under a bar over the cells. Each cell's workdir is
     ``folder/<cell_id>`` (``folder`` defaults to a new temporary directory). A failing cell's
     traceback goes to stderr and does not stop the other cells.
     """
@@ -362,24 +383,31 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
 
     import cloudpickle  # lambdas and closures too, not only importable functions
 
+    from tqdm import tqdm
+
     workers = min(workers, len(cells))
-    threads = max(1, _cores() // workers)
+    plan = thread_plan(len(cells), workers, _cores())
     ctx = multiprocessing.get_context("spawn")
+    slots = ctx.Queue()
+    for k in range(workers):
+        slots.put(k)
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(threads,)) as pool:
+                                initargs=(plan[0], slots)) as pool:
         futures = {}
-        for cell_id, fn in cells:
+        for (cell_id, fn), threads in zip(cells, plan):
             try:
                 payload = cloudpickle.dumps(fn)
             except Exception as e:  # noqa: BLE001
                 record_error(cell_id, e)
                 continue
-            futures[pool.submit(_call_pickled, payload, cell_id, str(base / cell_id))] = cell_id
-        for fut in cf.as_completed(futures):
-            try:
-                results[futures[fut]] = fut.result()
-            except Exception as e:  # noqa: BLE001 - incl. BrokenProcessPool when a worker dies
-                record_error(futures[fut], e)
+            futures[pool.submit(_call_pickled, payload, cell_id, str(base / cell_id), threads)] = cell_id
+        with tqdm(total=len(futures), desc=f"cells ({workers} workers)", position=0, dynamic_ncols=True) as bar:
+            for fut in cf.as_completed(futures):
+                try:
+                    results[futures[fut]] = fut.result()
+                except Exception as e:  # noqa: BLE001 - incl. BrokenProcessPool when a worker dies
+                    record_error(futures[fut], e)
+                bar.update()
     return {cid: results[cid] for cid, _ in cells if cid in results}
 
 
@@ -393,4 +421,4 @@ def launch(launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers:
 
 
 __all__ = ["SlurmConfig", "CellJob", "submit_slurm", "status_slurm", "run_local", "launch",
-           "check_slurm_config", "check_launcher", "LAUNCHERS"]
+           "check_slurm_config", "check_launcher", "LAUNCHERS", "thread_plan"]

@@ -2,7 +2,7 @@
 locally or as a SLURM job array, and write tables and plots that mirror the paper.
 
     python -m add_bench.sweep ablations/loss_weighting.yaml [key=value ...] [--out DIR]
-        [--launcher local|slurm] [--workers N] [--cells NAME,...] [--dry-run] [--status] [--collect]
+        [--launcher local|slurm] [--workers N|auto] [--cells NAME,...] [--dry-run] [--status] [--collect]
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -405,7 +405,8 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
     return (train_s + eval_s) / 60
 
 
-def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None) -> float:
+def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None,
+               workers: int = 1) -> float:
     total = 0.0
     print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
     seen = set()
@@ -420,7 +421,9 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
             total += est
             print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {est:>8.1f}{shared}")
     done = sum(cell_status(out / "cells" / i) == "done" for i in cells)
-    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine")
+    left = sum(1 for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only))
+    wall = f" (≈ {total / min(workers, left):.0f} min wall on {min(workers, left)} workers)" if min(workers, left) > 1 else ""
+    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}")
     return total
 
 
@@ -444,6 +447,22 @@ def selected_ids(ablations: list[Ablation], names: list[str] | None, source: str
     return {c.id for ab in ablations for c in ab.cells if c.name in names}
 
 
+def parse_workers(value: str | int) -> int:
+    """``--workers``: a positive integer, or ``auto`` = the cores this process may use (one 1-thread
+    cell per core measured 1.34× faster than one cell on both cores: results/bench/local_layout.json)."""
+    if str(value) == "auto":
+        from add_bench.launchers import _cores
+
+        return _cores()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--workers {value!r}: must be a positive integer or 'auto'")
+    return n
+
+
 def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None,
               only: set[str] | None = None) -> dict:
     """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables."""
@@ -465,7 +484,7 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
                   f"follow with --status, collect with --collect", file=sys.stderr)
             return {"submitted": dict(zip(todo, ids))}
         results: dict[str, Any] = {}
-        if workers > 1:
+        if min(workers, len(todo)) > 1:
             results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
         else:
             for i in tqdm(todo, desc="cells", dynamic_ncols=True):
@@ -498,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="seeds=[0,1,2], base=<preset>, or training config key=value")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--launcher", default="local", help="local | slurm")
-    p.add_argument("--workers", type=int, default=1, help="local: parallel worker processes")
+    p.add_argument("--workers", default="auto",
+                   help="local: parallel worker processes, or auto (default) = one per core, at most one per cell")
     p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
                    help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...")
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
@@ -511,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         ablations = load_ablations(a.ablation, a.overrides)
         out = Path(a.out)
         only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
+        workers = parse_workers(a.workers)
         if a.dry_run:
-            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only)
+            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
         elif a.status:
             show_status(ablations, out)
         elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
@@ -524,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 from add_bench.launchers import SlurmConfig, check_slurm_config
 
                 slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
-            run_sweep(ablations, out, a.launcher, a.workers, slurm, only)
+            run_sweep(ablations, out, a.launcher, workers, slurm, only)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

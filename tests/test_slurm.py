@@ -14,6 +14,7 @@ Cell functions are module-level and pickled *by value* (cloudpickle), because th
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ import cloudpickle
 import pytest
 
 from add_bench.errors import ConfigError
-from add_bench.launchers import (SlurmConfig, check_launcher, run_local, status_slurm,
+from add_bench.launchers import (SlurmConfig, check_launcher, run_local, status_slurm, thread_plan,
                                  submit_slurm)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +73,8 @@ def good_cell(cell_id: str, workdir: str) -> dict:
     import torch
 
     (Path(workdir) / "done").write_text("ok")
-    return {"cell": cell_id, "ok": True, "threads": torch.get_num_threads(), "pid": os.getpid()}
+    return {"cell": cell_id, "ok": True, "threads": torch.get_num_threads(), "pid": os.getpid(),
+            "bar_line": os.environ.get("TQDM_POSITION")}
 
 
 def bad_cell(cell_id: str, workdir: str) -> dict:
@@ -214,6 +216,47 @@ def test_run_local_failing_cell_does_not_stop_others(tmp_path):
     seq = run_local(cells, workers=1, folder=tmp_path / "seq")
     assert seq["good"]["ok"] is True and seq["good"]["pid"] == os.getpid()
     assert seq["bad"] == "error: ValueError: boom in bad"
+
+
+def paired_cell(cell_id: str, workdir: str) -> dict:
+    """good_cell, once two cells have started (so that two workers run; the third cell waits for neither)."""
+    Path(workdir, "started").touch()
+    deadline = time.time() + 60
+    while cell_id != "c" and len(list(Path(workdir).parent.glob("*/started"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    return good_cell(cell_id, workdir)
+
+
+def test_thread_plan_gives_a_short_last_round_all_cores():
+    assert thread_plan(3, 2, 2) == [1, 1, 2]  # the main job: 3 cells, the third runs alone
+    assert thread_plan(4, 2, 2) == [1, 1, 1, 1]
+    assert thread_plan(14, 2, 2) == [1] * 14
+    assert thread_plan(5, 2, 8) == [4, 4, 4, 4, 8]
+    assert thread_plan(7, 3, 12) == [4] * 6 + [12]
+    assert thread_plan(8, 3, 12) == [4] * 6 + [6, 6]
+    assert thread_plan(3, 4, 2) == [1, 1, 1]  # more workers than cores: never 0 threads
+    assert thread_plan(0, 2, 2) == []
+
+
+def test_run_local_workers_follow_the_thread_plan_on_their_own_bar_lines(tmp_path, monkeypatch):
+    import add_bench.launchers as launchers
+
+    monkeypatch.setattr(launchers, "_cores", lambda: 4)
+    cells = [(c, paired_cell) for c in "abc"]
+    results = run_local(cells, workers=2, folder=tmp_path)
+    assert [results[c]["threads"] for c in "abc"] == [2, 2, 4]
+    assert {results[c]["bar_line"] for c in "abc"} == {"1", "2"}  # line 0 is the parent's cells bar
+    assert len({results[c]["pid"] for c in "abc"}) == 2
+
+
+def test_workers_option():
+    from add_bench.sweep import parse_workers
+
+    assert parse_workers("auto") == len(os.sched_getaffinity(0))
+    assert parse_workers("3") == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ConfigError, match=rf"--workers '{re.escape(bad)}': must be a positive integer or 'auto'"):
+            parse_workers(bad)
 
 
 def sleepy_cell(cell_id: str, workdir: str) -> dict:
