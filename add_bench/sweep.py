@@ -422,7 +422,9 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
             print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {est:>8.1f}{shared}")
     done = sum(cell_status(out / "cells" / i) == "done" for i in cells)
     left = sum(1 for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only))
-    wall = f" (≈ {total / min(workers, left):.0f} min wall on {min(workers, left)} workers)" if min(workers, left) > 1 else ""
+    w = min(workers, left)
+    rounds = -(-left // w) if w else 0  # cells run in rounds of w (launchers.thread_plan)
+    wall = f" (≈ {total / left * rounds:.0f} min wall in {rounds} round(s) of {w} workers)" if w > 1 else ""
     print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}")
     return total
 

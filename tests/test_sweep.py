@@ -265,6 +265,12 @@ def test_dry_run_lists_cells_status_and_cost(tiny_assets, env, capsys):
     assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "exp" in out and "sds" in out and "new" in out and "2 unique cells, 0 done" in out
+    total = float(re.search(r"estimated (\d+) min of work", out).group(1))
+    assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run", "--workers", "2"]) == 0
+    wall = re.search(r"≈ (\d+) min wall in 1 round\(s\) of 2 workers", capsys.readouterr().out)
+    assert wall and abs(float(wall.group(1)) - total / 2) <= 1  # 2 cells side by side: half the work
+    assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run", "--workers", "1"]) == 0
+    assert "round(s)" not in capsys.readouterr().out
     assert not (env / "o" / "cells").exists()  # a dry run writes nothing
 
 
