@@ -407,7 +407,7 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
 
 def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None,
                workers: int = 1) -> float:
-    total = 0.0
+    total, left = 0.0, 0
     print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
     seen = set()
     for ab in ablations:
@@ -415,16 +415,18 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
             status = cell_status(out / "cells" / c.id)
             if only is not None and c.id not in only and status != "done":
                 status = "skipped"  # not selected by --cells
-            est = 0.0 if status in ("done", "skipped") or c.id in seen else estimate_minutes(c, out)
+            todo = status not in ("done", "skipped") and c.id not in seen
+            left += todo
+            est = estimate_minutes(c, out) if todo else 0.0
             shared = " (shared)" if c.id in seen else ""
             seen.add(c.id)
             total += est
             print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {est:>8.1f}{shared}")
     done = sum(cell_status(out / "cells" / i) == "done" for i in cells)
-    left = sum(1 for i in cells if cell_status(out / "cells" / i) != "done" and (only is None or i in only))
-    w = min(workers, left)
-    rounds = -(-left // w) if w else 0  # cells run in rounds of w (launchers.thread_plan)
-    wall = f" (≈ {total / left * rounds:.0f} min wall in {rounds} round(s) of {w} workers)" if w > 1 else ""
+    w, wall = min(workers, left), ""
+    if w > 1:  # cells run in rounds of w (launchers.thread_plan)
+        rounds = -(-left // w)
+        wall = f" (≈ {total / left * rounds:.0f} min wall in {rounds} round(s) of {w} workers)"
     print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}")
     return total
 

@@ -14,8 +14,8 @@ Cell functions are module-level and pickled *by value* (cloudpickle), because th
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
