@@ -120,10 +120,12 @@ def write_tables(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    df = pd.DataFrame([{k: v for k, v in r.items() if k != "provenance"} for r in rows])
+    # the torch threads a row was sampled on (from its provenance): sec_per_1000 compares only at equal threads
+    df = pd.DataFrame([{**{k: v for k, v in r.items() if k != "provenance"},
+                        "threads": r.get("provenance", {}).get("machine", {}).get("torch_threads")} for r in rows])
     floor = float(df.loc[df["steps"] == 0, "fid"].iloc[0])
     df["fid_over_floor"] = df["fid"] / floor
-    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc", "sec_per_1000"]
+    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc", "sec_per_1000", "threads"]
     df = df[[c for c in cols if c in df]]
     with_cfg = df["cfg_scale"].fillna(1.0)
     df["cfg_scale"] = df["cfg_scale"].map(lambda v: "—" if v is None or v != v else f"{v:g}")

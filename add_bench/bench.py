@@ -144,29 +144,33 @@ def _timed_steps(cfg_yaml: str, threads: int, steps: int, barrier) -> float:
 
 
 def bench_workers(cfg: TrainConfig, steps: int = 30, cores: int | None = None) -> dict[str, float]:
-    """Throughput of a local sweep's two layouts on this machine, measured in one run: one cell at a time
-    using every core's threads (``--workers 1``), against one cell per core at 1 thread each
-    (``--workers <cores>``). The ratio > 1 means parallel workers finish a sweep of many cells sooner."""
+    """Throughput of a local sweep's layouts on this machine, measured in one run: one cell at a time
+    using every core's threads (``--workers 1``), one cell per core at 1 thread each (``--workers
+    <cores>``), and one more 1-thread cell than cores (oversubscribed: what a sweep whose cell count is
+    not a multiple of the cores can run instead of a last round on fewer cells). Ratios > 1 mean the
+    layout finishes a sweep of many cells sooner than one cell on all cores."""
     import concurrent.futures as cf
     import multiprocessing
 
     from omegaconf import OmegaConf
 
-    from add_bench.launchers import _cores
+    from add_bench.launchers import usable_cores
 
-    cores = cores or _cores()
+    cores = cores or usable_cores()
     text = OmegaConf.to_yaml(cfg)
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, float] = {"cores": float(cores)}
+    layouts = ((1, cores), (cores, 1), (cores + 1, 1))
     with ctx.Manager() as manager:
-        for workers, threads in ((1, cores), (cores, 1)):
+        for workers, threads in layouts:
             barrier = manager.Barrier(workers)
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 secs = list(pool.map(_timed_steps, [text] * workers, [threads] * workers, [steps] * workers,
                                      [barrier] * workers))
             out[f"steps_per_s_{workers}_workers_x_{threads}_threads"] = sum(steps / t for t in secs)
-    one, many = (out[f"steps_per_s_1_workers_x_{cores}_threads"], out[f"steps_per_s_{cores}_workers_x_1_threads"])
-    out["ratio_workers_to_threads"] = many / one
+    one = out[f"steps_per_s_1_workers_x_{cores}_threads"]
+    out["ratio_workers_to_threads"] = out[f"steps_per_s_{cores}_workers_x_1_threads"] / one
+    out["ratio_oversubscribed_to_threads"] = out[f"steps_per_s_{cores + 1}_workers_x_1_threads"] / one
     return out
 
 

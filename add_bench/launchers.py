@@ -294,7 +294,8 @@ def status_slurm(folder: str | Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ local
-def _cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), the unit of `--workers auto`."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -338,15 +339,30 @@ def _call_pickled(payload: bytes, cell_id: str, workdir: str, threads: int) -> d
     return fn(cell_id, workdir)
 
 
+def auto_workers(cells: int, cores: int) -> int:
+    """``--workers auto``: one 1-thread worker per core, plus one more when the cells do not fill whole
+    rounds of ``cores``, at most one worker per cell. The main job's 3 cells on 2 cores then all run at
+    once on 1 thread each, instead of 2 side by side and then 1 alone on both cores, whose second thread
+    adds little: on this 2-core machine 2 one-thread workers ran 1.30× and 3 ran 1.35× the ADD steps per
+    second of one worker on 2 threads (``python -m add_bench.bench --parallel``,
+    results/bench/local_layout.json), so the extra worker keeps the cores busy to the end for nothing."""
+    return max(1, min(cells, cores + (cells % cores != 0)))
+
+
+def round_sizes(n: int, workers: int) -> list[int]:
+    """Cells per round when ``n`` cells of about equal length run on ``workers`` processes."""
+    workers = max(1, min(workers, n))
+    return [workers] * (n // workers) + ([n % workers] if n % workers else [])
+
+
 def thread_plan(n: int, workers: int, cores: int) -> list[int]:
     """Torch threads for each of ``n`` cells run in order by ``workers`` processes on ``cores`` cores.
 
     Cells of about equal length run in rounds of ``workers``; every cell gets ``cores // workers``
     threads, except that a last round of fewer cells shares all the cores among its cells (3 cells on
     2 workers and 2 cores: 1, 1, then 2 threads for the cell that runs alone)."""
-    workers = max(1, min(workers, n))
-    last = n - (n - 1) // workers * workers if n else 0  # cells in the final round
-    return [max(1, cores // (workers if j < n - last else last)) for j in range(n)]
+    sizes = round_sizes(n, workers)
+    return [max(1, cores // k) for k in sizes for _ in range(k)]
 
 
 def _error_text(e: BaseException) -> str:
@@ -386,7 +402,7 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
     from tqdm import tqdm
 
     workers = min(workers, len(cells))
-    plan = thread_plan(len(cells), workers, _cores())
+    plan = thread_plan(len(cells), workers, usable_cores())
     ctx = multiprocessing.get_context("spawn")
     slots = ctx.Queue()
     for k in range(workers):

@@ -2,6 +2,7 @@
 import shutil
 
 import pandas as pd
+import torch
 
 from add_bench import baseline, metrics
 from add_bench.config import EvalConfig, load
@@ -23,6 +24,7 @@ def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkey
     table = pd.read_csv(out / "table.csv")
     assert table["model"].value_counts().to_dict() == {"real data (train split)": 1, a: 4, b: 2}
     assert table["steps"].iloc[0] == 0  # the floor row first
+    assert (table["threads"] == torch.get_num_threads()).all()  # each row's timing says on how many threads
     md = (out / "table.md").read_text()
     assert a in md and b in md
     assert len(list((out / "rows").glob("*.json"))) == 1 + 4 + 2 + 2  # rows + 2 CFG searches, all under out/rows

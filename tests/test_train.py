@@ -215,7 +215,7 @@ def test_bench_reports_parts_and_ratio(tiny_assets, capsys):
     assert values["ratio_step_to_parts"] == pytest.approx(values["add_step"] / values["sum_of_parts"], rel=1e-2)
 
 
-def test_bench_parallel_reports_both_layouts_and_their_ratio(tiny_assets, capsys):
+def test_bench_parallel_reports_the_layouts_and_their_ratios(tiny_assets, capsys):
     from add_bench import bench
 
     assert bench.main(tiny_train_overrides(tiny_assets) + ["--parallel", "--steps", "2"]) == 0
@@ -224,3 +224,5 @@ def test_bench_parallel_reports_both_layouts_and_their_ratio(tiny_assets, capsys
     one, many = values[f"steps_per_s_1_workers_x_{n}_threads"], values[f"steps_per_s_{n}_workers_x_1_threads"]
     assert one > 0 and many > 0
     assert values["ratio_workers_to_threads"] == pytest.approx(many / one, rel=1e-3)
+    over = values[f"steps_per_s_{n + 1}_workers_x_1_threads"]  # one more 1-thread worker than cores
+    assert over > 0 and values["ratio_oversubscribed_to_threads"] == pytest.approx(over / one, rel=1e-3)
