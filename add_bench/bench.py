@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         unit = "" if k.startswith(("ratio", "steps_per_s", "cores")) else " s"
         print(f"{k:<40} {v:12.6f}{unit}")
     if a.out:
+        command = " ".join(["python -m add_bench.bench", *(sys.argv[1:] if argv is None else argv)])
         atomic_write_json(Path(a.out), {"timings": timings, "batch_size": cfg.batch_size,
-                                        "provenance": provenance(cfg, cfg.seed, time.time() - start,
-                                                                 command="python -m add_bench.bench")})
+                                        "provenance": provenance(cfg, cfg.seed, time.time() - start, command=command)})
         print(f"wrote {a.out}", file=sys.stderr)
     return 0
 

@@ -339,16 +339,6 @@ def _call_pickled(payload: bytes, cell_id: str, workdir: str, threads: int) -> d
     return fn(cell_id, workdir)
 
 
-def auto_workers(cells: int, cores: int) -> int:
-    """``--workers auto``: one 1-thread worker per core, plus one more when the cells do not fill whole
-    rounds of ``cores``, at most one worker per cell. The main job's 3 cells on 2 cores then all run at
-    once on 1 thread each, instead of 2 side by side and then 1 alone on both cores, whose second thread
-    adds little: on this 2-core machine 2 one-thread workers ran 1.39× and 3 ran 1.41× the ADD steps per
-    second of one worker on 2 threads (``python -m add_bench.bench --parallel``,
-    results/bench/local_layout.json), so the extra worker keeps the cores busy to the end for nothing."""
-    return max(1, min(cells, cores + (cells % cores != 0)))
-
-
 def round_sizes(n: int, workers: int) -> list[int]:
     """Cells per round when ``n`` cells of about equal length run on ``workers`` processes."""
     workers = max(1, min(workers, n))

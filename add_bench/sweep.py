@@ -406,7 +406,7 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
 
 
 def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None,
-               workers: int | None = 1) -> float:
+               workers: int = 1) -> float:
     total, left = 0.0, 0
     print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
     seen = set()
@@ -423,7 +423,7 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
             total += est
             print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {est:>8.1f}{shared}")
     done = sum(cell_status(out / "cells" / i) == "done" for i in cells)
-    w, wall = min(resolve_workers(workers, left), left), ""
+    w, wall = min(workers, left), ""
     if w > 1:  # cells run in rounds of w (launchers.thread_plan); a round of more cells than cores shares them
         from add_bench.launchers import round_sizes, usable_cores
 
@@ -454,11 +454,15 @@ def selected_ids(ablations: list[Ablation], names: list[str] | None, source: str
     return {c.id for ab in ablations for c in ab.cells if c.name in names}
 
 
-def parse_workers(value: str | int) -> int | None:
-    """``--workers``: a positive integer, or ``auto`` (returned as None): one 1-thread worker per core,
-    one more when the cells left do not fill whole rounds (``launchers.auto_workers``)."""
+def parse_workers(value: str | int) -> int:
+    """``--workers``: a positive integer, or ``auto`` = the cores this process may use. One 1-thread
+    cell per core measured 1.42× the ADD steps per second of one cell on both cores; one worker more
+    than cores (oversubscribed, 1 thread each) 1.34×, so auto stays at one per core
+    (``python -m add_bench.bench --parallel``: results/bench/local_layout.json)."""
     if str(value) == "auto":
-        return None
+        from add_bench.launchers import usable_cores
+
+        return usable_cores()
     try:
         n = int(value)
     except ValueError:
@@ -468,17 +472,9 @@ def parse_workers(value: str | int) -> int | None:
     return n
 
 
-def resolve_workers(workers: int | None, cells: int) -> int:
-    """The worker count for ``cells`` cells to run: ``workers``, or for None (auto) ``auto_workers``."""
-    from add_bench.launchers import auto_workers, usable_cores
-
-    return auto_workers(cells, usable_cores()) if workers is None else workers
-
-
-def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int | None = 1, slurm=None,
+def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None,
               only: set[str] | None = None) -> dict:
-    """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables;
-    ``workers``: local worker processes (None: ``launchers.auto_workers`` for the cells left)."""
+    """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables."""
     from tqdm import tqdm
 
     from add_bench.launchers import check_launcher, run_local, submit_slurm
@@ -497,7 +493,6 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
                   f"follow with --status, collect with --collect", file=sys.stderr)
             return {"submitted": dict(zip(todo, ids))}
         results: dict[str, Any] = {}
-        workers = resolve_workers(workers, len(todo))
         if min(workers, len(todo)) > 1:
             results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
         else:
@@ -532,8 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--launcher", default="local", help="local | slurm")
     p.add_argument("--workers", default="auto",
-                   help="local: parallel worker processes, or auto (default) = one per core, one more when the "
-                        "cells do not fill whole rounds, at most one per cell")
+                   help="local: parallel worker processes, or auto (default) = one per core, at most one per cell")
     p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
                    help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...")
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")

@@ -238,20 +238,6 @@ def test_thread_plan_gives_a_short_last_round_all_cores():
     assert thread_plan(0, 2, 2) == []
 
 
-def test_auto_workers_keep_every_core_busy_to_the_last_round():
-    from add_bench.launchers import auto_workers
-    from add_bench.sweep import resolve_workers
-
-    assert auto_workers(3, 2) == 3  # the main job: all three cells at once, none left alone at the end
-    assert auto_workers(4, 2) == 2 and auto_workers(2, 2) == 2  # whole rounds: one worker per core
-    assert auto_workers(17, 2) == 3
-    assert auto_workers(1, 2) == 1 and auto_workers(0, 2) == 1  # never more workers than cells
-    assert auto_workers(9, 8) == 9 and auto_workers(16, 8) == 8 and auto_workers(3, 8) == 3
-    assert thread_plan(3, auto_workers(3, 2), 2) == [1, 1, 1]
-    assert resolve_workers(None, 3) == auto_workers(3, len(os.sched_getaffinity(0)))
-    assert resolve_workers(2, 3) == 2
-
-
 def test_run_local_workers_follow_the_thread_plan_on_their_own_bar_lines(tmp_path, monkeypatch):
     import add_bench.launchers as launchers
 
@@ -266,7 +252,7 @@ def test_run_local_workers_follow_the_thread_plan_on_their_own_bar_lines(tmp_pat
 def test_workers_option():
     from add_bench.sweep import parse_workers
 
-    assert parse_workers("auto") is None  # resolved against the cells left: launchers.auto_workers
+    assert parse_workers("auto") == len(os.sched_getaffinity(0))
     assert parse_workers("3") == 3
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ConfigError, match=rf"--workers '{re.escape(bad)}': must be a positive integer or 'auto'"):

@@ -200,11 +200,14 @@ def test_training_never_imports_the_evaluation_network():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def test_bench_reports_parts_and_ratio(tiny_assets, capsys):
+def test_bench_reports_parts_and_ratio(tiny_assets, capsys, tmp_path):
     from add_bench import bench
 
-    assert bench.main(tiny_train_overrides(tiny_assets) + ["--repeats", "1"]) == 0
+    args = tiny_train_overrides(tiny_assets) + ["--repeats", "1", "--out", str(tmp_path / "b.json")]
+    assert bench.main(args) == 0
     out = capsys.readouterr().out
+    stored = json.loads((tmp_path / "b.json").read_text())
+    assert stored["provenance"]["command"] == " ".join(["python -m add_bench.bench", *args])  # how to re-measure
     for part in ("student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "discriminator_heads_fwd_bwd",
                  "add_step", "sum_of_parts", "ratio_step_to_parts"):
         assert part in out
