@@ -271,6 +271,13 @@ def test_dry_run_lists_cells_status_and_cost(tiny_assets, env, capsys):
     assert wall and abs(float(wall.group(1)) - total / 2) <= 1  # 2 cells side by side: half the work
     assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run", "--workers", "1"]) == 0
     assert "round(s)" not in capsys.readouterr().out
+    import add_bench.launchers as launchers
+
+    with pytest.MonkeyPatch.context() as mp:  # 2 workers on 1 core share it: no faster than one after another
+        mp.setattr(launchers, "usable_cores", lambda: 1)
+        assert sweep.main([str(abl), "--out", str(env / "o"), "--dry-run", "--workers", "2"]) == 0
+    wall = re.search(r"≈ (\d+) min wall in 1 round\(s\) of 2 workers", capsys.readouterr().out)
+    assert wall and abs(float(wall.group(1)) - total) <= 1
     assert not (env / "o" / "cells").exists()  # a dry run writes nothing
 
 
