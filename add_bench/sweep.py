@@ -387,16 +387,23 @@ def training_iterations(cfg: Any) -> int:
     return cfg.steps
 
 
-def estimate_minutes(cell: Cell, out: Path) -> float:
-    """Training time from finished cells in this folder (seconds per step × batch), else 0.5 s/step at
-    batch 32; evaluation ≈ 1.5 ms per network evaluation per sample."""
+ASSUMED_SECONDS_PER_STEP = 0.5  # ADD step at batch 32 when no cell has finished in the folder
+
+
+def seconds_per_sample_step(out: Path) -> float | None:
+    """Measured training seconds per step per sample, averaged over the finished cells in ``out``."""
     rates = []
     for m in (out / "cells").glob("*/metrics.json"):
         r = json.loads(m.read_text())
         if r.get("train", {}).get("steps"):
             bs = r["provenance"]["config"]["batch_size"]
             rates.append(r["train"]["wall_time_s"] / r["train"]["steps"] / bs)
-    per_sample_step = sum(rates) / len(rates) if rates else 0.5 / 32
+    return sum(rates) / len(rates) if rates else None
+
+
+def estimate_minutes(cell: Cell, per_sample_step: float) -> float:
+    """Training time (seconds per step per sample × batch × iterations) plus evaluation at ≈ 1.5 ms per
+    network evaluation per sample."""
     cfg = cell.config
     train_s = training_iterations(cfg) * cfg.batch_size * per_sample_step
     from add_bench.evaluate import nfe_per_sample
@@ -408,6 +415,8 @@ def estimate_minutes(cell: Cell, out: Path) -> float:
 def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None,
                workers: int = 1) -> float:
     total, left = 0.0, 0
+    measured = seconds_per_sample_step(out)
+    per_sample_step = measured if measured is not None else ASSUMED_SECONDS_PER_STEP / 32
     print(f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'est. min':>8}")
     seen = set()
     for ab in ablations:
@@ -417,7 +426,7 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
                 status = "skipped"  # not selected by --cells
             todo = status not in ("done", "skipped") and c.id not in seen
             left += todo
-            est = estimate_minutes(c, out) if todo else 0.0
+            est = estimate_minutes(c, per_sample_step) if todo else 0.0
             shared = " (shared)" if c.id in seen else ""
             seen.add(c.id)
             total += est
@@ -430,7 +439,9 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
         sizes = round_sizes(left, w)
         cell_rounds = sum(max(1.0, k / usable_cores()) for k in sizes)
         wall = f" (≈ {total / left * cell_rounds:.0f} min wall in {len(sizes)} round(s) of {w} workers)"
-    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}")
+    basis = ("" if measured is not None else f"; no finished cell here, so {ASSUMED_SECONDS_PER_STEP} s per ADD step "
+             "at batch 32 is assumed (python -m add_bench.bench measures this machine's)")
+    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}{basis}")
     return total
 
 
