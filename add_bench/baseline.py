@@ -84,6 +84,7 @@ def row_key(teacher: str) -> str:
 
 
 def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search_samples: int = 1000) -> list[dict]:
+    start = time.time()
     suite = build_suite(cfg)
     rows_dir = out / "rows"
     print(f"teacher baseline → {out}", file=sys.stderr)
@@ -100,9 +101,13 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
                                        lambda: teacher_row(teacher, s, scale, cfg, suite)))
                 print(f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
                       file=sys.stderr)
-    write_tables(stored_rows(rows_dir), out)  # every teacher measured so far, not only this run's
-    atomic_write_json(out / "provenance.json", provenance(cfg, cfg.seed, None, command="python -m add_bench.baseline",
-                                                           teachers=teachers, rows=sorted(p.name for p in rows_dir.glob("*.json"))))
+    stored = stored_rows(rows_dir)
+    write_tables(stored, out)  # every teacher measured so far, not only this run's
+    # wall_time_s: this run (finished rows are skipped); rows_wall_time_s: every stored row's own time
+    atomic_write_json(out / "provenance.json", provenance(
+        cfg, cfg.seed, time.time() - start, command="python -m add_bench.baseline", teachers=teachers,
+        rows=sorted(p.name for p in rows_dir.glob("*.json")),
+        rows_wall_time_s=round(sum(r.get("provenance", {}).get("wall_time_s") or 0.0 for r in stored), 1)))
     return rows
 
 

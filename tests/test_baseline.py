@@ -1,7 +1,9 @@
 """The teacher baseline command: rows cached per setting, the table covers every teacher measured so far."""
+import json
 import shutil
 
 import pandas as pd
+import pytest
 import torch
 
 from add_bench import baseline, metrics
@@ -32,3 +34,8 @@ def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkey
     # a re-run finds every row stored and recomputes nothing: the same numbers
     again = baseline.run([a], out, cfg, steps=(1, 2), cfg_search_samples=10)
     assert [r["fid"] for r in again] == [r["fid"] for r in first]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["wall_time_s"] >= 0  # this run's time, beside the stored rows' own
+    rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json") if "cfg_search" not in p.name]
+    assert prov["rows_wall_time_s"] == pytest.approx(sum(r["provenance"]["wall_time_s"] for r in rows), abs=0.06)
+    assert prov["rows_wall_time_s"] > 0
