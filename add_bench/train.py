@@ -299,33 +299,44 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
 
     # ---- discriminator update: Eq. 3 (the fake features are those of this step's x̂θ, detached)
     if cfg.loss.adversarial:
-        with torch.no_grad():
-            real_features = nets.feature_network(diff_augment(pixels, aug, gen))
-        every = cfg.discriminator.r1_every
-        gamma = cfg.discriminator.r1_gamma * every if step % every == 0 else 0.0
-        real_features = [f.requires_grad_(gamma > 0) for f in real_features]
-        real_logits = nets.discriminator(real_features, c_text, c_img)
-        fake_logits = nets.discriminator([f.detach() for f in fake_features], c_text, c_img)
-        loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
-        loss_r1 = r1_penalty(real_logits, real_features, gamma)
-        loss_d = loss_hinge + loss_r1
-        check_finite(loss_d, "discriminator loss", step)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        distributed.average_gradients(nets.discriminator)
-        log["grad_norm_discriminator"] = clip(nets.discriminator, cfg.optim.discriminator_grad_clip)
-        opt_d.step()
-        real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
-        fake_mean = torch.stack([f.mean() for f in fake_logits]).mean().item()
-        log.update(loss_d=loss_hinge.item(), loss_r1=loss_r1.item(), d_real=real_mean, d_fake=fake_mean,
-                   d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
-                                + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
+        _, fake_logits, d_log = discriminator_step(nets.feature_network, nets.discriminator, cfg, pixels,
+                                                   fake_features, c_text, c_img, gen, opt_d, step)
+        log.update(d_log)
         # how well D spots x̂θ per student timestep: at s = 999 the student sees no x0, at small s it
         # mostly copies x0, so the pooled d_acc alone hides whether the 1-step samples are caught
         fake_ok = torch.cat([f.detach().lt(0).float() for f in fake_logits], dim=1).mean(1)  # (N,)
         for tau in sorted(set(s.tolist())):
             log[f"d_fake_acc_s{tau}"] = fake_ok[s == tau].mean().item()
     return log
+
+
+def discriminator_step(feature_network, discriminator: Discriminator, cfg: TrainConfig, pixels, fake_features,
+                       c_text, c_img, gen, opt_d, step: int):
+    """One update of the heads D_φ,k by Eq. 3: hinge on F(aug(x0)) against ``fake_features`` (detached here),
+    plus γ·R1 on the real features every ``discriminator.r1_every`` steps (lazy R1: γ scaled by the interval).
+    Real and fake share the conditioning (c_text, c_img). Returns (real logits, fake logits, log entries)."""
+    with torch.no_grad():
+        real_features = feature_network(diff_augment(pixels, cfg.discriminator.augment, gen))
+    every = cfg.discriminator.r1_every
+    gamma = cfg.discriminator.r1_gamma * every if step % every == 0 else 0.0
+    real_features = [f.requires_grad_(gamma > 0) for f in real_features]
+    real_logits = discriminator(real_features, c_text, c_img)
+    fake_logits = discriminator([f.detach() for f in fake_features], c_text, c_img)
+    loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
+    loss_r1 = r1_penalty(real_logits, real_features, gamma)
+    loss_d = loss_hinge + loss_r1
+    check_finite(loss_d, "discriminator loss", step)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    distributed.average_gradients(discriminator)
+    log = {"grad_norm_discriminator": clip(discriminator, cfg.optim.discriminator_grad_clip)}
+    opt_d.step()
+    real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
+    fake_mean = torch.stack([f.mean() for f in fake_logits]).mean().item()
+    log.update(loss_d=loss_hinge.item(), loss_r1=loss_r1.item(), d_real=real_mean, d_fake=fake_mean,
+               d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
+                            + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
+    return real_logits, fake_logits, log
 
 
 def clip(module: torch.nn.Module, max_norm: float) -> float:
@@ -342,11 +353,14 @@ def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
 # ------------------------------------------------------------------------------------ the loop
 def optimisers(nets: Networks, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for the student and for the discriminator heads, from ``cfg.optim``."""
-    o = cfg.optim
-    betas = tuple(float(b) for b in o.betas)
-    return (torch.optim.Adam(nets.student.unet.parameters(), lr=o.student_lr, betas=betas, weight_decay=o.weight_decay),
-            torch.optim.Adam(nets.discriminator.parameters(), lr=o.discriminator_lr, betas=betas,
-                             weight_decay=o.weight_decay))
+    return (adam(nets.student.unet.parameters(), cfg.optim.student_lr, cfg),
+            adam(nets.discriminator.parameters(), cfg.optim.discriminator_lr, cfg))
+
+
+def adam(params, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with ``cfg.optim``'s betas and weight decay, at this network's learning rate."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(float(b) for b in cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
 
 
 def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
