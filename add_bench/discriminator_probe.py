@@ -18,8 +18,10 @@ tokens, are positive; for the sum, Σ_k of them, the quantity L_adv^G pushes on.
 probe on each feature level's mean token is the yardstick: how separable the frozen features are at all.
 
 Each ``--variant key=value`` is one run: the shared config with that override, on the same samples, seed
-and batch order (none given: one run of the shared config). The output folder gets ``probe.json`` (every curve + provenance), ``table.md`` and
-``table.csv``.
+and batch order (none given: one run of the shared config). The output folder gets ``probe.json`` (every
+curve, the generator's card and weights hash, provenance), ``table.md`` and ``table.csv``. Embedded
+benchmark only: the generator is a class-conditional weights folder (a Stable Diffusion folder is not
+taken).
 """
 from __future__ import annotations
 
