@@ -10,7 +10,7 @@ generator (any student or teacher folder, sampled with its own sampler, 1 step b
 of its samples with a real training image of the same class; that image gives c_img, as x0 does for
 s = 999 in training. Then it trains the trainer's own discriminator on the real images against the
 samples: the same feature network, heads, conditioning, DiffAugment, R1 and optimiser
-(``train.discriminator_side``, ``train.discriminator_step``), from ``[config.yaml] [key=value ...]``.
+(``train.class_discriminator_side``, ``train.discriminator_step``), from ``[config.yaml] [key=value ...]``.
 
 Every ``--eval-every`` steps it records the held-out accuracy of each head and of their sum on pairs never
 trained on, without augmentation. A sample counts as called real when the head's logits, averaged over
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,13 +41,12 @@ from tqdm import tqdm
 
 from add_bench.augment import diff_augment
 from add_bench.config import TrainConfig, check_positive, load
-from add_bench.data import load_split
+from add_bench.data import load_split, to_model_range
 from add_bench.errors import AddBenchError, ConfigError
-from add_bench.evaluate import generate, load_denoiser
+from add_bench.evaluate import default_sampler, generate, load_denoiser
 from add_bench.loop import set_threads
-from add_bench.networks.featnets import prompt_embeddings
 from add_bench.provenance import atomic_write_json, atomic_write_text, provenance, resolve_weights
-from add_bench.train import adam, conditioning, discriminator_side, discriminator_step
+from add_bench.train import adam, class_discriminator_side, conditioning, discriminator_step
 
 
 def paired_real(fake_labels: torch.Tensor, real_x: torch.Tensor, real_y: torch.Tensor, gen: torch.Generator):
@@ -84,10 +84,10 @@ def linear_probe_accuracy(real: torch.Tensor, fake: torch.Tensor, n_train: int, 
 
 
 @torch.no_grad()
-def held_out_accuracy(feature_network, discriminator, c_text, c_img, real, fake) -> dict:
+def held_out_accuracy(discriminator, c_text, c_img, real_features, fake_features) -> dict:
     """Per head and for the sum of heads: ½ (share of real called real + share of fake called fake)."""
-    real_logits = [r.mean(1) for r in discriminator(feature_network(real), c_text, c_img)]
-    fake_logits = [f.mean(1) for f in discriminator(feature_network(fake), c_text, c_img)]
+    real_logits = [r.mean(1) for r in discriminator(real_features, c_text, c_img)]
+    fake_logits = [f.mean(1) for f in discriminator(fake_features, c_text, c_img)]
 
     def acc(r, f):
         return round(0.5 * (r.gt(0).float().mean() + f.lt(0).float().mean()).item(), 4)
@@ -103,19 +103,19 @@ def probe(cfg: TrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torc
     """Fresh heads from ``cfg`` trained ``steps`` batches on real[:n_train] vs fake[:n_train]; the rest is held out."""
     torch.manual_seed(seed)
     d = cfg.discriminator
-    make_c_text = (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None
-    feature_network, c_img_network, c_text, disc = discriminator_side(cfg, make_c_text)
+    feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
     frozen = SimpleNamespace(c_text=c_text, c_img_network=c_img_network)  # what ``conditioning`` reads
     opt_d = adam(disc.parameters(), cfg.optim.discriminator_lr, cfg)
-    with torch.no_grad():
-        pooled = [(r.mean(2), f.mean(2)) for r, f in zip(feature_network(real), feature_network(fake))]
-    linear = [round(linear_probe_accuracy(r, f, n_train), 4) for r, f in pooled]
-    test = (*conditioning(frozen, real[n_train:], labels[n_train:]), real[n_train:], fake[n_train:])
+    with torch.no_grad():  # unaugmented features, once: the linear probe and the held-out scoring share them
+        levels = list(zip(feature_network(real), feature_network(fake)))
+    linear = [round(linear_probe_accuracy(r.mean(2), f.mean(2), n_train), 4) for r, f in levels]
+    test = (*conditioning(frozen, real[n_train:], labels[n_train:]),
+            [r[n_train:] for r, _ in levels], [f[n_train:] for _, f in levels])
     gen = torch.Generator().manual_seed(seed)
     curve, start = [], time.perf_counter()
     for step in tqdm(range(steps + 1), desc=f"probe {d.augment or 'no augment'}", leave=False, disable=not progress):
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, **held_out_accuracy(feature_network, disc, *test)})
+            curve.append({"step": step, **held_out_accuracy(disc, *test)})
         if step == steps:
             break
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
@@ -129,9 +129,9 @@ def probe(cfg: TrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torc
 def make_pairs(generator: str, sampling_steps: int, sampler: str | None, n: int, cfg: TrainConfig, seed: int):
     """``n`` balanced-class samples of the frozen generator (uint8-rounded, as evaluated) and their real partners."""
     denoiser, card = load_denoiser(generator)
-    sampler = sampler or ("add" if card["kind"] == "student" else "ddim")
+    sampler = sampler or default_sampler(card["kind"])
     out = generate(denoiser, sampler, sampling_steps, n, seed=seed, batch_size=500, progress=False)
-    fake = torch.from_numpy(out.samples.images).float().div(127.5).sub(1).unsqueeze(1)
+    fake = to_model_range(out.samples.images)
     labels = torch.from_numpy(out.samples.labels).long()
     real_x, real_y = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download).tensors()
     real = paired_real(labels, real_x, real_y, torch.Generator().manual_seed(seed))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                   "sampling_steps": a.sampling_steps, "train_pairs": n_train, "held_out_pairs": a.held_out,
                   "overrides": a.overrides, "runs": runs,
                   "provenance": provenance(cfgs[0], a.seed, time.time() - start,
-                                           command=" ".join(["python -m add_bench.discriminator_probe", *sys.argv[1:]]))}
+                                           command=shlex.join(["python", "-m", "add_bench.discriminator_probe", *sys.argv[1:]]))}
         atomic_write_json(out / "probe.json", result)
         write_tables(out, runs)
         print(f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr)

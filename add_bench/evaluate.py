@@ -145,13 +145,18 @@ def export_samples(path: str | Path, samples: SampleSet) -> None:
             np.savez_compressed(f, images=samples.images, labels=samples.labels.astype(np.int64))
 
 
+def default_sampler(kind: str) -> str:
+    """A teacher is sampled with DDIM, a student with the ADD multi-step sampler."""
+    return "ddim" if kind == "teacher" else "add"
+
+
 def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler: str | None = None,
              cfg_scale: float = 1.0, export: str | Path | None = None, suite=None, device: str = "auto") -> dict[str, Any]:
     for s in steps:
         check_positive(s, "steps")
     suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
     kind, make = load_generator(checkpoint, cfg, cfg_scale, device)
-    sampler = sampler or ("ddim" if kind == "teacher" else "add")
+    sampler = sampler or default_sampler(kind)
     rows = []
     for s in steps:
         g = make(sampler, s)

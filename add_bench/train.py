@@ -129,11 +129,16 @@ def build_networks(cfg: TrainConfig) -> Networks:
     if cfg.student.init == "pretrained":
         load_into(student, s_folder)
     student.train()
-    d = cfg.discriminator
-    c_text = (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None
-    feature_network, c_img_network, c_text, disc = discriminator_side(cfg, c_text)
+    feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
     return Networks(Denoiser(student, schedule, NUM_CLASSES), checkpoint.EMA(student, cfg.optim.ema_decay),
                     Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+
+
+def class_discriminator_side(cfg: TrainConfig):
+    """``discriminator_side`` of a class-conditional model: c_text is the (classes, E) table of the class
+    prompts' embeddings from ``discriminator.c_text_network``."""
+    d = cfg.discriminator
+    return discriminator_side(cfg, (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None)
 
 
 def discriminator_side(cfg: TrainConfig, make_c_text):
