@@ -61,7 +61,6 @@ class TeacherPretrainConfig:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 50
-    eval_every: int = 0  # 0: no in-training evaluation
     threads: int = 0  # torch threads; 0 = all cores
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

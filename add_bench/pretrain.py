@@ -12,6 +12,7 @@ safetensors with a ``card.json`` (config, git commit, data, steps, wall time, me
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 import torch
@@ -31,8 +32,9 @@ from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
 # ------------------------------------------------------------------------------------ teacher
-def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0) -> bool:
-    """Train (or resume) a teacher; return True when finished and exported."""
+def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
+                     command: str | None = None) -> bool:
+    """Train (or resume) a teacher; return True when finished and exported. ``command`` goes on the card."""
     choose(dict.fromkeys(TEACHER_WEIGHTINGS), cfg.loss_weighting, "loss_weighting")
     check_positive(cfg.steps, "steps")
     set_threads(cfg.threads)
@@ -79,7 +81,7 @@ def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budge
         "null_label": NUM_CLASSES, "params": num_params(unet), "weights": "EMA, fp16",
         "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {cfg.data.val_size})",
         "steps": step, "train_wall_time_s": round(wall, 1),
-        "provenance": provenance(cfg, cfg.seed, wall, command=f"python -m add_bench.pretrain teacher size={cfg.size}"),
+        "provenance": provenance(cfg, cfg.seed, wall, command=command or f"python -m add_bench.pretrain teacher size={cfg.size}"),
         "metrics": {},
     }
     save_weights(out, ema.module, card)
@@ -88,7 +90,8 @@ def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budge
 
 
 # ------------------------------------------------------------------------------------ evalnet
-def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0) -> bool:
+def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
+                     command: str | None = None) -> bool:
     check_positive(cfg.epochs, "epochs")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -129,7 +132,7 @@ def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budge
         "kind": "evalnet", "name": out.name, "params": num_params(net), "feature_dim": EvalNet.feature_dim,
         "weights": "fp32", "data": f"Fashion-MNIST train split ({len(x_train)} images)",
         "steps": step, "train_wall_time_s": round(wall, 1),
-        "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.pretrain evalnet"),
+        "provenance": provenance(cfg, cfg.seed, wall, command=command or "python -m add_bench.pretrain evalnet"),
         "metrics": metrics,
     }
     save_weights(out, net.eval(), card, fp16=False)
@@ -183,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             run = pretrain_evalnet
         workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
         out = Path(a.out) if a.out else WEIGHTS_DIR / name
-        done = run(cfg, workdir, out, a.budget_minutes)
+        # the card records the command that made the weights; --budget-minutes only splits the run
+        command = shlex.join(["python", "-m", "add_bench.pretrain", a.what, *a.overrides]
+                             + (["--config", a.config] if a.config else []) + (["--name", a.name] if a.name else []))
+        done = run(cfg, workdir, out, a.budget_minutes, command)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

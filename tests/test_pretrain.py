@@ -34,6 +34,19 @@ def test_resume_is_bit_exact(fake_data, tmp_path):
     assert net(torch.randn(1, 1, 28, 28), torch.tensor([5]), class_labels=torch.tensor([10])).sample.shape == (1, 1, 28, 28)
 
 
+def test_card_records_the_command_with_its_overrides(fake_data, tmp_path):
+    import json
+
+    overrides = ["size=tiny", "steps=2", "batch_size=4", "warmup_steps=1", "ema_warmup_steps=1", "threads=1",
+                 f"data.root={fake_data}", "data.val_size=50", "data.download=false"]
+    assert main(["teacher", *overrides, "--name", "t x", f"--workdir={tmp_path}/w", f"--out={tmp_path}/o"]) == 0
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    # the exact command line (shell-quoted) that re-makes these weights, overrides included
+    assert card["provenance"]["command"] == (
+        "python -m add_bench.pretrain teacher " + " ".join(overrides) + " --name 't x'")
+    assert card["steps"] == 2 and card["provenance"]["config"]["steps"] == 2
+
+
 def test_missing_and_corrupt_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"nothere/checkpoint.pt: checkpoint not found"):
         checkpoint.load(tmp_path / "nothere" / "checkpoint.pt")
