@@ -91,3 +91,68 @@ def validate(cfg: TrainConfig) -> None:
 def make(cfg: TrainConfig, workdir: Path) -> Generators:
     validate(cfg)
     return METHODS[cfg.method](cfg, workdir)
+
+
+# ------------------------------------------------------------------------------ what a cell reads
+def inputs(cfg: TrainConfig) -> dict[str, Path]:
+    """The weights folders a cell reads, by role. A cell's id hashes its config, which names these
+    folders but not their content, so the sweep records their versions (``provenance.weights_versions``)
+    and re-runs a finished cell when one of them has changed since (``changed_inputs``)."""
+    from add_bench.networks.featnets import featnet_folder
+    from add_bench.provenance import resolve_weights
+
+    roles = {"teacher": resolve_weights(cfg.teacher.network)}
+    if cfg.method == "add":
+        d = cfg.discriminator
+        roles |= {"student": resolve_weights(cfg.student.network),
+                  "feature network": featnet_folder(cfg.feature_network.name, cfg.feature_network.weights)}
+        if d.c_text:
+            roles["c_text network"] = featnet_folder(d.c_text_network, d.c_text_weights)
+        if d.c_img:
+            roles["c_img network"] = featnet_folder(d.c_img_network, d.c_img_weights)
+    if cfg.eval.metrics != "cluster":
+        roles["evaluation network"] = resolve_weights(cfg.eval.evalnet)
+    return roles
+
+
+_RECORDS: dict[tuple, tuple[dict[str, Path], dict[str, str | None]]] = {}
+
+
+def recorded_inputs(cell_folder: Path) -> tuple[dict[str, Path], dict[str, str | None]]:
+    """(the cell's input folders by role, the blob id each role had when the cell was computed — None if
+    unknown); cached per content of the cell's files."""
+    import json
+
+    from add_bench.config import load
+    from add_bench.provenance import blob_at_commit, display_path
+
+    text, config = (cell_folder / "metrics.json").read_text(), (cell_folder / "config.yaml").read_text()
+    key = (text, config)
+    if key not in _RECORDS:
+        metrics = json.loads(text)
+        roles = inputs(load(TrainConfig, cell_folder / "config.yaml"))
+        recorded = metrics.get("inputs")
+        if isinstance(recorded, dict):
+            blobs = {role: (recorded.get(role) or {}).get("blob") for role in roles}
+        else:  # finished before cells recorded their inputs: the versions at the cell's commit
+            commit = str((metrics.get("provenance") or {}).get("git_commit") or "")
+            blobs = {role: blob_at_commit(commit, f"{display_path(folder)}/model.safetensors")
+                     for role, folder in roles.items()}
+        _RECORDS[key] = roles, blobs
+    return _RECORDS[key]
+
+
+def changed_inputs(cell_folder: Path) -> list[str]:
+    """The inputs (``"teacher (add_bench/weights/teacher_small)"``) whose weights differ from those the
+    finished cell in ``cell_folder`` was computed with; [] when none differ or it cannot be told.
+
+    Cells record their inputs' versions in ``metrics.json`` (``inputs``); for cells finished before that,
+    the versions are read from git at the cell's recorded commit."""
+    from add_bench.provenance import weights_versions
+
+    try:
+        roles, then = recorded_inputs(cell_folder)
+        now = weights_versions(roles)
+    except Exception:  # noqa: BLE001 - an unreadable cell is reported by whoever reads its results
+        return []
+    return [f"{role} ({v['path']})" for role, v in now.items() if then.get(role) not in (None, v["blob"])]

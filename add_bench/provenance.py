@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -95,3 +96,53 @@ def resolve_weights(name_or_path: str | Path) -> Path:
     if p.is_dir() or os.sep in str(name_or_path):
         return p
     return WEIGHTS_DIR / str(name_or_path)
+
+
+# ------------------------------------------------------------------------------ weights versions
+_BLOB_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def blob_id(path: str | Path) -> str:
+    """Git's object id of a file's content (what ``git hash-object`` prints): a content hash that also
+    names the file's version in this repository's history."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _BLOB_CACHE:
+        h = hashlib.sha1(f"blob {st.st_size}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _BLOB_CACHE[key] = h.hexdigest()
+    return _BLOB_CACHE[key]
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """``{role: {"path": folder, "blob": blob_id(folder/model.safetensors)}}`` for the weights folders that
+    hold a ``model.safetensors`` (the shipped format); diffusers pipeline folders, hub names and seeded
+    random networks are left out."""
+    return {role: {"path": display_path(folder), "blob": blob_id(folder / "model.safetensors")}
+            for role, folder in folders.items() if (Path(folder) / "model.safetensors").is_file()}
+
+
+@functools.lru_cache(maxsize=4096)
+def blob_at_commit(commit: str, repo_path: str) -> str | None:
+    """The blob id of ``repo_path`` (repository-relative) at ``commit``; None when unknown (no git, no such
+    commit or file, a path outside the repository)."""
+    commit = commit.removesuffix("+dirty")
+    if not commit or commit == "unknown" or Path(repo_path).is_absolute():
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}:{repo_path}"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -12,7 +12,10 @@ default row is in all of them) is trained once. Layout of the results folder (``
 ``runs/sweeps``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
-is recorded and the sweep goes on; a lock keeps a second sweep out of a folder in use. ``--cells``
+is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
+records the version (git blob id) of each weights folder it read (``methods.inputs``): when one has
+changed since (a retrained teacher), the cell is *stale*, the tables leave its numbers out and a re-run
+moves its results to ``cells/<id>/stale/<finished_at>/`` and computes it again; a lock keeps a second sweep out of a folder in use. ``--cells``
 runs only the named rows (e.g. more seeds of the promising rows of a probe); the tables list every row
 with its finished / planned seed count.
 """
@@ -35,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import TrainConfig, choose, config_error, load, load_yaml, to_dict
 from add_bench.errors import AddBenchError, ConfigError
-from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
+from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
@@ -245,8 +248,11 @@ def validate_names(cfg: Any, where: str) -> None:
 
 # ------------------------------------------------------------------------------ one cell
 def cell_status(workdir: Path) -> str:
+    """new | partial | failed | done | stale (done, but a weights folder it read has changed since)."""
     if (workdir / "metrics.json").is_file():
-        return "done"
+        from add_bench.methods import changed_inputs
+
+        return "stale" if changed_inputs(workdir) else "done"
     if (workdir / "error.json").is_file():
         return "failed"
     if (workdir / "checkpoint.pt").is_file():
@@ -292,12 +298,18 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
 
     wd = Path(workdir)
     with FolderLock(wd, f"cell {cell}"):
-        if cell_status(wd) == "done":
+        status = cell_status(wd)
+        if status == "done":
             return json.loads((wd / "metrics.json").read_text())
+        if status == "stale":
+            archive_stale(wd)
         (wd / "error.json").unlink(missing_ok=True)
         start = time.time()
         try:
+            from add_bench.methods import inputs
+
             cfg = load(TrainConfig, wd / "config.yaml")
+            versions = weights_versions(inputs(cfg))  # the weights this run reads, before it reads them
             made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
             eval_start = time.time()
             result, grids = evaluate_generators(made, cfg)
@@ -306,6 +318,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             result["train"] = {"steps": made.train_steps, "wall_time_s": made.train_wall_time_s,
                                "last_log": last_log_row(wd / "log.jsonl")}
             result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
+            result["inputs"] = versions
             result["provenance"] = provenance(cfg, cfg.seed, time.time() - start,
                                               command=f"python -m add_bench.sweep (cell {cell})")
             import numpy as np
@@ -321,6 +334,25 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             atomic_write_json(wd / "error.json", {"cell": cell, "error": f"{type(e).__name__}: {e}",
                                                   "traceback": traceback.format_exc()})
             raise
+
+
+def archive_stale(wd: Path) -> Path:
+    """Move a stale cell's outputs (everything but its config and lock) to ``stale/<finished_at>/`` with
+    a ``why.json``, so that the cell re-runs from scratch and nothing computed is lost."""
+    from add_bench.methods import changed_inputs
+
+    changed = changed_inputs(wd)
+    finished = json.loads((wd / "metrics.json").read_text()).get("provenance", {}).get("finished_at") or "unknown"
+    dest = wd / "stale" / str(finished).replace(":", "")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted(wd.iterdir()):
+        if p.name not in ("config.yaml", ".lock", "stale", "metrics.json"):
+            os.replace(p, dest / p.name)
+    atomic_write_json(dest / "why.json", {"changed_inputs": changed, "moved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    os.replace(wd / "metrics.json", dest / "metrics.json")  # last: until here the cell still reads as stale
+    print(f"cell {wd.name}: inputs changed since it ran ({'; '.join(changed)}); its results moved to {dest}, "
+          "re-running it", file=sys.stderr)
+    return dest
 
 
 def evaluate_generators(made, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -493,9 +525,12 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
     check_launcher(launcher)
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out, only)
-        unfinished = [i for i in cells if cell_status(out / "cells" / i) != "done"]
+        status = {i: cell_status(out / "cells" / i) for i in cells}
+        unfinished = [i for i in cells if status[i] != "done"]
         todo = [i for i in unfinished if only is None or i in only]
         skipped = "" if only is None else f", {len(unfinished) - len(todo)} not selected by --cells"
+        if stale := [i for i in todo if status[i] == "stale"]:
+            skipped += f", {len(stale)} stale (a weights folder they read has changed since: re-run)"
         print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(unfinished)} already done{skipped}",
               file=sys.stderr)
         if launcher == "slurm":

@@ -14,7 +14,8 @@ Reads the sweep's manifest ``<root>/<ablation>/cells.json`` and each cell's ``<r
 * ``summary.json``: the aggregated numbers, the ranking agreement with the paper and the provenance.
 
 Partial sweeps are expected: a cell without results shows ``pending``, one with ``error.json`` shows
-``failed: <error>``. Confidence intervals are t-distribution half-widths (0 with a single seed).
+``failed: <error>``, one whose teacher, feature or evaluation network weights changed after it ran shows
+``stale`` (its numbers are left out until the sweep re-runs it). Confidence intervals are t-distribution half-widths (0 with a single seed).
 """
 from __future__ import annotations
 
@@ -69,12 +70,17 @@ def read_manifest(ablation_dir: str | Path) -> dict[str, Any]:
 
 
 def read_cell(folder: Path) -> tuple[str, dict | None, str | None]:
-    """(status, metrics, error) of one cell folder: done (metrics.json), failed (error.json) or pending."""
+    """(status, metrics, error) of one cell folder: done (metrics.json), stale (metrics.json, but a weights
+    folder the cell read has changed since: its numbers are left out), failed (error.json) or pending."""
+    from add_bench.methods import changed_inputs
+
     try:
         if (folder / "metrics.json").is_file():
             metrics = json.loads((folder / "metrics.json").read_text())
             if not isinstance(metrics, dict) or not isinstance(metrics.get("rows"), list):
                 return "failed", None, "metrics.json has no 'rows' list"
+            if changed := changed_inputs(folder):
+                return "stale", None, "computed with other weights of: " + "; ".join(changed)
             return "done", metrics, None
         if (folder / "error.json").is_file():
             err = json.loads((folder / "error.json").read_text())
@@ -114,7 +120,7 @@ def machine_text(machine: dict | None) -> str | None:
 
 
 def load_results(ablation_dir: str | Path) -> pd.DataFrame:
-    """One row per cell × seed × step count, in manifest order, with ``status`` done / pending / failed.
+    """One row per cell × seed × step count, in manifest order, with ``status`` done / pending / failed / stale.
 
     Unfinished cells get one row per manifest step count with empty metrics, so they stay visible."""
     ablation_dir = Path(ablation_dir)
@@ -165,13 +171,13 @@ def ci95(values) -> float:
 
 
 def cell_status(statuses: pd.Series) -> str:
-    """done (every seed), partial (some), failed (none done, one failed) or pending."""
+    """done (every seed), partial (some), failed (none done, one failed), stale (none done, one stale) or pending."""
     s = set(statuses)
     if s == {"done"}:
         return "done"
     if "done" in s:
         return "partial"
-    return "failed" if "failed" in s else "pending"
+    return next((k for k in ("failed", "stale") if k in s), "pending")
 
 
 def first_error(errors: pd.Series) -> str | None:
@@ -277,7 +283,9 @@ def fmt(mean: float, ci: float, n: int, digits: int) -> str | None:
 
 
 def missing_text(row, detail: bool = False) -> str:
-    """``pending``, or ``failed`` (with the short error when ``detail``) for a cell without numbers."""
+    """``pending``, ``stale`` or ``failed`` (with the short error when ``detail``) for a cell without numbers."""
+    if row.status == "stale":
+        return "stale (weights changed since it ran)" if detail else "stale"
     if row.status != "failed":
         return "pending"
     return f"failed: {short_error(row.error)}" if detail else "failed"
@@ -338,7 +346,7 @@ def provenance_summary(df: pd.DataFrame) -> dict[str, Any]:
     """Cell counts by status, and the git commits, machines and sample counts of the finished cells."""
     cells = df.drop_duplicates("id")
     done = df[df["status"] == "done"].drop_duplicates("id")
-    out: dict[str, Any] = {"cells": len(cells), **{s: int((cells["status"] == s).sum()) for s in ("done", "pending", "failed")}}
+    out: dict[str, Any] = {"cells": len(cells), **{s: int((cells["status"] == s).sum()) for s in ("done", "pending", "failed", "stale")}}
     for col, key in (("git_commit", "git_commits"), ("machine", "machines"), ("num_samples", "num_samples")):
         counts = done[col].dropna().value_counts()
         out[key] = {(f"{k:g}" if isinstance(k, float) else str(k)): int(v) for k, v in counts.items()}
@@ -348,7 +356,9 @@ def provenance_summary(df: pd.DataFrame) -> dict[str, Any]:
 def provenance_lines(prov: dict[str, Any]) -> list[str]:
     """Markdown bullets of ``provenance_summary``."""
     lines = [f"- cells finished: {prov['done']} of {prov['cells']} (cell × seed); "
-             f"pending {prov['pending']}, failed {prov['failed']}"]
+             f"pending {prov['pending']}, failed {prov['failed']}"
+             + (f", stale {prov['stale']} (a weights folder they read has changed since; the sweep re-runs them)"
+                if prov.get("stale") else "")]
     for key, title in (("git_commits", "git commits"), ("machines", "machines"), ("num_samples", "samples per FID")):
         counts = prov[key]
         if counts:
@@ -359,8 +369,8 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
 
 
 def failure_lines(df: pd.DataFrame) -> list[str]:
-    failed = df[df["status"] == "failed"].drop_duplicates("id")
-    return [f"- {r.name}, seed {r.seed} (cell `{r.id}`): failed: {short_error(r.error, 200)}" for r in failed.itertuples()]
+    failed = df[df["status"].isin(["failed", "stale"])].drop_duplicates("id")
+    return [f"- {r.name}, seed {r.seed} (cell `{r.id}`): {r.status}: {short_error(r.error, 200)}" for r in failed.itertuples()]
 
 
 def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int | None, agreement: dict) -> str:
@@ -383,7 +393,7 @@ def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int
         lines += [f"Ranking by FID vs the paper: Kendall τ = {tau:.2f} over {agreement['n_fid']} cells; "
                   f"{sum(agree)} of {len(agree)} pairwise directions agree.", ""]
     if failure_lines(df):
-        lines += ["Failures:", *failure_lines(df), ""]
+        lines += ["Failed or stale cells:", *failure_lines(df), ""]
     lines += ["Every step count: `table_steps.md`. Plots: `fid_vs_alignment.png`, `fid_vs_steps.png`; "
               "each row's samples: `samples.png`.", "",
               "## Provenance", "", *provenance_lines(provenance_summary(df)), ""]

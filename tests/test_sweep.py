@@ -290,3 +290,82 @@ def test_collect_writes_manifests_and_tables_without_running(tmp_path):
     assert [c["seed"] for c in manifest["cells"]] == [0, 1] * 3
     assert not (tmp_path / "cells").exists()  # no cell was prepared or run
     assert "pending" in (tmp_path / "loss_weighting" / "table.md").read_text()
+
+
+def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny_assets, env, capsys):
+    """Cell ids hash configs, which name weights folders but not their content: a cell records the
+    versions it read, reads as stale once one changes, and the next sweep archives and re-runs it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from add_bench.provenance import blob_id
+
+    teacher = env / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    preset = tiny_preset(tiny_assets, env, **{"student.network": teacher, "teacher.network": teacher})
+    abl = ablation_file(env, preset, cells=[{"name": "a", "default": True}])
+    ablations, out = sweep.load_ablations(abl), env / "out"
+    sweep.run_sweep(ablations, out)
+    wd = out / "cells" / ablations[0].cells[0].id
+    first = json.loads((wd / "metrics.json").read_text())
+    # the random feature network and c_img are seeded, not read from a folder
+    assert set(first["inputs"]) == {"teacher", "student", "c_text network", "evaluation network"}
+    old_blob = blob_id(teacher / "model.safetensors")
+    assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob}
+    assert sweep.cell_status(wd) == "done"
+
+    state = load_file(teacher / "model.safetensors")  # "retrain" the teacher
+    name = next(iter(state))
+    state[name] = state[name] + 0.01
+    save_file(state, teacher / "model.safetensors")
+    assert sweep.cell_status(wd) == "stale"
+    sweep.collect(ablations, out)
+    row = pd.read_csv(out / "mini" / "table.csv").iloc[0]
+    assert row["status"] == "stale" and pd.isna(row["fid_mean"])  # the old numbers are left out
+    md = (out / "mini" / "table.md").read_text()
+    assert f"stale: computed with other weights of: teacher ({teacher})" in md and "stale 1" in md
+
+    sweep.run_sweep(ablations, out)
+    assert sweep.cell_status(wd) == "done"
+    second = json.loads((wd / "metrics.json").read_text())
+    assert second["inputs"]["teacher"]["blob"] == blob_id(teacher / "model.safetensors") != old_blob
+    [archived] = (wd / "stale").iterdir()  # nothing computed is lost
+    assert json.loads((archived / "metrics.json").read_text()) == first
+    assert (archived / "samples.npz").is_file() and (archived / "student" / "model.safetensors").is_file()
+    why = json.loads((archived / "why.json").read_text())["changed_inputs"]
+    assert why == [f"teacher ({teacher})", f"student ({teacher})"]
+    assert "inputs changed since it ran" in capsys.readouterr().err
+
+
+def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_path, monkeypatch):
+    """A committed cell without an ``inputs`` record: its weights' versions are read from git at its commit."""
+    import shutil
+
+    from add_bench import methods, provenance
+
+    src = next(m.parent for m in sorted((REPO / "results" / "cells").glob("*/metrics.json"))
+               if "network: teacher_small" in (m.parent / "config.yaml").read_text()
+               and "network: teacher_large" not in (m.parent / "config.yaml").read_text())
+    cell = tmp_path / src.name
+    cell.mkdir()
+    shutil.copy(src / "config.yaml", cell)
+    metrics = json.loads((src / "metrics.json").read_text())
+    assert "inputs" not in metrics
+
+    def write(commit):
+        metrics["provenance"]["git_commit"] = commit
+        (cell / "metrics.json").write_text(json.dumps(metrics))
+
+    write(subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+    assert methods.changed_inputs(cell) == []  # the shipped weights as committed at HEAD
+
+    real = provenance.blob_at_commit
+    monkeypatch.setattr(provenance, "blob_at_commit",  # as if teacher_small had been retrained since
+                        lambda commit, path: "0" * 40 if "teacher_small" in path else real(commit, path))
+    write("f" * 40)
+    assert methods.changed_inputs(cell) == ["teacher (add_bench/weights/teacher_small)",
+                                            "student (add_bench/weights/teacher_small)"]
+    monkeypatch.setattr(provenance, "blob_at_commit", lambda commit, path: None)  # unknown: not called stale
+    write("e" * 40)
+    assert methods.changed_inputs(cell) == []
