@@ -6,6 +6,8 @@ generator loss back-propagates through it. Images are in model range [-1, 1], an
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from add_bench.config import choose
@@ -30,8 +32,10 @@ def color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Te
     return (x - m) * (rand(x, generator, n, 1, 1, 1) + 0.5) + m
 
 
-def translation(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.125) -> torch.Tensor:
-    """Shift each image by up to ratio·size pixels in each axis; uncovered pixels are 0."""
+def translation(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.125,
+                fill: str = "zero") -> torch.Tensor:
+    """Shift each image by up to ratio·size pixels in each axis; uncovered pixels are 0 (``fill="zero"``,
+    DiffAugment's; mid-gray in [-1, 1]) or copies of the nearest edge pixel (``"edge"``)."""
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     ty, tx = randint(x, generator, -sh, sh + 1, n), randint(x, generator, -sw, sw + 1, n)
@@ -39,12 +43,20 @@ def translation(x: torch.Tensor, generator: torch.Generator | None = None, ratio
     cols = torch.arange(w, device=x.device)[None] + tx[:, None]
     valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-    out = x[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2) * valid[:, None].to(x.dtype)
+    out = x[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return out if fill == "edge" else out * valid[:, None].to(x.dtype)
 
 
-def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.5) -> torch.Tensor:
-    """Set one random square of side ratio·size (clipped at the border) to 0 in each image."""
+def border_mean(x: torch.Tensor) -> torch.Tensor:
+    """Each image's mean over its outermost pixels, per channel (N, C, 1, 1): its background on Fashion-MNIST."""
+    edge = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
+    return edge.mean(2)[:, :, None, None]
+
+
+def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.5,
+           fill: str = "zero") -> torch.Tensor:
+    """Set one random square of side ratio·size (clipped at the border) in each image to 0 (``fill="zero"``,
+    DiffAugment's) or to the image's border mean (``"edge"``)."""
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     cy = randint(x, generator, 0, h + (1 - ch % 2), n) - ch // 2  # top-left corner, may lie outside
@@ -52,10 +64,15 @@ def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: flo
     r = torch.arange(h, device=x.device)[None] - cy[:, None]
     c = torch.arange(w, device=x.device)[None] - cx[:, None]
     hole = ((r >= 0) & (r < ch))[:, :, None] & ((c >= 0) & (c < cw))[:, None, :]
-    return x * (~hole)[:, None].to(x.dtype)
+    keep = (~hole)[:, None].to(x.dtype)
+    return x * keep if fill == "zero" else x * keep + border_mean(x) * (1 - keep)
 
 
-AUGMENTS = {"color": color, "translation": translation, "cutout": cutout}
+# The policy's named ops. DiffAugment fills with 0, mid-gray in [-1, 1]; the ``_edge`` variants fill with
+# the image's own edge (Fashion-MNIST: its black background, after the color op's shift).
+AUGMENTS = {"color": color, "translation": translation, "cutout": cutout,
+            "translation_edge": functools.partial(translation, fill="edge"),
+            "cutout_edge": functools.partial(cutout, fill="edge")}
 
 
 def parse_policy(policy: str) -> list:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from add_bench.augment import cutout, diff_augment, translation
+from add_bench.augment import AUGMENTS, cutout, diff_augment, translation
 from add_bench.errors import ConfigError
 from add_bench.networks.discriminator import (BatchNormLocal, DiscHead, Discriminator, Residual, SpectralConv1d,
                                               block)
@@ -112,7 +112,7 @@ def test_r1_penalty_on_head_inputs_backpropagates_into_the_heads():
 def test_diffaugment_policy_empty_is_identity_and_unknown_fails():
     x = randn(4, 1, 28, 28)
     assert torch.equal(diff_augment(x, ""), x)
-    with pytest.raises(ConfigError, match=r"diffaug policy='flip': unknown; accepted: color, cutout, translation"):
+    with pytest.raises(ConfigError, match=r"diffaug policy='flip': unknown; accepted: color, cutout, cutout_edge, translation, translation_edge"):
         diff_augment(x, "color,flip")
 
 
@@ -146,3 +146,33 @@ def test_cutout_zeroes_one_square_of_at_most_half_the_side():
         rows, cols = (img == 0).any(1).nonzero(), (img == 0).any(0).nonzero()
         assert 0 < len(rows) <= 14 and 0 < len(cols) <= 14
         assert (img == 0).sum() == len(rows) * len(cols)  # a rectangle (a square clipped at the border)
+
+
+def test_edge_fills_use_the_image_edge_not_mid_gray():
+    """translation_edge repeats the edge pixels where the image moved away; cutout_edge fills its hole with
+    the image's border mean (on a black background: black)."""
+    x = randn(8, 1, 28, 28)
+    zero = translation(x, torch.Generator().manual_seed(0))
+    edge = AUGMENTS["translation_edge"](x, torch.Generator().manual_seed(0))  # the same shifts
+    pad = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate")
+    for i in range(8):
+        match = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if torch.equal(edge[i], pad[i, :, 4 + dy:32 + dy, 4 + dx:32 + dx])]
+        assert len(match) == 1
+    moved = (zero == 0) & (edge != 0)
+    assert moved.any()  # somewhere the zero fill and the edge fill differ
+    assert torch.equal(edge[~moved], zero[~moved])
+
+    img = -torch.ones(16, 1, 28, 28)
+    img[:, :, 10:18, 10:18] = 1.0  # a white square on a black background
+    black = AUGMENTS["cutout_edge"](img, torch.Generator().manual_seed(0))
+    gray = cutout(img, torch.Generator().manual_seed(0))  # the same holes
+    hole = gray == 0
+    assert hole.any() and torch.equal(black[hole], -torch.ones(int(hole.sum())))
+    assert torch.equal(black[~hole], img[~hole])
+    from add_bench.augment import border_mean
+
+    y = randn(3, 2, 5, 6)
+    ring = torch.ones(5, 6, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    assert torch.allclose(border_mean(y)[:, :, 0, 0], y[:, :, ring].mean(-1))
