@@ -39,3 +39,32 @@ def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkey
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json") if "cfg_search" not in p.name]
     assert prov["rows_wall_time_s"] == pytest.approx(sum(r["provenance"]["wall_time_s"] for r in rows), abs=0.06)
     assert prov["rows_wall_time_s"] > 0
+
+
+def test_next_scale_brackets_the_best_cfg_scale():
+    assert baseline.next_scale({"1.5": 1.0, "2.0": 2.0, "3.0": 3.0}) == 1.25  # best on the low edge: halfway to 1
+    assert baseline.next_scale({"1.25": 0.5, "1.5": 1.0, "2.0": 2.0}) == 1.125
+    assert baseline.next_scale({"1.125": 0.4, "1.25": 0.5, "1.5": 1.0}) is None  # no lower than 1.125
+    assert baseline.next_scale({"1.5": 3.0, "2.0": 2.0, "3.0": 1.0}) == 4.0  # best on the high edge: one more
+    assert baseline.next_scale({"5.0": 2.0, "6.0": 1.0}) is None  # no higher than 6
+    assert baseline.next_scale({"1.5": 2.0, "2.0": 1.0, "3.0": 3.0}) is None  # inside the grid: done
+
+
+def test_a_stored_search_whose_best_lies_on_the_edge_is_extended(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
+    cfg, a = eval_cfg(tiny_assets), tiny_assets["teacher"]
+    path = tmp_path / "search.json"
+    earlier = {"wall_time_s": 5.0, "git_commit": "0" * 40}
+    path.write_text(json.dumps({"teacher": a, "steps": 50, "num_samples": 10, "seed": cfg.seed + 1,
+                                "val_fid": {"1.5": 0.0, "2.0": 1.0, "3.0": 2.0}, "best_cfg_scale": 1.5,
+                                "provenance": earlier}))
+    search = baseline.searched_scale(path, a, cfg, 10)
+    # only 1.25 is measured (1.5's FID of 0 cannot be beaten, and 1.5 is then inside the grid)
+    assert list(search["val_fid"]) == ["1.5", "2.0", "3.0", "1.25"]
+    assert search["val_fid"]["1.5"] == 0.0 and search["val_fid"]["1.25"] > 0
+    assert search["best_cfg_scale"] == 1.5
+    assert search["provenance"]["extends"] == earlier and search["provenance"]["wall_time_s"] > 5.0
+    assert json.loads(path.read_text()) == search
+    assert baseline.searched_scale(path, a, cfg, 10) == search  # inside the grid now: read, not recomputed
+    fresh = baseline.searched_scale(path, a, cfg, 12)  # other sample counts: searched anew
+    assert set(fresh["val_fid"]) >= {"1.5", "2.0", "3.0"} and "extends" not in fresh["provenance"]
