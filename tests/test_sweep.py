@@ -53,6 +53,18 @@ def env(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_cell():
+    """A probe is read beside Table 1 only if its default row is Table 1's default cell, seed for seed."""
+    default = {c.seed: c.id for a in sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["seeds=[0,1,2]"])
+               for c in a.cells if c.default}
+    files = sorted((REPO / "ablations").rglob("*.yaml"))
+    assert {"training_length.yaml", "teacher_quality.yaml"} <= {f.name for f in files}
+    for path in files:
+        for a in sweep.load_ablations(path, ["seeds=[0,1,2]"]):
+            rows = {c.seed: c.id for c in a.cells if c.default}
+            assert rows == default, f"{path}: {a.name}'s default row is not the default cell"
+
+
 def test_every_ablation_file_expands_and_the_default_cell_is_shared():
     abls = sweep.load_ablations(REPO / "ablations" / "table1.yaml")
     names = {a.name for a in abls}
