@@ -82,7 +82,7 @@ def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, 
             "val_fid": fids, "best_cfg_scale": float(best)}
 
 
-def searched_scale(path: Path, teacher: str, cfg: EvalConfig, num_samples: int) -> dict[str, Any]:
+def stored_cfg_search(path: Path, teacher: str, cfg: EvalConfig, num_samples: int) -> dict[str, Any]:
     """The stored CFG search, extended where its best scale lies on the grid's edge (a search stored before
     the edge rule keeps its measured scales); computed whole when none is stored for these samples."""
     stored = json.loads(path.read_text()) if path.is_file() else None
@@ -129,7 +129,7 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
             print(f"skipping {teacher}: no weights at {resolve_weights(teacher)}", file=sys.stderr)
             continue
         key = row_key(teacher)
-        search = searched_scale(rows_dir / f"{key}_cfg_search.json", teacher, cfg, cfg_search_samples)
+        search = stored_cfg_search(rows_dir / f"{key}_cfg_search.json", teacher, cfg, cfg_search_samples)
         for scale in (1.0, search["best_cfg_scale"]):
             for s in steps:
                 rows.append(cached_row(rows_dir / f"{key}_{s}steps_cfg{scale:g}.json",

@@ -58,13 +58,13 @@ def test_a_stored_search_whose_best_lies_on_the_edge_is_extended(tiny_assets, tm
     path.write_text(json.dumps({"teacher": a, "steps": 50, "num_samples": 10, "seed": cfg.seed + 1,
                                 "val_fid": {"1.5": 0.0, "2.0": 1.0, "3.0": 2.0}, "best_cfg_scale": 1.5,
                                 "provenance": earlier}))
-    search = baseline.searched_scale(path, a, cfg, 10)
+    search = baseline.stored_cfg_search(path, a, cfg, 10)
     # only 1.25 is measured (1.5's FID of 0 cannot be beaten, and 1.5 is then inside the grid)
     assert list(search["val_fid"]) == ["1.5", "2.0", "3.0", "1.25"]
     assert search["val_fid"]["1.5"] == 0.0 and search["val_fid"]["1.25"] > 0
     assert search["best_cfg_scale"] == 1.5
     assert search["provenance"]["extends"] == earlier and search["provenance"]["wall_time_s"] > 5.0
     assert json.loads(path.read_text()) == search
-    assert baseline.searched_scale(path, a, cfg, 10) == search  # inside the grid now: read, not recomputed
-    fresh = baseline.searched_scale(path, a, cfg, 12)  # other sample counts: searched anew
+    assert baseline.stored_cfg_search(path, a, cfg, 10) == search  # inside the grid now: read, not recomputed
+    fresh = baseline.stored_cfg_search(path, a, cfg, 12)  # other sample counts: searched anew
     assert set(fresh["val_fid"]) >= {"1.5", "2.0", "3.0"} and "extends" not in fresh["provenance"]
