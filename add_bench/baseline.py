@@ -33,10 +33,15 @@ CFG_GRID = (1.5, 2.0, 3.0)
 def cached_row(path: Path, compute) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
+    return computed_row(path, compute)
+
+
+def computed_row(path: Path, compute, earlier_wall_s: float = 0.0, **extra) -> dict[str, Any]:
+    """``compute()`` with its provenance (wall time plus ``earlier_wall_s``, ``extra``), written atomically."""
     start = time.time()
     row = compute()
-    row["provenance"] = provenance(seed=row.get("seed"), wall_time_s=time.time() - start,
-                                   command="python -m add_bench.baseline")
+    row["provenance"] = provenance(seed=row.get("seed"), wall_time_s=time.time() - start + earlier_wall_s,
+                                   command="python -m add_bench.baseline", **extra)
     atomic_write_json(path, row)
     return row
 
@@ -92,13 +97,8 @@ def stored_cfg_search(path: Path, teacher: str, cfg: EvalConfig, num_samples: in
         done, earlier = stored["val_fid"], stored["provenance"]
     else:
         done, earlier = {}, None
-    start = time.time()
-    search = cfg_search(teacher, cfg, num_samples, done)
-    wall = time.time() - start + (earlier["wall_time_s"] if earlier else 0.0)
-    search["provenance"] = provenance(seed=search["seed"], wall_time_s=wall, command="python -m add_bench.baseline",
-                                      **({"extends": earlier} if earlier else {}))
-    atomic_write_json(path, search)
-    return search
+    return computed_row(path, lambda: cfg_search(teacher, cfg, num_samples, done),
+                        earlier["wall_time_s"] if earlier else 0.0, **({"extends": earlier} if earlier else {}))
 
 
 def teacher_row(teacher: str, steps: int, cfg_scale: float, cfg: EvalConfig, suite) -> dict[str, Any]:
