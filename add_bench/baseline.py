@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from add_bench.config import EvalConfig, load
-from add_bench.data import load_split
-from add_bench.errors import AddBenchError
+from add_bench.data import NUM_CLASSES, balanced_indices, load_split
+from add_bench.errors import AddBenchError, DataError
 from add_bench.evaluate import generate, load_denoiser
 from add_bench.metrics import FID, EvalNetScorer, SampleSet, build_suite, score
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, resolve_weights
@@ -47,9 +47,9 @@ def computed_row(path: Path, compute, earlier_wall_s: float = 0.0, **extra) -> d
 
 
 def floor_row(cfg: EvalConfig, suite) -> dict[str, Any]:
-    """The real-data floor: 5k random training images scored like samples."""
+    """The real-data floor: 5k random training images, balanced over the classes as samples are, scored like samples."""
     train = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download)
-    idx = np.random.default_rng(cfg.seed).choice(len(train), cfg.num_samples, replace=False)
+    idx = balanced_indices(train.labels, cfg.num_samples // NUM_CLASSES, np.random.default_rng(cfg.seed))
     real = SampleSet(train.images[idx], train.labels[idx])
     return {"model": "real data (train split)", "steps": 0, "cfg_scale": None, "nfe": 0, "seed": cfg.seed,
             **score(suite, real)}
@@ -165,16 +165,22 @@ def write_tables(rows: list[dict], out: Path) -> None:
                         "threads": r.get("provenance", {}).get("machine", {}).get("torch_threads")} for r in rows])
     floor = float(df.loc[df["steps"] == 0, "fid"].iloc[0])
     df["fid_over_floor"] = df["fid"] / floor
-    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc", "sec_per_1000", "threads"]
-    df = df[[c for c in cols if c in df]]
+    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc",
+            "recall", "coverage", "intra_fid", "sec_per_1000", "threads"]
+    df = df.reindex(columns=cols)  # rows scored before recall, coverage and intra-FID existed: empty there
     with_cfg = df["cfg_scale"].fillna(1.0)
     df["cfg_scale"] = df["cfg_scale"].map(lambda v: "—" if v is None or v != v else f"{v:g}")
     atomic_write_text(out / "table.csv", df.to_csv(index=False, float_format="%.4g"))
-    header = (f"# Teacher baseline (DDIM, Fashion-MNIST)\n\nFID-{len(df)} rows: FID of 5k balanced samples against the "
+    header = ("# Teacher baseline (DDIM, Fashion-MNIST)\n\nFID of 5k balanced samples against the "
               "10k test split in the evaluation network's feature space; alignment = evaluation-network probability "
               "of the conditioning class / accuracy. Floor: 5k real training images. Produced by "
               "`python -m add_bench.baseline`; provenance in rows/*.json.\n\n")
-    atomic_write_text(out / "table.md", header.replace(f"FID-{len(df)} rows: ", "") + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    shown = df.astype(object).where(df.notna(), None)
+    for col in ("recall", "coverage", "intra_fid"):
+        shown[col] = shown[col].map(lambda v: "n/m" if v is None else f"{v:.4g}")
+    header += ("Recall, coverage (class-conditional, k = 5) and intra-FID (per-class FID) in the self-supervised "
+               "embedding `evalnet_ssl`; `n/m` = not measured (a row scored before these metrics existed).\n\n")
+    atomic_write_text(out / "table.md", header + shown.to_markdown(index=False, floatfmt=".4g") + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     gen = df[df["steps"] > 0]
     for (model, scale), g in gen.groupby([gen["model"], with_cfg[gen.index]]):
@@ -199,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--cfg-search-samples", type=int, default=1000)
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "teacher"))
+    p.add_argument("--tables-only", action="store_true", help="rewrite the tables and plot from the stored rows only")
     a = p.parse_args(argv)
     try:
+        if a.tables_only:
+            rows_dir = Path(a.out) / "rows"
+            if not rows_dir.is_dir():
+                raise DataError(f"{rows_dir}: no stored rows; run python -m add_bench.baseline --out {a.out} first")
+            write_tables(stored_rows(rows_dir), Path(a.out))
+            print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
+            return 0
         cfg = load(EvalConfig, overrides=a.overrides)
         run(a.teachers, Path(a.out), cfg, a.steps, a.cfg_search_samples)
     except AddBenchError as e:

@@ -81,6 +81,26 @@ class EvalNetPretrainConfig:
 
 
 @dataclass
+class EmbedNetPretrainConfig:
+    """``python -m add_bench.pretrain evalnet_ssl``: the self-supervised evaluation embedding (never used in
+    training). SimCLR-style: two augmented views of each image, NT-Xent over the batch."""
+
+    steps: int = 3000
+    batch_size: int = 256  # images per step (2 views each)
+    lr: float = 2e-3  # AdamW, linear warm-up then cosine decay
+    weight_decay: float = 1e-4
+    temperature: float = 0.2  # NT-Xent τ
+    width: int = 16  # channels of the first conv (EmbedNet)
+    min_scale: float = 0.8  # random crop: side between min_scale and 1 of the image, resized back
+    max_shift: float = 2.0  # random translation, pixels
+    contrast: float = 0.2  # intensity scaled by U(1 - contrast, 1 + contrast)
+    cutout: int = 8  # side of a black square erased with probability 0.5 (0 = off)
+    seed: int = 0
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
 class CocoConfig:
     """COCO 2017 captions (cluster scale): prompts and FID reference images (add_bench.data.coco)."""
 
@@ -106,7 +126,8 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 500
     metrics: str = "embedded"  # metric suite: embedded | cluster (add_bench.metrics.METRIC_SUITES)
-    evalnet: str = "evalnet"  # shipped evaluation network (name or folder)
+    evalnet: str = "evalnet"  # shipped evaluation classifier (name or folder): FID, alignment
+    evalnet_ssl: str = "evalnet_ssl"  # shipped self-supervised embedding (name or folder): recall, coverage, intra-FID
     data: DataConfig = field(default_factory=DataConfig)
     coco: CocoConfig = field(default_factory=CocoConfig)  # cluster scale only
     cluster: ClusterMetricsConfig = field(default_factory=ClusterMetricsConfig)  # cluster scale only

@@ -31,7 +31,7 @@ from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
 from add_bench.diffusion import SAMPLERS, Denoiser, Schedule, get_sampler
 from add_bench.errors import AddBenchError, CheckpointError, ConfigError
-from add_bench.metrics import SampleSet, build_suite, score
+from add_bench.metrics import SampleSet, build_suite, metric_features, score
 from add_bench.networks.unets import load_unet, read_card
 from add_bench.provenance import atomic_path, atomic_write_json, provenance, resolve_weights
 
@@ -167,7 +167,8 @@ def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler:
         if export:
             path = Path(export)
             export_samples(path if len(steps) == 1 else path.with_name(f"{path.stem}_{s}steps{path.suffix}"), g.samples)
-    return {"checkpoint": str(checkpoint), "kind": kind, "num_samples": cfg.num_samples, "rows": rows}
+    return {"checkpoint": str(checkpoint), "kind": kind, "num_samples": cfg.num_samples, "rows": rows,
+            "metric_features": metric_features(suite)}
 
 
 def main(argv: list[str] | None = None) -> int:

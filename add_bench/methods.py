@@ -112,6 +112,7 @@ def inputs(cfg: TrainConfig) -> dict[str, Path]:
             roles["c_img network"] = featnet_folder(d.c_img_network, d.c_img_weights)
     if cfg.eval.metrics != "cluster":
         roles["evaluation network"] = resolve_weights(cfg.eval.evalnet)
+        roles["evaluation embedding"] = resolve_weights(cfg.eval.evalnet_ssl)
     return roles
 
 

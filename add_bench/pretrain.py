@@ -2,6 +2,7 @@
 
     python -m add_bench.pretrain teacher [size=small|large] [key=value ...]
     python -m add_bench.pretrain evalnet [key=value ...]
+    python -m add_bench.pretrain evalnet_ssl [key=value ...]
     python -m add_bench.pretrain featnet dino_s|dino_l|clip_s [key=value ...]   (add_bench.featnet_pretrain)
 
 Each run keeps a work folder (``runs/<name>/``: checkpoint.pt, log.jsonl) and resumes from it
@@ -20,12 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from add_bench import checkpoint
-from add_bench.config import EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
+from add_bench.config import EmbedNetPretrainConfig, EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
 from add_bench.errors import AddBenchError, TrainingDiverged
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
-from add_bench.networks.evalnet import EvalNet
+from add_bench.networks.evalnet import EmbedNet, EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
 from add_bench.loop import Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
@@ -90,14 +91,30 @@ def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budge
 
 
 # ------------------------------------------------------------------------------------ evalnet
+def optimizer_step(run: Run, opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm) -> None:
+    """One plain optimiser step on ``loss``; the run's step and the progress bar advance."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    run.step += 1
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def seeded_start(cfg) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """Threads and seeds set from ``cfg``; its generator and the train split as tensors."""
+    set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    d = cfg.data
+    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    return torch.Generator().manual_seed(cfg.seed), x_train, y_train
+
+
 def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
                      command: str | None = None) -> bool:
     check_positive(cfg.epochs, "epochs")
-    set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen, x_train, y_train = seeded_start(cfg)
     d = cfg.data
-    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
     x_val, y_val = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
     net = EvalNet()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -112,12 +129,7 @@ def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budge
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         x = random_shift(x_train[idx], cfg.max_shift, gen)
         loss = F.cross_entropy(net(x), y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        optimizer_step(run, opt, loss, bar)
         if run.step % steps_per_epoch == 0 or run.done:
             run.log.write(step=run.step, epoch=run.step / steps_per_epoch, loss=loss.item(),
                           val_acc=accuracy(net, x_val, y_val), wall_time_s=run.wall_time_s)
@@ -159,6 +171,104 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     return correct / len(x)
 
 
+# ------------------------------------------------------------------------------------ evalnet_ssl
+def augment_view(x: torch.Tensor, cfg: EmbedNetPretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """One random view of images in [-1, 1]: crop-and-resize with a shift, a contrast change, a cutout.
+    No flips and no blur, so that the embedding still tells a mirrored or blurred garment apart."""
+    n = len(x)
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    scale = cfg.min_scale + (1 - cfg.min_scale) * u(n)
+    shift = (2 * u(n, 2) - 1) * (2 * cfg.max_shift / x.shape[-1])
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    view = F.grid_sample(x + 1, grid, align_corners=False) - 1  # zero padding = black background
+    view = (view + 1) * (1 + cfg.contrast * (2 * u(n, 1, 1, 1) - 1)) - 1
+    if cfg.cutout > 0:
+        h = x.shape[-1]
+        corner = (u(n, 2) * (h - cfg.cutout + 1)).long()
+        rows = torch.arange(h)
+        inside = ((rows[None, :, None] >= corner[:, 0, None, None]) & (rows[None, :, None] < corner[:, 0, None, None] + cfg.cutout)
+                  & (rows[None, None, :] >= corner[:, 1, None, None]) & (rows[None, None, :] < corner[:, 1, None, None] + cfg.cutout))
+        erase = inside & (u(n, 1, 1) < 0.5)
+        view = torch.where(erase[:, None], torch.full_like(view, -1.0), view)
+    return view.clamp(-1, 1)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent: each view's positive is the other view of its image, the 2N − 2 others negatives.
+    ``z1``, ``z2``: unit-norm (N, D)."""
+    z = torch.cat([z1, z2])
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    n = len(z1)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(logits, target)
+
+
+@torch.no_grad()
+def embed(net: EmbedNet, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    net.eval()
+    return torch.cat([net.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def embedding_checks(net: EmbedNet, cfg: EmbedNetPretrainConfig, x_train, y_train, x_test, y_test) -> dict[str, float]:
+    """What the card reports: 5-NN class accuracy of test images against 10k train images (classes are
+    not trained on, so this shows the embedding is semantic), and view retrieval: the share of test images
+    whose augmented view is nearest to its own image among all 10k (instances stay apart)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    memory = torch.randperm(len(x_train), generator=gen)[:10_000]
+    f_train, f_test = embed(net, x_train[memory]), embed(net, x_test)
+    nearest = torch.cdist(f_test, f_train).topk(5, largest=False).indices
+    knn = torch.mode(y_train[memory][nearest], dim=1).values
+    f_view = embed(net, augment_view(x_test, cfg, gen))
+    own = torch.cdist(f_view, f_test).argmin(1) == torch.arange(len(x_test))
+    return {"knn5_test_accuracy": round(float((knn == y_test).float().mean()), 4),
+            "view_retrieval_top1": round(float(own.float().mean()), 4)}
+
+
+def pretrain_evalnet_ssl(cfg: EmbedNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
+                         command: str | None = None) -> bool:
+    check_positive(cfg.steps, "steps")
+    gen, x_train, y_train = seeded_start(cfg)
+    d = cfg.data
+    net = EmbedNet(cfg.width)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = Run(workdir, {"net": net, "opt": opt}, gen, cfg.steps, max(1, cfg.steps // 10), budget_minutes)
+    print(f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}",
+          file=sys.stderr)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="evalnet_ssl", dynamic_ncols=True)
+    while not run.done:
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(run.step, cfg.lr, cfg.steps // 20, cfg.steps, 0.01)
+        x = x_train[torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)]
+        loss = nt_xent(net(augment_view(x, cfg, gen)), net(augment_view(x, cfg, gen)), cfg.temperature)
+        optimizer_step(run, opt, loss, bar)
+        if run.step % 50 == 0 or run.done:
+            run.log.write(step=run.step, loss=loss.item(), lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s)
+        if run.end_of_step():
+            bar.close()
+            return False
+    bar.close()
+    wall, step = run.wall_time_s, run.step
+    x_test, y_test = load_split("test", d.root, download=d.download).tensors()
+    metrics = embedding_checks(net, cfg, x_train, y_train, x_test, y_test)
+    card = {
+        "kind": "evalnet_ssl", "name": out.name, "params": num_params(net), "feature_dim": EmbedNet.feature_dim,
+        "width": cfg.width, "objective": "SimCLR NT-Xent instance discrimination (no labels)", "weights": "fp32",
+        "data": f"Fashion-MNIST train split ({len(x_train)} images)", "steps": step,
+        "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(cfg, cfg.seed, wall, command=command or "python -m add_bench.pretrain evalnet_ssl"),
+        "metrics": metrics,
+    }
+    save_weights(out, net.eval(), card, fp16=False)
+    print(f"evalnet_ssl: {metrics}; wrote {out}", file=sys.stderr)
+    return True
+
+
 # ------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -167,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return featnet_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m add_bench.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["teacher", "evalnet"])
+    p.add_argument("what", choices=["teacher", "evalnet", "evalnet_ssl"])
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--config", help="YAML file of config values")
     p.add_argument("--name", help="weights name (default teacher_<size> / evalnet)")
@@ -180,10 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load(TeacherPretrainConfig, a.config, a.overrides)
             name = a.name or f"teacher_{cfg.size}"
             run = pretrain_teacher
-        else:
+        elif a.what == "evalnet":
             cfg = load(EvalNetPretrainConfig, a.config, a.overrides)
             name = a.name or "evalnet"
             run = pretrain_evalnet
+        else:
+            cfg = load(EmbedNetPretrainConfig, a.config, a.overrides)
+            name = a.name or "evalnet_ssl"
+            run = pretrain_evalnet_ssl
         workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
         out = Path(a.out) if a.out else WEIGHTS_DIR / name
         # the card records the command that made the weights; --budget-minutes only splits the run

@@ -94,6 +94,7 @@ EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every")
 # what those cells did. A key at that value is left out of the id, so adding a field never orphans
 # finished cells; any other value makes a new cell. Append here whenever TrainConfig grows a field.
 ADDED_KEYS: dict[str, Any] = {
+    "eval.evalnet_ssl": "evalnet_ssl",
     "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
     "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
     "coco": {"root": None, "split": "train2017", "resolution": 512},

@@ -8,10 +8,15 @@ Reads the sweep's manifest ``<root>/<ablation>/cells.json`` and each cell's ``<r
 * ``table.md`` / ``table.tex`` / ``table.csv``: one row per cell at the headline step count (1, as in the
   paper's Table 1): ours (mean ± 95% CI over seeds) beside the paper's FID / CLIP score; default row ``*``.
   The CSV holds the numbers (mean, ci95, n, status); the Markdown and LaTeX hold the formatted text.
-* ``table_steps.md`` / ``table_steps.csv``: FID and alignment at every evaluated step count.
+* ``table_steps.md`` / ``table_steps.csv``: FID, alignment, recall, coverage and per-class FID at every
+  evaluated step count.
 * ``samples.png``: each row's committed samples (10 per class) at the row's step count.
 * ``fid_vs_alignment.png`` (ours | paper, side by side) and ``fid_vs_steps.png``.
 * ``summary.json``: the aggregated numbers, the ranking agreement with the paper and the provenance.
+
+Diversity-aware columns (class-conditional recall and coverage, per-class FID; ``add_bench.metrics``)
+show ``n/m`` (not measured) for cells evaluated before the suite computed them. A row whose class-conditional
+recall is below ``COLLAPSE_RECALL`` is flagged ``collapsed``.
 
 Partial sweeps are expected: a cell without results shows ``pending``, one with ``error.json`` shows
 ``failed: <error>``, one whose teacher, feature or evaluation network weights changed after it ran shows
@@ -35,12 +40,23 @@ from add_bench.provenance import atomic_path, atomic_write_json, atomic_write_te
 ALIGNMENT_KEYS = ("clip_score", "align_prob")  # the first one present in a metrics row is "align"
 ALIGNMENT_NAMES = {"clip_score": "CLIP score", "align_prob": "align. prob"}
 HEADLINE_STEPS = 1
+# A row is flagged collapsed below this class-conditional recall (k = 5, evalnet_ssl embedding). On the
+# metric sanity ladder (python -m add_bench.metric_sanity) it lies between the rung of 100 distinct real
+# images per class, each repeated to 500 samples, and the rung of 20, which scores 0: below it a generator
+# recalls less of each class than a hundred fixed images would.
+COLLAPSE_RECALL = 0.2
+DIVERSITY_METRICS = (("recall", "recall", 3), ("coverage", "coverage", 3), ("intra_fid", "intra-FID", 2))
 DEFAULT_EVAL_STEPS = (1, 2, 4)
 CONVENTIONS = {
     "align_prob": "FID{n} on the evaluation network's 128-d features against the 10k test split; alignment = mean "
                   "evaluation-network probability of the conditioning class (the embedded stand-in for CLIP score); "
                   "diversity = within-class pixel standard deviation of the cell's 100-sample grid (10 per class, "
-                  "`metrics.Diversity`; real training images ≈ 0.17), near 0 when every noise gives the class's one image.",
+                  "`metrics.Diversity`; real training images ≈ 0.17), near 0 when every noise gives the class's one image; "
+                  "recall, coverage = class-conditional k-NN recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. "
+                  "2020), k = 5, and intra-FID = per-class FID averaged over classes, all on the same samples in the "
+                  "self-supervised embedding `evalnet_ssl` against each class's test images (what real "
+                  "images and collapsed generators score: results/metric_sanity); `n/m` = not measured (evaluated before these metrics existed); "
+                  "`collapsed` = recall < {collapse}.",
     "clip_score": "FID{n}: clean-fid Inception FID (\"clean\" mode); CLIP score: open_clip mean of max(cos, 0) "
                   "between image and prompt, on the paper's 0–1 scale.",
 }
@@ -144,15 +160,16 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
             key = alignment_key(row)
             records.append({**base, "steps": row.get("steps"), "nfe": row.get("nfe"), "fid": row.get("fid"),
                             "align": row.get(key) if key else None, "align_key": key,
+                            **{m: row.get(m) for m, _, _ in DIVERSITY_METRICS},
                             "diversity": grids.get(row.get("steps")),
                             "sec_per_1000": row.get("sec_per_1000"), "num_samples": metrics.get("num_samples"),
                             "git_commit": prov.get("git_commit"), "machine": machine_text(prov.get("machine"))})
     columns = ["order", "name", "label", "default", "seed", "id", "status", "error", "steps", "nfe", "fid", "align",
-               "align_key", "diversity", "sec_per_1000", "num_samples", "paper_fid", "paper_cs", "paper_time",
-               "row_steps", "git_commit", "machine"]
+               "align_key", "diversity", *(m for m, _, _ in DIVERSITY_METRICS), "sec_per_1000", "num_samples",
+               "paper_fid", "paper_cs", "paper_time", "row_steps", "git_commit", "machine"]
     df = pd.DataFrame.from_records(records, columns=columns)
-    for col in ("steps", "nfe", "fid", "align", "diversity", "sec_per_1000", "num_samples", "paper_fid", "paper_cs",
-                "paper_time", "row_steps"):
+    for col in ("steps", "nfe", "fid", "align", "diversity", *(m for m, _, _ in DIVERSITY_METRICS), "sec_per_1000",
+                "num_samples", "paper_fid", "paper_cs", "paper_time", "row_steps"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -194,6 +211,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         fid_mean=("fid", "mean"), fid_ci95=("fid", ci95), fid_n=("fid", "count"),
         align_mean=("align", "mean"), align_ci95=("align", ci95), align_n=("align", "count"),
         div_mean=("diversity", "mean"), div_ci95=("diversity", ci95), div_n=("diversity", "count"),
+        **{f"{m}_{stat}": (m, fn) for m, _, _ in DIVERSITY_METRICS for stat, fn in (("mean", "mean"), ("ci95", ci95),
+                                                                                      ("n", "count"))},
         nfe=("nfe", "mean"), sec_per_1000=("sec_per_1000", "mean"),
         paper_fid=("paper_fid", "first"), paper_cs=("paper_cs", "first"), paper_time=("paper_time", "first"),
         row_steps=("row_steps", "first"),
@@ -282,6 +301,21 @@ def fmt(mean: float, ci: float, n: int, digits: int) -> str | None:
     return f"{mean:.{digits}f} (n=1)" if n == 1 else f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
+def metric_text(row, metric: str, digits: int) -> str:
+    """A metric's ``mean ± ci`` over seeds; ``n/m`` for a finished cell evaluated before the metric existed."""
+    text = fmt(getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_ci95"), getattr(row, f"{metric}_n"), digits)
+    if text:
+        return text
+    return "n/m" if row.status in ("done", "partial") else missing_text(row)
+
+
+def collapse_text(row) -> str:
+    """``collapsed`` when the mean class-conditional recall is below COLLAPSE_RECALL, else ``no``."""
+    if not row.recall_n:
+        return "n/m" if row.status in ("done", "partial") else missing_text(row)
+    return "collapsed" if row.recall_mean < COLLAPSE_RECALL else "no"
+
+
 def missing_text(row, detail: bool = False) -> str:
     """``pending``, ``stale`` or ``failed`` (with the short error when ``detail``) for a cell without numbers."""
     if row.status == "stale":
@@ -316,6 +350,9 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
                 f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r)}
         if diversity:
             row["ours diversity ↑"] = fmt(r.div_mean, r.div_ci95, r.div_n, 3) or missing_text(r)
+        if "recall_n" in head:
+            row |= {"ours recall ↑": metric_text(r, "recall", 3), "ours coverage ↑": metric_text(r, "coverage", 3),
+                    "mode collapse": collapse_text(r)}
         row |= {f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
                 f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3)}
         if paper_time:
@@ -332,12 +369,10 @@ def steps_table(agg: pd.DataFrame, align_name: str) -> pd.DataFrame:
         first = g.iloc[0]
         row = {"": "*" if first.default else "", "setting": first.label}
         at = {int(r.steps): r for r in g.itertuples()}
-        for metric, title, digits in (("fid", "FID", 2), ("align", align_name, 3)):
+        for metric, title, digits in (("fid", "FID", 2), ("align", align_name, 3), *DIVERSITY_METRICS):
             for steps in all_steps:  # a step count this cell is not sampled at (a method table): —
                 r = at.get(steps)
-                row[f"{title} @{steps}"] = "—" if r is None else fmt(
-                    getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_ci95"), getattr(r, f"{metric}_n"), digits
-                ) or missing_text(r)
+                row[f"{title} @{steps}"] = "—" if r is None else metric_text(r, metric, digits)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -384,7 +419,7 @@ def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int
     lines = [f"# {table_title(manifest)}", "",
              f"Ablation `{manifest.get('ablation', '?')}`, {where}; `*` = default row. Ours: mean ± 95% CI over "
              "seeds (t-distribution); `(n=1)` = a single seed; `n seeds` = finished / planned.", "",
-             f"Metrics (ours): {CONVENTIONS.get(align, CONVENTIONS['align_prob']).format(n=n)}", "",
+             f"Metrics (ours): {CONVENTIONS.get(align, CONVENTIONS['align_prob']).format(n=n, collapse=COLLAPSE_RECALL)}", "",
              manifest.get("paper_note") or PAPER_NOTE.format(table=manifest.get("table", "1")), "",
              to_markdown(head_df) if len(head_df) else "_cells.json lists no cells._", ""]
     tau = agreement.get("kendall_tau_fid")
@@ -569,7 +604,8 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
             "ids": list(dict.fromkeys(df.loc[df["name"] == name, "id"])),
             "paper": {"fid": first.paper_fid, "cs": first.paper_cs},
             "steps": {str(r.steps): {m: {"mean": getattr(r, f"{m}_mean"), "ci95": getattr(r, f"{m}_ci95"),
-                                         "n": int(getattr(r, f"{m}_n"))} for m in ("fid", "align")}
+                                         "n": int(getattr(r, f"{m}_n"))}
+                                     for m in ("fid", "align", *(k for k, _, _ in DIVERSITY_METRICS))}
                       | {"nfe": r.nfe, "sec_per_1000": r.sec_per_1000} for r in g.itertuples()}})
     align = alignment_of(df)
     return jsonable({"ablation": manifest.get("ablation"), "table": manifest.get("table"), "title": manifest.get("title"),
@@ -578,17 +614,22 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
                      "cells": cells, "agreement": agreement, "provenance": provenance_summary(df)})
 
 
+def diversity_columns() -> list[str]:
+    return [f"{m}_{stat}" for m, _, _ in DIVERSITY_METRICS for stat in ("mean", "ci95", "n")]
+
+
 def headline_csv(head: pd.DataFrame, align: str) -> str:
     cols = ["default", "name", "label", "steps", "status", "error", "n_seeds", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "div_mean", "div_ci95", "paper_fid", "paper_cs"]
+            "align_mean", "align_ci95", "div_mean", "div_ci95", *diversity_columns(), "paper_fid", "paper_cs"]
     if per_row_steps(head):  # a method comparison: the cost of each row too
         cols += ["nfe", "sec_per_1000", "paper_time"]
-    return head[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
+    collapsed = (head["recall_mean"] < COLLAPSE_RECALL).where(head["recall_n"] > 0)  # NaN: not measured
+    return head[cols].assign(align_key=align, collapsed=collapsed).to_csv(index=False, float_format="%.6g")
 
 
 def steps_csv(agg: pd.DataFrame, align: str) -> str:
     cols = ["name", "label", "default", "steps", "status", "n_seeds", "nfe", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "div_mean", "div_ci95", "sec_per_1000"]
+            "align_mean", "align_ci95", "div_mean", "div_ci95", *diversity_columns(), "sec_per_1000"]
     return agg[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
 
 

@@ -171,7 +171,8 @@ if not students and teacher is None:
           "and python -m add_bench.baseline")
 for name, agg in students.items():
     print(name)
-    display(agg[["steps", "nfe", "fid_mean", "fid_ci95", "align_mean", "align_ci95", "n_seeds"]])'''),
+    display(agg[["steps", "nfe", "fid_mean", "fid_ci95", "align_mean", "align_ci95", "recall_mean", "coverage_mean",
+                 "intra_fid_mean", "n_seeds"]])'''),
     new_markdown_cell("""\
 ## Our Table 2: methods on equal terms
 
@@ -184,8 +185,10 @@ methods = pd.read_csv(methods_csv) if methods_csv.is_file() else None
 if methods is None:
     print(f"no method comparison at {methods_csv} yet; run python -m add_bench.sweep ablations/methods.yaml --out {ROOT}")
 else:
-    display(methods[["label", "steps", "nfe", "sec_per_1000", "fid_mean", "fid_ci95", "align_mean", "align_ci95",
-                     "n_seeds", "status", "paper_fid", "paper_cs", "paper_time"]])'''),
+    shown = [c for c in ("label", "steps", "nfe", "sec_per_1000", "fid_mean", "fid_ci95", "align_mean", "align_ci95",
+                         "recall_mean", "coverage_mean", "collapsed", "n_seeds", "status", "paper_fid", "paper_cs",
+                         "paper_time") if c in methods]  # recall, coverage: absent from tables written before them
+    display(methods[shown])'''),
     new_markdown_cell("## FID vs NFE"),
     new_code_cell('''\
 import matplotlib.pyplot as plt

@@ -63,11 +63,14 @@ def tiny_assets(tmp_path_factory, fake_data) -> dict[str, str]:
     vocab = prompt_vocab(PROMPTS)
     save_weights(clip, ClipS(arch, vocab, 16), {"kind": "featnet", "objective": "clip", "arch": arch,
                                                 "vocab": vocab, "clip_embed_dim": 16}, fp16=False)
-    from add_bench.networks.evalnet import EvalNet
+    from add_bench.networks.evalnet import EmbedNet, EvalNet
 
     evalnet = root / "evalnet_tiny"
     save_weights(evalnet, EvalNet().eval(), {"kind": "evalnet"}, fp16=False)
-    return {"teacher": str(teacher), "clip": str(clip), "data": str(fake_data), "evalnet": str(evalnet)}
+    evalnet_ssl = root / "evalnet_ssl_tiny"
+    save_weights(evalnet_ssl, EmbedNet(4).eval(), {"kind": "evalnet_ssl", "width": 4}, fp16=False)
+    return {"teacher": str(teacher), "clip": str(clip), "data": str(fake_data), "evalnet": str(evalnet),
+            "evalnet_ssl": str(evalnet_ssl)}
 
 
 def tiny_train_overrides(assets: dict[str, str], **extra) -> list[str]:
@@ -77,8 +80,8 @@ def tiny_train_overrides(assets: dict[str, str], **extra) -> list[str]:
         "feature_network.name": "random", "discriminator.c_img_network": "random",
         "discriminator.c_text_weights": assets["clip"],
         "data.root": assets["data"], "data.val_size": 50, "data.download": False,
-        "optim.warmup_steps": 2, "eval.num_samples": 20, "eval.batch_size": 10,
-        "eval.evalnet": assets["evalnet"], "eval.data.root": assets["data"], "eval.data.download": False,
+        "optim.warmup_steps": 2, "eval.num_samples": 60, "eval.batch_size": 30,
+        "eval.evalnet": assets["evalnet"], "eval.evalnet_ssl": assets["evalnet_ssl"], "eval.data.root": assets["data"], "eval.data.download": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -11,8 +11,9 @@ from add_bench.config import EvalConfig, load
 
 
 def eval_cfg(assets):
-    return load(EvalConfig, overrides=[f"evalnet={assets['evalnet']}", f"data.root={assets['data']}",
-                                       "data.val_size=50", "data.download=false", "num_samples=20", "batch_size=10"])
+    return load(EvalConfig, overrides=[f"evalnet={assets['evalnet']}", f"evalnet_ssl={assets['evalnet_ssl']}",
+                                       f"data.root={assets['data']}", "data.val_size=50", "data.download=false",
+                                       "num_samples=60", "batch_size=30"])
 
 
 def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkeypatch):

@@ -339,7 +339,7 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     from test_sweep import tiny_preset
 
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
-    preset = tiny_preset(tiny_assets, tmp_path, **{"eval.num_samples": 20})
+    preset = tiny_preset(tiny_assets, tmp_path, **{"eval.num_samples": 60})
     # A run may train for at most 120 - 15 s minus its start-up (python, torch, the networks, the data: ≈10-40 s
     # depending on the machine and its load), so ≈120 s of training at the calibrated speed (2 threads; the task
     # gets 1) cannot finish in the first run, and each run still trains long enough to make progress.

@@ -322,7 +322,7 @@ def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny
     wd = out / "cells" / ablations[0].cells[0].id
     first = json.loads((wd / "metrics.json").read_text())
     # the random feature network and c_img are seeded, not read from a folder
-    assert set(first["inputs"]) == {"teacher", "student", "c_text network", "evaluation network"}
+    assert set(first["inputs"]) == {"teacher", "student", "c_text network", "evaluation network", "evaluation embedding"}
     old_blob = blob_id(teacher / "model.safetensors")
     assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob}
     assert sweep.cell_status(wd) == "done"

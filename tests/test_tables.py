@@ -211,3 +211,34 @@ def test_tables_show_the_within_class_diversity_of_each_cells_grid(tmp_path):
     uniform = 255 / np.sqrt(12) / 255  # std of uniform random pixels (seed 0's grids)
     assert csv.loc[0, "div_mean"] == pytest.approx(uniform / 2, abs=0.01)  # mean of ≈0.29 (seed 0) and 0 (seed 1)
     assert "ours diversity ↑" in (root / "loss_weighting" / "table.md").read_text()
+
+
+def test_recall_coverage_intra_fid_columns_with_not_measured_and_collapse_flags(root):
+    """Cells evaluated with the diversity-aware metrics show them; cells from before show n/m; a row below
+    COLLAPSE_RECALL is flagged."""
+    from add_bench import tables
+
+    folder = root / "loss_weighting"
+    m_path = root / "cells" / "default_s0" / "metrics.json"
+    m = json.loads(m_path.read_text())
+    recalls = {1: 0.05, 2: 0.3, 4: 0.5}
+    for row in m["rows"]:
+        row |= {"recall": recalls[row["steps"]], "coverage": 0.4, "intra_fid": 12.0}
+    m_path.write_text(json.dumps(m))
+    write_tables(folder)
+    md = (folder / "table.md").read_text()
+    exp = table_line(md, "L_adv + λ·L_distill,exp")
+    assert "0.050 (n=1)" in exp and "0.400 (n=1)" in exp  # seed 0 measured, seed 1 not: one seed counts
+    assert "collapsed" in exp and 0.05 < tables.COLLAPSE_RECALL
+    steps_md = (folder / "table_steps.md").read_text()
+    assert "recall @4" in steps_md and "intra-FID @2" in steps_md and "12.00 (n=1)" in steps_md
+    csv = pd.read_csv(folder / "table.csv")
+    assert csv.loc[csv["name"] == "exp", "collapsed"].item() == True  # noqa: E712
+    # a finished cell without the metrics (evaluated before them): not measured, never "pending"
+    m["rows"] = [{k: v for k, v in r.items() if k not in ("recall", "coverage", "intra_fid")} for r in m["rows"]]
+    m_path.write_text(json.dumps(m))
+    write_tables(folder)
+    exp = table_line((folder / "table.md").read_text(), "L_adv + λ·L_distill,exp")
+    assert exp.count("n/m") == 3  # recall, coverage, collapse flag
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["cells"][0]["steps"]["1"]["recall"]["n"] == 0

@@ -177,6 +177,15 @@ def _val_indices(labels: np.ndarray, val_size: int, seed: int) -> np.ndarray:
     ]))
 
 
+def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_class`` random indices of each class, ordered like samples: classes 0, 1, …, 9, 0, 1, …"""
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(NUM_CLASSES)]
+    short = [c for c, p in enumerate(picks) if len(p) < per_class]
+    if short:
+        raise DataError(f"class {short[0]} has {len(picks[short[0]])} images, fewer than the {per_class} asked for")
+    return np.stack(picks, 1).reshape(-1)
+
+
 def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """n labels cycling through the classes: 0, 1, ..., 9, 0, 1, ... (balanced when 10 | n)."""
     return torch.arange(n) % num_classes
