@@ -93,13 +93,18 @@ def average_gradients(module: torch.nn.Module) -> None:
     if not active():
         return
     params = [q for q in module.parameters() if q.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([q.grad.flatten() for q in params])
+    for q, g in zip(params, mean_tensors([q.grad for q in params])):
+        q.grad = g
+
+
+def mean_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor replaced by its mean over the processes (one flat all-reduce); alone, the tensors as is."""
+    if not active() or not tensors:
+        return tensors
+    flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    for q, g in zip(params, flat.split([q.numel() for q in params])):
-        q.grad = g.view_as(q)
+    return [g.view_as(t) for t, g in zip(tensors, flat.split([t.numel() for t in tensors]))]
 
 
 def mean_over_processes(row: dict[str, float]) -> dict[str, float]:

@@ -8,7 +8,9 @@ Each step: draw x0, s ∈ T_student, ε; x_s = α_s·x0 + σ_s·ε; the student 
   generator:      L = L_adv^G (Eq. 2) + λ·L_distill (Eq. 4)       → student update, EMA
   discriminator:  L_adv^D (Eq. 3, hinge + γ·R1 on head inputs)      → heads update
 The work folder keeps checkpoint.pt (exact resume), log.jsonl (every loss term, the discriminator's
-real/fake logits) and, when done, ``student/`` (EMA weights + card.json) for ``add_bench.evaluate``.
+real/fake logits, the latest lazy R1 term, the student's gradient norm from each term of Eq. 1) and, when
+done, ``student/`` (EMA weights + card.json) for ``add_bench.evaluate`` and training.png
+(``add_bench.plots``).
 
 Cluster scale: when ``teacher.network`` is a Stable Diffusion folder (``add_bench.networks.sd``), x0 is
 the VAE latent of a COCO image (``coco``), the condition is the caption's prompt embedding, the feature
@@ -258,8 +260,11 @@ def conditioning(nets: Networks, pixels: torch.Tensor, labels: torch.Tensor, c_t
 
 def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int,
              pixels: torch.Tensor | None = None, c_text: torch.Tensor | None = None,
-             teacher_cond: torch.Tensor | None = None) -> dict[str, float]:
+             teacher_cond: torch.Tensor | None = None, log_step: bool = False) -> dict[str, float]:
     """One ADD iteration: a generator (student) update, then a discriminator update.
+
+    ``log_step``: this step's row is written to the log, so it also carries the student's gradient norm
+    from each term of Eq. 1 alone (:func:`term_gradient_norms`; the update is the same either way).
 
     ``labels`` is the denoisers' condition (class labels, or prompt embeddings of a text model). A latent
     model also passes ``pixels`` (the real images whose latents are x0) and ``c_text`` (per-sample text
@@ -281,7 +286,7 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
 
     # ---- generator (student) update: Eq. 1
     loss_g = x0.new_zeros(())
-    fake_features = None
+    fake_features = loss_adv = weighted_distill = None
     if cfg.loss.adversarial:
         nets.discriminator.requires_grad_(False)
         fake_features = nets.feature_network(diff_augment(img_student, aug, gen))
@@ -291,9 +296,12 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
         log["loss_g_adv"] = loss_adv.item()
     if cfg.loss.distillation:
         loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student, teacher_cond)
-        loss_g = loss_g + cfg.loss.lambda_distill * loss_distill
+        weighted_distill = cfg.loss.lambda_distill * loss_distill
+        loss_g = loss_g + weighted_distill
         log["loss_distill"] = loss_distill.item()
     check_finite(loss_g, "generator loss", step)
+    if log_step:
+        log.update(term_gradient_norms(nets.student.unet, loss_adv, weighted_distill))
     opt_s.zero_grad(set_to_none=True)
     loss_g.backward()
     distributed.average_gradients(nets.student.unet)
@@ -322,8 +330,7 @@ def discriminator_step(feature_network, discriminator: Discriminator, cfg: Train
     Real and fake share the conditioning (c_text, c_img). Returns (real logits, fake logits, log entries)."""
     with torch.no_grad():
         real_features = feature_network(diff_augment(pixels, cfg.discriminator.augment, gen))
-    every = cfg.discriminator.r1_every
-    gamma = cfg.discriminator.r1_gamma * every if step % every == 0 else 0.0
+    gamma = cfg.discriminator.r1_gamma * cfg.discriminator.r1_every if r1_due(cfg, step) else 0.0
     real_features = [f.requires_grad_(gamma > 0) for f in real_features]
     real_logits = discriminator(real_features, c_text, c_img)
     fake_logits = discriminator([f.detach() for f in fake_features], c_text, c_img)
@@ -342,6 +349,36 @@ def discriminator_step(feature_network, discriminator: Discriminator, cfg: Train
                d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
                             + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
     return real_logits, fake_logits, log
+
+
+def r1_due(cfg: TrainConfig, step: int) -> bool:
+    """Lazy R1: the discriminator update of step ``step`` (counted from 0) carries the R1 penalty."""
+    return step % cfg.discriminator.r1_every == 0
+
+
+def term_gradient_norms(student: torch.nn.Module, loss_adv: torch.Tensor | None,
+                        weighted_distill: torch.Tensor | None) -> dict[str, float]:
+    """The student's gradient norm from L_adv^G alone and from λ·L_distill alone (0 for an absent term),
+    and their ratio adv/distill (left out when the distillation gradient is 0: λ = 0 or no L_distill).
+    Each gradient is taken with the graph kept and without touching ``.grad``, so the combined backward
+    that follows, and the update, are unchanged."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    adv, distill = gradient_norm(loss_adv, params), gradient_norm(weighted_distill, params)
+    norms = {"grad_norm_student_adv": adv, "grad_norm_student_distill": distill}
+    if distill > 0:
+        norms["grad_ratio_adv_distill"] = adv / distill
+    return norms
+
+
+def gradient_norm(loss: torch.Tensor | None, params: list[torch.Tensor]) -> float:
+    """‖∂loss/∂params‖₂ of the gradient averaged over the processes (the one the update uses); 0 for None."""
+    if loss is None:
+        return 0.0
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    grads = distributed.mean_tensors([g for g in grads if g is not None])
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def clip(module: torch.nn.Module, max_norm: float) -> float:
@@ -391,21 +428,25 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True,
                disable=not (progress and procs.is_writer))
     o = cfg.optim
+    last_r1: dict[str, float] = {}
     while not run.done:
         for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x0, cond, extra = to_device(data.batch(idx, gen), device)
-        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, **extra)
+        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, log_step=is_log_step(cfg, run.step + 1),
+                       **extra)
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+        if "loss_r1" in row and r1_due(cfg, run.step):
+            last_r1 = {"loss_r1": row["loss_r1"], "r1_step": run.step + 1}
         run.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})
         if procs.world > 1 and (run.step % cfg.ckpt_every == 0 or run.done):
             distributed.check_in_sync(run.step, student=nets.student.unet, discriminator=nets.discriminator)
-        if run.step % cfg.log_every == 0 or run.done:
-            row = distributed.mean_over_processes(row)
+        if is_log_step(cfg, run.step):
+            row = distributed.mean_over_processes(with_last_r1(row, last_r1))
             if procs.is_writer:
                 run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
         if run.end_of_step():
@@ -416,8 +457,23 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     out = workdir / "student"
     if procs.is_writer:
         export_student(nets, cfg, out, wall, step)
+        from add_bench.plots import write_training_plot
+
+        write_training_plot(workdir)
     distributed.barrier()  # the student exists for every process from here
     return out
+
+
+def is_log_step(cfg: TrainConfig, completed: int) -> bool:
+    """Whether the row of the step that completes ``completed`` steps is written to log.jsonl."""
+    return completed % cfg.log_every == 0 or completed >= cfg.steps
+
+
+def with_last_r1(row: dict[str, float], last_r1: dict[str, float]) -> dict[str, float]:
+    """The log row with ``loss_r1`` = the most recent lazy R1 term (r1_every·γ·R1) and ``r1_step`` = the
+    ``step`` of the row whose update computed it: R1 runs every ``discriminator.r1_every`` steps, which
+    the logged steps need not hit. Neither key before R1 has run in this process (after a resume)."""
+    return {k: v for k, v in row.items() if k != "loss_r1"} | last_r1
 
 
 def to_device(obj, device: torch.device):

@@ -86,6 +86,8 @@ def test_two_processes_train_in_sync_resume_exactly_and_one_writes(tmp_path):
     assert not torch.equal(*state["extra"]["generators"])  # each process its own draws
     rows = [json.loads(r) for r in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step logged once
+    # the per-term gradient norms are of the averaged gradient, the same in every process
+    assert all(r["grad_ratio_adv_distill"] == r["grad_norm_student_adv"] / r["grad_norm_student_distill"] for r in rows)
     assert (tmp_path / "full" / "student" / "model.safetensors").is_file()
 
     # interrupted after its first checkpoint (a budget that ends at once), then resumed: the same run
