@@ -130,19 +130,29 @@ class EvalNetScorer:
         self.net = load_into(EvalNet(), folder).eval()
         self.id = f"evalnet-{file_hash(folder / 'model.safetensors')}"
         self.batch_size = batch_size
+        self._last: tuple[np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None
 
     @torch.no_grad()
-    def _run(self, images: np.ndarray, fn) -> np.ndarray:
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, class probabilities) of one pass over the images; the last call's result is reused
+        for the same array, so FID and alignment on one sample set run the network once."""
+        if self._last is not None and self._last[0] is images:
+            return self._last[1]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise ValueError(f"evaluation network takes (N, 28, 28) uint8 images, got {images.shape}")
-        return np.concatenate([fn(to_model_range(images[i:i + self.batch_size])).numpy()
-                               for i in range(0, len(images), self.batch_size)])
+        feats, probs = [], []
+        for i in range(0, len(images), self.batch_size):
+            f = self.net.features(to_model_range(images[i:i + self.batch_size]))
+            feats.append(f.numpy())
+            probs.append(self.net.head(f).softmax(1).numpy())
+        self._last = (images, (np.concatenate(feats), np.concatenate(probs)))
+        return self._last[1]
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images, self.net.features)
+        return self._run(images)[0]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images, lambda x: self.net(x).softmax(1))
+        return self._run(images)[1]
 
 
 class Alignment:

@@ -169,3 +169,23 @@ def test_unknown_metric_name_lists_the_accepted_ones():
 def test_nan_images_are_named():
     with pytest.raises(ValueError, match="NaN"):
         SampleSet(np.full((2, 28, 28), np.nan), np.array([0, 1]))
+
+
+def test_fid_and_alignment_share_one_pass_of_the_evaluation_network(tiny_assets):
+    import torch
+
+    from add_bench.data import to_model_range
+
+    scorer = metrics.EvalNetScorer(tiny_assets["evalnet"], batch_size=7)
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    calls = []
+    scorer.net.trunk.register_forward_hook(lambda *_: calls.append(1))
+    feats, probs = scorer.features(images), scorer.probabilities(images)
+    assert len(calls) == 3  # one pass: 3 batches of at most 7, shared by both
+    with torch.no_grad():  # the same numbers as running the network for each, batch by batch
+        ref = [scorer.net(to_model_range(images[i:i + 7])).softmax(1).numpy() for i in range(0, 20, 7)]
+    assert np.array_equal(probs, np.concatenate(ref))
+    assert feats.shape == (20, 128)
+    before = len(calls)
+    scorer.features(images.copy())  # another array: computed anew
+    assert len(calls) == before + 3
