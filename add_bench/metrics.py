@@ -371,8 +371,9 @@ def embedded_metrics(cfg: EvalConfig) -> dict[str, Callable[[], Metric]]:
     def reference() -> ClassReference:
         if "reference" not in built:
             embed = EmbedNetFeatures(cfg.evalnet_ssl)
+            root = hashlib.sha256(str(d.root or "default").encode()).hexdigest()[:8]  # which copy of the data
             built["reference"] = ClassReference(embed, lambda: (lambda s: (s.images, s.labels))(test()),
-                                                f"{embed.id}_fashion-mnist-test", KNN_K)
+                                                f"{embed.id}_fashion-mnist-test-{root}", KNN_K)
         return built["reference"]
 
     def fid() -> Metric:

@@ -350,7 +350,7 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
                 f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r)}
         if diversity:
             row["ours diversity ↑"] = fmt(r.div_mean, r.div_ci95, r.div_n, 3) or missing_text(r)
-        if "recall_n" in head:
+        if shows_diversity_metrics(head, align_name):
             row |= {"ours recall ↑": metric_text(r, "recall", 3), "ours coverage ↑": metric_text(r, "coverage", 3),
                     "mode collapse": collapse_text(r)}
         row |= {f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
@@ -361,15 +361,26 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
     return pd.DataFrame(rows)
 
 
+def shows_diversity_metrics(agg: pd.DataFrame, align_name: str) -> bool:
+    """Recall, coverage and intra-FID columns: on the embedded scale always (``n/m`` where not measured),
+    on the cluster scale (CLIP score) only where some cell measured them."""
+    if "recall_n" not in agg:
+        return False
+    return align_name != ALIGNMENT_NAMES["clip_score"] or bool(agg["recall_n"].sum())
+
+
 def steps_table(agg: pd.DataFrame, align_name: str) -> pd.DataFrame:
-    """The displayed per-step table (strings): one row per cell, FID and alignment at each step count."""
+    """The displayed per-step table (strings): one row per cell; FID, alignment, recall, coverage and
+    intra-FID at each step count."""
     rows = []
     all_steps = sorted(int(s) for s in agg["steps"].unique())
+    metrics = (("fid", "FID", 2), ("align", align_name, 3))
+    metrics += DIVERSITY_METRICS if shows_diversity_metrics(agg, align_name) else ()
     for (_, name), g in agg.groupby(["order", "name"], sort=True):
         first = g.iloc[0]
         row = {"": "*" if first.default else "", "setting": first.label}
         at = {int(r.steps): r for r in g.itertuples()}
-        for metric, title, digits in (("fid", "FID", 2), ("align", align_name, 3), *DIVERSITY_METRICS):
+        for metric, title, digits in metrics:
             for steps in all_steps:  # a step count this cell is not sampled at (a method table): —
                 r = at.get(steps)
                 row[f"{title} @{steps}"] = "—" if r is None else metric_text(r, metric, digits)

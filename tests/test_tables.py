@@ -242,3 +242,12 @@ def test_recall_coverage_intra_fid_columns_with_not_measured_and_collapse_flags(
     assert exp.count("n/m") == 3  # recall, coverage, collapse flag
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["cells"][0]["steps"]["1"]["recall"]["n"] == 0
+
+
+def test_cluster_tables_leave_out_the_embedded_diversity_columns(tmp_path):
+    """A CLIP-score sweep (cluster scale) has no recall, coverage or intra-FID: no n/m columns for them."""
+    folder = make_fake_sweep(tmp_path / "sweep", alignment_key="clip_score") / "loss_weighting"
+    write_tables(folder)
+    for name in ("table.md", "table_steps.md"):
+        text = (folder / name).read_text()
+        assert "CLIP score" in text and "recall" not in table_line(text, "setting") and "n/m" not in text
