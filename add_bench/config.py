@@ -46,7 +46,7 @@ class TeacherPretrainConfig:
     """``python -m add_bench.pretrain teacher``: a class-conditional diffusion UNet."""
 
     size: str = "small"  # UNet preset: see add_bench.networks.unets.UNET_PRESETS
-    steps: int = 9000  # one recipe for both sizes (Table 1e compares capacity): ≈34 min small, ≈61 min large on 2 idle cores
+    steps: int = 9000  # one recipe for both sizes (Table 1e compares capacity)
     batch_size: int = 128
     lr: float = 6e-4  # AdamW, linear warm-up then cosine decay
     warmup_steps: int = 500
@@ -241,7 +241,7 @@ class TrainConfig:
 
     method: str = "add"  # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
     seed: int = 0
-    steps: int = 1800  # ≈ 9 min on 2 idle CPU cores (python -m add_bench.bench: 0.27 s per step)
+    steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
     ckpt_every: int = 200
     log_every: int = 10

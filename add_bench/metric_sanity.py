@@ -32,8 +32,8 @@ import torch
 from add_bench.config import EvalConfig, load
 from add_bench.data import NUM_CLASSES, balanced_indices, load_split
 from add_bench.errors import AddBenchError, ConfigError
-from add_bench.metrics import (KNN_K, ClassReference, EmbedNetFeatures, EvalNetScorer, IntraFID, ManifoldMetrics,
-                               SampleSet, embedded_metrics, score, select_metrics)
+from add_bench.metrics import (KNN_K, EmbedNetFeatures, EvalNetScorer, IntraFID, ManifoldMetrics, SampleSet,
+                               embedded_metrics, score, select_metrics, reference_of_test_split)
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
 
 DISTINCT = (100, 20, 5, 2, 1)
@@ -122,36 +122,27 @@ def teacher_rungs(teachers: list[str], settings: list[tuple[int, float]], cfg: E
             for t in teachers for s, c in settings]
 
 
-def feature_space(cfg: EvalConfig, name: str) -> Callable[[np.ndarray], np.ndarray]:
+def feature_space(cfg: EvalConfig, name: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """A feature space's function and id (its weights' hash: the key of its cached reference)."""
     if name == "evalnet_ssl":
-        return EmbedNetFeatures(cfg.evalnet_ssl)
+        embed = EmbedNetFeatures(cfg.evalnet_ssl)
+        return embed, embed.id
     if name == "evalnet":
-        return EvalNetScorer(cfg.evalnet).features
+        scorer = EvalNetScorer(cfg.evalnet)
+        return scorer.features, scorer.id
     if name == "pixels":
-        return lambda images: images.reshape(len(images), -1).astype(np.float32) / 255
+        return (lambda images: images.reshape(len(images), -1).astype(np.float32) / 255), "pixels"
     raise ConfigError(f"feature space {name!r}: unknown; accepted: {', '.join(SPACES)}")
 
 
 def space_metrics(cfg: EvalConfig, spaces: tuple[str, ...]) -> dict[str, list]:
-    """Per feature space: class-conditional P/R/D/C, unconditional P/R and intra-FID against the test split."""
-    d = cfg.data
-    test = load_split("test", d.root, download=d.download)
+    """Per feature space: class-conditional P/R/D/C, unconditional P/R and intra-FID against the test split
+    (for evalnet_ssl the suite's own reference: one cache)."""
     out = {}
     for name in spaces:
-        features = feature_space(cfg, name)
-        ref = ClassReference(features, lambda: (test.images, test.labels), f"ladder-{name}-{cache_tag(cfg, name)}", KNN_K)
+        ref = reference_of_test_split(*feature_space(cfg, name), cfg.data)
         out[name] = [ManifoldMetrics(ref, name), IntraFID(ref, name)]
     return out
-
-
-def cache_tag(cfg: EvalConfig, space: str) -> str:
-    """Identifies a space's reference cache by the weights it embeds with and the data it reads."""
-    from add_bench.metrics import file_hash
-    from add_bench.provenance import resolve_weights
-
-    weights = {"evalnet_ssl": cfg.evalnet_ssl, "evalnet": cfg.evalnet}.get(space)
-    tag = file_hash(resolve_weights(weights) / "model.safetensors") if weights else "raw"
-    return f"{tag}-{cfg.data.root or 'default'}".replace("/", "_")
 
 
 def score_rung(rung: Rung, base_suite: list, spaces: dict[str, list]) -> dict[str, Any]:
