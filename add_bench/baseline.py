@@ -133,7 +133,7 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
         for scale in (1.0, search["best_cfg_scale"]):
             for s in steps:
                 rows.append(cached_row(rows_dir / f"{key}_{s}steps_cfg{scale:g}.json",
-                                       lambda: teacher_row(teacher, s, scale, cfg, suite)))
+                                       lambda teacher=teacher, s=s, scale=scale: teacher_row(teacher, s, scale, cfg, suite)))
                 print(f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
                       file=sys.stderr)
     stored = stored_rows(rows_dir)

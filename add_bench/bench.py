@@ -18,8 +18,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -27,8 +27,8 @@ from add_bench.augment import diff_augment
 from add_bench.config import TrainConfig, load
 from add_bench.data import load_split
 from add_bench.errors import AddBenchError
-from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
 from add_bench.loop import set_threads
+from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
 from add_bench.provenance import atomic_write_json, provenance
 from add_bench.train import add_step, build_networks, conditioning, optimisers
 

@@ -7,9 +7,10 @@ code that implements them; :func:`choose` looks a name up and reports the accept
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,7 +23,7 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------- pieces
 @dataclass
 class DataConfig:
-    root: Optional[str] = None  # folder with the 4 IDX .gz files; None = env var, Debian path, download
+    root: str | None = None  # folder with the 4 IDX .gz files; None = env var, Debian path, download
     val_size: int = 5000  # fixed class-stratified validation carve-out of the 60k train split
     split_seed: int = 0
     download: bool = True  # try torchvision's downloader when no local copy is found
@@ -30,14 +31,20 @@ class DataConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The noise schedule (diffusers DDPM/DDIM scheduler arguments)."""
+    """The noise schedule (diffusers DDPM/DDIM scheduler arguments). The defaults are SD2.1's: the
+    paper's teacher and student init (scaled-linear betas 0.00085–0.012, v-prediction, α_999 ≈ 0.068)."""
 
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # diffusers names: linear, scaled_linear, squaredcos_cap_v2
-    beta_start: float = 0.0001  # linear / scaled_linear only (Stable Diffusion: 0.00085)
-    beta_end: float = 0.02  # linear / scaled_linear only (Stable Diffusion: 0.012)
+    beta_schedule: str = "scaled_linear"  # diffusers names: linear, scaled_linear, squaredcos_cap_v2
+    beta_start: float = 0.00085  # linear / scaled_linear only
+    beta_end: float = 0.012  # linear / scaled_linear only
     prediction_type: str = "v_prediction"  # v_prediction | epsilon | sample
-    rescale_betas_zero_snr: bool = True  # ᾱ at t = T-1 is exactly 0 (Lin et al. 2023)
+    # rescale the whole schedule to zero terminal SNR (Lin et al. 2023): every ᾱ_t changes. The paper
+    # asks only that the student start from pure noise, which force_zero_terminal_snr gives on its own.
+    rescale_betas_zero_snr: bool = False
+    # ᾱ at t = T−1 set to 0 and nothing else changed: the ADD student's top step τN is pure noise
+    # (set on the student's schedule from ``student.zero_terminal_snr``, never on a teacher's)
+    force_zero_terminal_snr: bool = False
     timestep_spacing: str = "trailing"  # 4 steps → 999, 749, 499, 249
 
 
@@ -56,7 +63,7 @@ class TeacherPretrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; the EMA is what ships
     ema_warmup_steps: int = 1000  # EMA decay ramps as min(decay, (1+step)/(10+step)) until here
     cond_drop_prob: float = 0.1  # labels replaced by the null class → CFG / NFSD possible
-    loss_weighting: str = "min_snr"  # v_mse (plain v-prediction MSE) | min_snr (Hang et al. 2023)
+    loss_weighting: str = "v_mse"  # v_mse (plain v-prediction MSE, SD2.1's: every t trained) | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0
     seed: int = 0
     ckpt_every: int = 500
@@ -104,7 +111,7 @@ class EmbedNetPretrainConfig:
 class CocoConfig:
     """COCO 2017 captions (cluster scale): prompts and FID reference images (add_bench.data.coco)."""
 
-    root: Optional[str] = None  # folder with annotations/ and the image folders; None = $ADD_BENCH_COCO
+    root: str | None = None  # folder with annotations/ and the image folders; None = $ADD_BENCH_COCO
     split: str = "val2017"  # train2017 | val2017 (the paper's zero-shot evaluation: val2017)
     resolution: int = 512  # generated and reference images are resolution² (the paper: 512)
 
@@ -113,9 +120,9 @@ class CocoConfig:
 class ClusterMetricsConfig:
     """Weights of the cluster metrics, read from local paths (model hubs are offline)."""
 
-    inception: Optional[str] = None  # folder holding clean-fid's inception-2015-12-05.pt; None = $ADD_BENCH_INCEPTION
+    inception: str | None = None  # folder holding clean-fid's inception-2015-12-05.pt; None = $ADD_BENCH_INCEPTION
     clip_model: str = "ViT-g-14"  # open_clip architecture of the CLIP score (the paper's)
-    clip_weights: Optional[str] = None  # its open_clip weights file; None = $ADD_BENCH_CLIP
+    clip_weights: str | None = None  # its open_clip weights file; None = $ADD_BENCH_CLIP
 
 
 @dataclass
@@ -141,6 +148,9 @@ class StudentConfig:
     network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
     init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
     timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
+    # α forced to 0 at t = T−1 on the student's schedule only: x_s at s = 999 is pure noise, as at
+    # inference (the paper's zero terminal SNR for the student; the teacher keeps its own schedule)
+    zero_terminal_snr: bool = True
 
 
 @dataclass
@@ -160,8 +170,8 @@ class FeatureNetworkConfig:
     """The frozen feature network F of the discriminator (Table 1a)."""
 
     name: str = "dino_s"  # see add_bench.networks.featnets.FEATURE_NETWORKS
-    weights: Optional[str] = None  # local weights path (cluster) or None for the shipped/hub default
-    layers: Optional[list[int]] = None  # feature depths (0 = patch embedding); None = the preset's
+    weights: str | None = None  # local weights path (cluster) or None for the shipped/hub default
+    layers: list[int] | None = None  # feature depths (0 = patch embedding); None = the preset's
 
 
 @dataclass
@@ -171,9 +181,9 @@ class DiscriminatorConfig:
     c_text: bool = True  # project on the prompt's text embedding
     c_img: bool = True  # project on the CLS embedding of x0 from ``c_img_network``
     c_text_network: str = "clip_s"  # text tower giving c_text (embedded: the contrastive ViT's)
-    c_text_weights: Optional[str] = None  # its weights folder (None = the shipped one)
+    c_text_weights: str | None = None  # its weights folder (None = the shipped one)
     c_img_network: str = "dino_s"  # feature network whose CLS embedding of x0 is c_img
-    c_img_weights: Optional[str] = None  # its weights (None = the shipped / hub default)
+    c_img_weights: str | None = None  # its weights (None = the shipped / hub default)
     cmap_dim: int = 64
     augment: str = "color,translation,cutout"  # DiffAugment policy ("" = none)
     r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
@@ -211,7 +221,7 @@ class OptimConfig:
 class SamplingConfig:
     """How a cell's generator is sampled when it is evaluated."""
 
-    sampler: Optional[str] = None  # ddim | dpm_solver | add (add_bench.diffusion.SAMPLERS); None = the method's own
+    sampler: str | None = None  # ddim | dpm_solver | add (add_bench.diffusion.SAMPLERS); None = the method's own
     cfg_scale: float = 1.0  # classifier-free guidance at sampling time (teacher rows; ADD samples without it)
 
 

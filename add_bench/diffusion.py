@@ -9,8 +9,8 @@ Samplers share one signature (k-diffusion style) and are chosen by name from ``S
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -20,7 +20,8 @@ from add_bench.config import ScheduleConfig, check_positive, choose
 
 # ------------------------------------------------------------------------------------- schedule
 def schedule_kwargs(cfg: ScheduleConfig) -> dict:
-    """The noise schedule as diffusers scheduler arguments (the same betas for every sampler)."""
+    """The noise schedule as diffusers scheduler arguments (the same betas for every sampler;
+    ``force_zero_terminal_snr`` is applied by :class:`Schedule`, diffusers has no such argument)."""
     return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
                 beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
                 rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, timestep_spacing=cfg.timestep_spacing)
@@ -44,6 +45,8 @@ class Schedule:
         self.cfg = cfg or ScheduleConfig()
         self.scheduler = make_scheduler(self.cfg)
         self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        if self.cfg.force_zero_terminal_snr:
+            self.alphas_cumprod[-1] = 0.0  # x_{T−1} is pure noise; every other ᾱ_t is the schedule's
         self.num_train_timesteps = self.cfg.num_train_timesteps
         self.prediction_type = self.cfg.prediction_type
 
@@ -73,6 +76,13 @@ class Schedule:
     def previous(self, t: int, steps: int) -> int:
         """The timestep DDIM goes to from t with ``steps`` total steps (−1 = clean image)."""
         return t - self.num_train_timesteps // steps
+
+
+def schedule_from_card(card: dict) -> Schedule:
+    """The schedule a weights card records (keys it leaves out take :class:`ScheduleConfig`'s defaults)."""
+    from omegaconf import OmegaConf
+
+    return Schedule(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"])))
 
 
 # ----------------------------------------------------------------------------------- conversions
@@ -136,7 +146,7 @@ class Denoiser:
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=labels).sample
 
-    def to(self, device: torch.device) -> "Denoiser":
+    def to(self, device: torch.device) -> Denoiser:
         self.unet.to(device)
         return self
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
-from add_bench.diffusion import SAMPLERS, Denoiser, Schedule, get_sampler
+from add_bench.diffusion import SAMPLERS, Denoiser, get_sampler, schedule_from_card
 from add_bench.errors import AddBenchError, CheckpointError, ConfigError
 from add_bench.metrics import SampleSet, build_suite, metric_features, score
 from add_bench.networks.unets import load_unet, read_card
@@ -43,11 +43,7 @@ def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
     card = read_card(folder)
     if card.get("kind") not in ("teacher", "student"):
         raise CheckpointError(f"{folder}/card.json: kind={card.get('kind')!r}; accepted: teacher, student")
-    from add_bench.config import ScheduleConfig
-    from omegaconf import OmegaConf
-
-    schedule = Schedule(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"]))
-    return Denoiser(load_unet(folder), schedule, card["null_label"], card.get("student_timesteps")), card
+    return Denoiser(load_unet(folder), schedule_from_card(card), card["null_label"], card.get("student_timesteps")), card
 
 
 @dataclass

@@ -37,9 +37,9 @@ from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
 from add_bench.errors import AddBenchError, TrainingDiverged
+from add_bench.loop import Run, lr_at, set_threads
 from add_bench.networks.featnets import FEATURE_NETWORKS, ClipS, make_vit, prompt_vocab
 from add_bench.networks.unets import num_params, save_weights
-from add_bench.loop import Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 

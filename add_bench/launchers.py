@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any
 
 import submitit
 
@@ -57,8 +58,8 @@ class SlurmConfig:
     array_parallelism: int = 8  # at most this many cells of the array run at once (--array=0-N%P)
     # seconds before the time limit at which SLURM sends USR2 so that submitit requeues the cell;
     # None: min(90, timeout_min*60 // 4). Must stay below timeout_min*60.
-    signal_delay_s: Optional[int] = None
-    additional_parameters: Dict[str, str] = field(default_factory=dict)  # extra sbatch flags: {"qos": "low"}
+    signal_delay_s: int | None = None
+    additional_parameters: dict[str, str] = field(default_factory=dict)  # extra sbatch flags: {"qos": "low"}
 
     def __post_init__(self) -> None:  # direct construction is checked; OmegaConf nodes: check_slurm_config
         _validated(self, "slurm")
@@ -236,7 +237,7 @@ def _read_jobs(path: Path) -> dict[str, str]:
     return data
 
 
-def _run(cmd: list[str]) -> Optional[str]:
+def _run(cmd: list[str]) -> str | None:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -264,7 +265,7 @@ def _squeue_states(job_ids: set[str]) -> dict[str, str]:
     return states
 
 
-def _result_state(folder: Path, job_id: str) -> Optional[str]:
+def _result_state(folder: Path, job_id: str) -> str | None:
     paths = submitit.core.utils.JobPaths(folder / LOGS_DIR / "%j", job_id=job_id, task_id=0)
     if not paths.result_pickle.exists():
         return None
@@ -388,7 +389,6 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
         return results
 
     import cloudpickle  # lambdas and closures too, not only importable functions
-
     from tqdm import tqdm
 
     workers = min(workers, len(cells))

@@ -22,9 +22,10 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,18 @@ import torch
 from add_bench.config import EvalConfig, load
 from add_bench.data import NUM_CLASSES, balanced_indices, load_split
 from add_bench.errors import AddBenchError, ConfigError
-from add_bench.metrics import (KNN_K, EmbedNetFeatures, EvalNetScorer, IntraFID, ManifoldMetrics, SampleSet,
-                               embedded_metrics, score, select_metrics, reference_of_test_split)
+from add_bench.metrics import (
+    KNN_K,
+    EmbedNetFeatures,
+    EvalNetScorer,
+    IntraFID,
+    ManifoldMetrics,
+    SampleSet,
+    embedded_metrics,
+    reference_of_test_split,
+    score,
+    select_metrics,
+)
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
 
 DISTINCT = (100, 20, 5, 2, 1)

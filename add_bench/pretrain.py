@@ -16,19 +16,28 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from add_bench import checkpoint
-from add_bench.config import EmbedNetPretrainConfig, EvalNetPretrainConfig, TeacherPretrainConfig, check_positive, choose, load, to_dict
+from add_bench.config import (
+    EmbedNetPretrainConfig,
+    EvalNetPretrainConfig,
+    TeacherPretrainConfig,
+    check_positive,
+    choose,
+    load,
+    to_dict,
+)
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
 from add_bench.errors import AddBenchError, TrainingDiverged
+from add_bench.loop import Run, lr_at, set_threads
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EmbedNet, EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
-from add_bench.loop import Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 

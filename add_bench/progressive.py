@@ -135,7 +135,8 @@ def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0
     ``budget_minutes`` ran out first (a checkpoint is written; call again to resume)."""
     from tqdm import tqdm
 
-    from add_bench.train import FashionMnistBatches, clip, check_finite, schedule_from_card
+    from add_bench.diffusion import schedule_from_card
+    from add_bench.train import FashionMnistBatches, check_finite, clip
 
     validate(cfg)
     set_threads(cfg.threads)

@@ -3,6 +3,10 @@ locally or as a SLURM job array, and write tables and plots that mirror the pape
 
     python -m add_bench.sweep ablations/loss_weighting.yaml [key=value ...] [--out DIR]
         [--launcher local|slurm] [--workers N|auto] [--cells NAME,...] [--dry-run] [--status] [--collect]
+    python -m add_bench.sweep loss.weighting=exp,sds,nfsd [key=a,b ...] [key=value ...] [options]
+
+The second form is an ablation written on the command line (Hydra's sweep syntax): one row per
+combination of the comma-separated values, the same cells (same ids) as a YAML file with those rows.
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -95,6 +99,7 @@ EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every")
 # finished cells; any other value makes a new cell. Append here whenever TrainConfig grows a field.
 ADDED_KEYS: dict[str, Any] = {
     "eval.evalnet_ssl": "evalnet_ssl",
+    "student.zero_terminal_snr": True,
     "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
     "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
     "coco": {"root": None, "split": "train2017", "resolution": 512},
@@ -149,6 +154,53 @@ def load_ablations(path: str | Path, overrides: list[str] | None = None) -> list
             out += load_ablations(path.parent / inc, overrides)
         return out
     return [expand(path, data, sweep_over, train_over)]
+
+
+def split_values(value: str) -> list[str]:
+    """``a,b,[1,2]`` → ``['a', 'b', '[1,2]']``: commas outside brackets and quotes separate sweep values."""
+    parts, depth, quote, current = [], 0, None, ""
+    for ch in value:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    return parts + [current]
+
+
+def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
+    """``key=a,b,c`` overrides (Hydra's sweep syntax) → an ablation with one row per combination of
+    values, as if written in a YAML file; the other overrides are returned to apply to every row."""
+    axes, rest = [], []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        values = split_values(value)
+        if key in SWEEP_OVERRIDES or len(values) == 1:
+            rest.append(o)
+        else:
+            axes.append((key, values))
+    if not axes:
+        raise ConfigError(f"{' '.join(overrides) or '(nothing)'}: no ablation file and no key=a,b,... sweep; give "
+                          "ablations/<name>.yaml or at least one key with several values (e.g. loss.weighting=exp,sds)")
+    combos: list[list[tuple[str, str]]] = [[]]
+    for key, values in axes:
+        combos = [c + [(key, v)] for c in combos for v in values]
+    cells = []
+    for combo in combos:
+        sets = OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={v}" for k, v in combo]))
+        flat = {k: OmegaConf.select(OmegaConf.create(sets), k) for k, _ in combo}
+        cells.append({"name": ",".join(v for _, v in combo), "label": ", ".join(f"{k}={v}" for k, v in combo),
+                      "set": flat})
+    name = "+".join(k for k, _ in axes)
+    return {"name": name, "title": f"Sweep over {', '.join(k for k, _ in axes)} (command line)", "cells": cells}, rest
 
 
 def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> Ablation:
@@ -268,7 +320,7 @@ class FolderLock:
         self.path, self.what = folder / ".lock", what
         self.fd: int | None = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -569,7 +621,7 @@ def show_status(ablations: list[Ablation], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m add_bench.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ablation", help="ablation YAML (ablations/*.yaml)")
+    p.add_argument("ablation", help="ablation YAML (ablations/*.yaml), or a sweep key=a,b,c (one row per value)")
     p.add_argument("overrides", nargs="*", help="seeds=[0,1,2], base=<preset>, or training config key=value")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--launcher", default="local", help="local | slurm")
@@ -584,7 +636,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these rows (every seed of each); the tables still list every row")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
-        ablations = load_ablations(a.ablation, a.overrides)
+        if "=" in a.ablation and not a.ablation.endswith((".yaml", ".yml")):  # key=a,b,c on the command line
+            data, rest = command_line_ablation([a.ablation, *a.overrides])
+            sweep_over, train_over = split_overrides(rest)
+            ablations = [expand(Path("command line"), data, sweep_over, train_over)]
+        else:
+            ablations = load_ablations(a.ablation, a.overrides)
         out = Path(a.out)
         only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
         workers = parse_workers(a.workers)

@@ -1,6 +1,7 @@
 """Sweep results → paper-style tables and plots, with the paper's numbers beside ours.
 
     python -m add_bench.tables <root>/<ablation> [<root>/<ablation> ...]
+    python -m add_bench.tables --report      (docs/findings.md from results/: add_bench.findings)
 
 Reads the sweep's manifest ``<root>/<ablation>/cells.json`` and each cell's ``<root>/cells/<id>/metrics.json``
 (or ``error.json``) and writes into the ablation folder:
@@ -376,7 +377,7 @@ def steps_table(agg: pd.DataFrame, align_name: str) -> pd.DataFrame:
     all_steps = sorted(int(s) for s in agg["steps"].unique())
     metrics = (("fid", "FID", 2), ("align", align_name, 3))
     metrics += DIVERSITY_METRICS if shows_diversity_metrics(agg, align_name) else ()
-    for (_, name), g in agg.groupby(["order", "name"], sort=True):
+    for _, g in agg.groupby(["order", "name"], sort=True):
         first = g.iloc[0]
         row = {"": "*" if first.default else "", "setting": first.label}
         at = {int(r.steps): r for r in g.itertuples()}
@@ -703,8 +704,14 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m add_bench.tables", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ablation_dirs", nargs="+", type=Path, help="ablation folders <root>/<ablation> with a cells.json")
+    p.add_argument("ablation_dirs", nargs="*", type=Path, help="ablation folders <root>/<ablation> with a cells.json")
+    p.add_argument("--report", action="store_true",
+                   help="write the findings document from every ablation under --results (add_bench.findings)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root read by --report")
+    p.add_argument("--report-out", type=Path, default=Path("docs/findings.md"), help="where --report writes")
     a = p.parse_args(argv)
+    if not a.ablation_dirs and not a.report:
+        p.error("give ablation folders, or --report")
     status = 0
     for folder in a.ablation_dirs:
         try:
@@ -714,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
             status = 2
             continue
         print(f"{folder}: wrote {', '.join(written)}", file=sys.stderr)
+    if a.report:
+        from add_bench.findings import write_report
+
+        if not a.results.is_dir():
+            print(f"error: --results {a.results}: no such folder", file=sys.stderr)
+            return 2
+        print(f"wrote {write_report(a.results, a.report_out)} from {a.results}", file=sys.stderr)
     return status
 
 

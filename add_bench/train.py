@@ -23,6 +23,7 @@ with its own VAE, is conditioned by its own text encoder(s), and its x0 predicti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +33,24 @@ import torch
 
 from add_bench import checkpoint, distributed
 from add_bench.augment import diff_augment
-from add_bench.config import ScheduleConfig, TrainConfig, check_positive, choose, load
+from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
-from add_bench.diffusion import Denoiser, Schedule, add_noise, randn
+from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, schedule_from_card
 from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.loop import LR_SCHEDULES, Run, lr_at, set_threads
 from add_bench.losses import (
-    C_WEIGHTINGS, discriminator_hinge_loss, distillation_loss, generator_adversarial_loss, nfsd_delta,
-    nfsd_target, r1_penalty, teacher_target,
+    C_WEIGHTINGS,
+    discriminator_hinge_loss,
+    distillation_loss,
+    generator_adversarial_loss,
+    nfsd_delta,
+    nfsd_target,
+    r1_penalty,
+    teacher_target,
 )
 from add_bench.networks.discriminator import Discriminator
 from add_bench.networks.featnets import build_feature_network, prompt_embeddings
 from add_bench.networks.unets import build_unet, load_into, read_card, save_weights
-from add_bench.loop import LR_SCHEDULES, Run, lr_at, set_threads
 from add_bench.provenance import REPO_ROOT, provenance, resolve_weights
 
 TEACHER_SAMPLING = ("uniform", "student")
@@ -68,7 +75,7 @@ class Networks:
         """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
         return x if self.sd is None else self.sd.to_pixels(x)
 
-    def to(self, device: torch.device) -> "Networks":
+    def to(self, device: torch.device) -> Networks:
         """Every network (trainable and frozen) and fixed tensor on ``device``."""
         self.student.to(device)
         self.teacher.to(device)
@@ -81,12 +88,6 @@ class Networks:
         if self.c_text is not None:
             self.c_text = self.c_text.to(device)
         return self
-
-
-def schedule_from_card(card: dict[str, Any]) -> Schedule:
-    from omegaconf import OmegaConf
-
-    return Schedule(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), card["schedule"]))
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -132,8 +133,20 @@ def build_networks(cfg: TrainConfig) -> Networks:
         load_into(student, s_folder)
     student.train()
     feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
-    return Networks(Denoiser(student, schedule, NUM_CLASSES), checkpoint.EMA(student, cfg.optim.ema_decay),
+    return Networks(Denoiser(student, student_schedule(schedule, cfg), NUM_CLASSES),
+                    checkpoint.EMA(student, cfg.optim.ema_decay),
                     Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+
+
+def student_schedule(teacher_schedule: Schedule, cfg: TrainConfig) -> Schedule:
+    """The student's schedule: the teacher's, with ᾱ at t = T−1 forced to 0 when
+    ``student.zero_terminal_snr`` (x_s at the top student step is pure noise, as at inference)."""
+    force = cfg.student.zero_terminal_snr or teacher_schedule.cfg.force_zero_terminal_snr
+    if force and teacher_schedule.prediction_type == "epsilon":
+        raise ConfigError(f"student.zero_terminal_snr=true with an ε-prediction teacher ({cfg.teacher.network}): "
+                          "x0 is undefined at α = 0; accepted: student.zero_terminal_snr=false, or a "
+                          "v_prediction / sample teacher")
+    return Schedule(dataclasses.replace(teacher_schedule.cfg, force_zero_terminal_snr=force))
 
 
 def class_discriminator_side(cfg: TrainConfig):
@@ -537,7 +550,7 @@ def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, ste
         return export_sd_student(nets, cfg, out, wall, step)
     s_card = read_card(resolve_weights(cfg.student.network))
     card = {
-        "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": s_card["schedule"],
+        "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": to_dict(nets.student.schedule.cfg),
         "null_label": NUM_CLASSES, "student_timesteps": list(cfg.student.timesteps),  # the ADD sampler's τ
         "weights": "EMA, fp32", "steps": step, "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),

@@ -3,11 +3,11 @@ stand-ins saved in the real formats (a torchscript Inception with clean-fid's in
 import numpy as np
 import pytest
 import torch
+from cluster_assets import save_fake_inception, save_tiny_open_clip
 
 from add_bench import metrics
 from add_bench.errors import CheckpointError
 from add_bench.metrics import FID, CLIPScore, SampleSet, inception_features
-from cluster_assets import save_fake_inception, save_tiny_open_clip
 
 
 @pytest.fixture()

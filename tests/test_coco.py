@@ -1,10 +1,10 @@
 """COCO 2017 captions reader (cluster scale) on a tiny COCO-layout folder the test writes."""
 import numpy as np
 import pytest
+from cluster_assets import write_coco
 
 from add_bench.data.coco import ENV_VAR, load_captions, to_model_range
 from add_bench.errors import DataError
-from cluster_assets import write_coco
 
 
 def test_pairs_images_and_the_eval_set(tmp_path):

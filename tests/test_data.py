@@ -3,11 +3,11 @@ import gzip
 import numpy as np
 import pytest
 import torch
+from conftest import make_fake_fashion_mnist, write_idx
 
 from add_bench.data import CLASS_NAMES, PROMPTS, load_split, prompt, to_model_range, to_uint8
 from add_bench.data.fashion_mnist import read_idx
 from add_bench.errors import DataError
-from conftest import make_fake_fashion_mnist, write_idx
 
 
 def test_idx_reader_roundtrip(tmp_path):

@@ -3,16 +3,44 @@ import torch
 
 from add_bench.config import ScheduleConfig
 from add_bench.diffusion import (
-    Denoiser, Schedule, add_noise, ddim_step, eps_from_v, eps_from_x0, make_scheduler, sample_add, sample_ddim,
-    v_from_x0_eps, x0_from_eps, x0_from_v,
+    Denoiser,
+    Schedule,
+    add_noise,
+    ddim_step,
+    eps_from_v,
+    eps_from_x0,
+    make_scheduler,
+    sample_add,
+    sample_ddim,
+    v_from_x0_eps,
+    x0_from_eps,
+    x0_from_v,
 )
 from add_bench.errors import ConfigError
 from add_bench.networks.unets import build_unet
 
+# the whole-schedule rescale to zero terminal SNR (the option the shipped teachers before SD2.1's
+# schedule used): α = 0 at t = 999 for the teacher and for diffusers' samplers alike
+ZERO_SNR = ScheduleConfig(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+
 
 @pytest.fixture(scope="module")
 def schedule():
-    return Schedule(ScheduleConfig())
+    return Schedule(ZERO_SNR)
+
+
+def test_default_schedule_is_sd21s_and_the_student_top_step_is_pure_noise():
+    """Default: SD2.1's scaled-linear betas (ᾱ_999 ≈ 0.0047, trained at t = 999). The student's schedule
+    (force_zero_terminal_snr) differs from it at t = 999 only, where α = 0 and σ = 1."""
+    teacher = Schedule(ScheduleConfig())
+    student = Schedule(ScheduleConfig(force_zero_terminal_snr=True))
+    assert abs(teacher.alphas_cumprod[999].item() - 0.0047) < 1e-4
+    assert abs(teacher.alphas_cumprod[0].item() - (1 - 0.00085)) < 1e-7  # float32 betas in diffusers
+    torch.testing.assert_close(student.alphas_cumprod[:999], teacher.alphas_cumprod[:999], rtol=0, atol=0)
+    alpha, sigma = student.alpha_sigma(999, ndim=0)
+    assert alpha == 0 and sigma == 1
+    # diffusers' own scheduler on the default config has the same betas (the teacher's DDIM sampler)
+    torch.testing.assert_close(make_scheduler(ScheduleConfig()).alphas_cumprod.double(), teacher.alphas_cumprod)
 
 
 @pytest.fixture(scope="module")

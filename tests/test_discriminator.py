@@ -7,8 +7,7 @@ import torch
 
 from add_bench.augment import AUGMENTS, cutout, diff_augment, translation
 from add_bench.errors import ConfigError
-from add_bench.networks.discriminator import (BatchNormLocal, DiscHead, Discriminator, Residual, SpectralConv1d,
-                                              block)
+from add_bench.networks.discriminator import BatchNormLocal, DiscHead, Discriminator, Residual, SpectralConv1d, block
 
 
 @pytest.fixture(autouse=True)

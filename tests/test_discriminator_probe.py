@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_train_overrides
 
 from add_bench import discriminator_probe as dp
-from conftest import tiny_train_overrides
 
 
 def test_linear_probe_separates_shifted_features_and_not_identical_ones():

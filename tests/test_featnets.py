@@ -9,12 +9,22 @@ import torch
 
 from add_bench import checkpoint
 from add_bench.errors import CheckpointError, ConfigError
-from add_bench.featnet_pretrain import (clip_loss, knn_accuracy, load_featnet_config, pretrain_featnet,
-                                        random_resized_crop)
-from add_bench.networks.featnets import (FEATURE_NETWORKS, OpenClipFeatures, TimmFeatures, build_feature_network,
-                                         load_open_clip_visual, prompt_embeddings)
+from add_bench.featnet_pretrain import (
+    clip_loss,
+    knn_accuracy,
+    load_featnet_config,
+    pretrain_featnet,
+    random_resized_crop,
+)
+from add_bench.networks.featnets import (
+    FEATURE_NETWORKS,
+    OpenClipFeatures,
+    TimmFeatures,
+    build_feature_network,
+    load_open_clip_visual,
+    prompt_embeddings,
+)
 from add_bench.networks.unets import load_state, read_card
-
 
 
 @pytest.fixture(autouse=True)

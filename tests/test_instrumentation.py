@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-
-from add_bench import checkpoint, plots, train as train_mod
 from test_train import batch, cfg_for, optimisers
+
+from add_bench import checkpoint, plots
+from add_bench import train as train_mod
 
 TERM_KEYS = ("grad_norm_student_adv", "grad_norm_student_distill")
 

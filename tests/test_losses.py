@@ -5,15 +5,24 @@ import torch
 from add_bench.config import ScheduleConfig
 from add_bench.diffusion import Denoiser, Schedule, add_noise, eps_from_x0, sample_ddim
 from add_bench.losses import (
-    NFSD_T_SWITCH, c_exp, c_sds, discriminator_hinge_loss, distillation_loss, generator_adversarial_loss,
-    nfsd_delta, nfsd_target, r1_penalty, sds_w, teacher_target,
+    NFSD_T_SWITCH,
+    c_exp,
+    c_sds,
+    discriminator_hinge_loss,
+    distillation_loss,
+    generator_adversarial_loss,
+    nfsd_delta,
+    nfsd_target,
+    r1_penalty,
+    sds_w,
+    teacher_target,
 )
 from add_bench.networks.unets import build_unet
 
 
 @pytest.fixture(scope="module")
-def schedule():
-    return Schedule(ScheduleConfig())
+def schedule():  # rescaled to zero terminal SNR: α = 0 at t = 999 for the teacher too
+    return Schedule(ScheduleConfig(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True))
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
+from test_sweep import ablation_file, env, tiny_preset  # noqa: F401 (fixture)
 
 from add_bench import checkpoint, progressive, sweep
 from add_bench.config import ScheduleConfig, TrainConfig, load
 from add_bench.diffusion import Schedule, ddim_step, eps_from_x0
 from add_bench.errors import ConfigError
 from add_bench.losses import progressive_loss, progressive_target, truncated_snr_weight
-from conftest import tiny_train_overrides
-from test_sweep import ablation_file, env, tiny_preset  # noqa: F401 (fixture)
 
 
 def cfg_for(assets, **extra):
@@ -114,7 +114,7 @@ def test_progressive_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     assert len((tmp_path / "part" / "log.jsonl").read_text().splitlines()) == 6
 
 
-def test_a_method_comparison_sweep(tiny_assets, env):
+def test_a_method_comparison_sweep(tiny_assets, env):  # noqa: F811 (pytest fixture)
     """Teacher rows (DDIM with CFG, DPM-Solver), progressive distillation and ADD in one ablation file,
     each row at its own step count; rows that share a config are one cell."""
     preset = tiny_preset(tiny_assets, env)
@@ -155,7 +155,7 @@ def test_a_method_comparison_sweep(tiny_assets, env):
         assert sorted(np.load(f).files) == ["labels", "steps_1", "steps_2", "steps_4"]
 
 
-def test_a_row_step_count_must_be_evaluated(tiny_assets, env):
+def test_a_row_step_count_must_be_evaluated(tiny_assets, env):  # noqa: F811 (pytest fixture)
     preset = tiny_preset(tiny_assets, env)
     path = ablation_file(env, preset, cells=[{"name": "dpm", "steps": 8, "set": {"method": "teacher", "eval_steps": [4]}}])
     with pytest.raises(ConfigError, match=r"cells\[0\] \(dpm\): steps=8 is not among the cell's eval_steps=\[4\]"):

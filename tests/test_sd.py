@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from cluster_assets import save_fake_inception, save_tiny_open_clip, save_tiny_sd, write_coco
 
 from add_bench.diffusion import make_scheduler, sample_add, sample_ddim
 from add_bench.errors import CheckpointError, ConfigError
 from add_bench.networks.sd import TextDenoiser, load_stable_diffusion, schedule_config
-from cluster_assets import save_fake_inception, save_tiny_open_clip, save_tiny_sd, write_coco
 
 PROMPTS = ["a photo of a cat", "a red bus on a street"]
 

@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
+from cluster_assets import save_tiny_open_clip, save_tiny_sd, save_tiny_sdxl, write_coco
 
-from add_bench import checkpoint, train as train_mod
+from add_bench import checkpoint
+from add_bench import train as train_mod
 from add_bench.config import TrainConfig, load
 from add_bench.errors import AddBenchError, ConfigError
 from add_bench.losses import c_exp, distillation_loss, teacher_target
-from cluster_assets import save_tiny_open_clip, save_tiny_sd, save_tiny_sdxl, write_coco
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +186,9 @@ def test_a_sweep_on_a_stable_diffusion_preset(assets, tmp_path, monkeypatch):
     """The product's sweep, unchanged, on a cluster-scale preset: train, Inception FID + CLIP score on COCO
     captions, sample grids, and a table with the CLIP score column."""
     import yaml
+    from cluster_assets import save_fake_inception
 
     from add_bench import metrics, sweep
-    from cluster_assets import save_fake_inception
 
     monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
     write_coco(assets["coco"], split="val2017")

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
+from cluster_assets import save_tiny_sdxl
 
 from add_bench.diffusion import make_scheduler, sample_add, sample_ddim
 from add_bench.errors import ConfigError
 from add_bench.networks.sd import XLTextDenoiser, load_stable_diffusion, pack_xl_condition, unpack_xl_condition
-from cluster_assets import save_tiny_sdxl
 
 PROMPTS = ["a photo of a cat", "a red bus on a street"]
 

@@ -26,8 +26,7 @@ import cloudpickle
 import pytest
 
 from add_bench.errors import ConfigError
-from add_bench.launchers import (SlurmConfig, check_launcher, run_local, status_slurm, thread_plan,
-                                 submit_slurm)
+from add_bench.launchers import SlurmConfig, check_launcher, run_local, status_slurm, submit_slurm, thread_plan
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -279,10 +278,10 @@ def test_local_workers_end_with_the_sweep_process(tmp_path):
     """A sweep killed with SIGKILL (no handler can run) leaves no worker training on, orphaned."""
     import signal
 
-    script = ("import sys; sys.path.insert(0, {tests!r}); from test_slurm import sleepy_cell; "
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_slurm import sleepy_cell; "
               "from add_bench.launchers import run_local; "
-              "run_local([('a', sleepy_cell), ('b', sleepy_cell)], workers=2, folder={folder!r})"
-              ).format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+              f"run_local([('a', sleepy_cell), ('b', sleepy_cell)], workers=2, folder={str(tmp_path)!r})"
+              )
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.time() + 120
@@ -334,9 +333,9 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     """The real sweep command on the local cluster: one array, submission returns at once, --status works,
     the slow cell hits its 2-minute limit, is requeued, resumes from its checkpoint and finishes."""
     import yaml
+    from test_sweep import tiny_preset
 
     from add_bench import sweep
-    from test_sweep import tiny_preset
 
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
     preset = tiny_preset(tiny_assets, tmp_path, **{"eval.num_samples": 60})

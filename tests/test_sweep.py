@@ -1,8 +1,8 @@
 """The sweep runner: expansion, shared cells, resume after SIGKILL, failures, locks, bad input."""
 import json
-import re
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_train_overrides
 
 from add_bench import sweep
 from add_bench.errors import ConfigError
-from conftest import tiny_train_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -383,3 +383,28 @@ def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_
     monkeypatch.setattr(provenance, "blob_at_commit", lambda commit, path: None)  # unknown: not called stale
     write("e" * 40)
     assert methods.changed_inputs(cell) == []
+
+
+def test_command_line_sweep_values_and_combinations():
+    from add_bench.sweep import command_line_ablation, split_values
+
+    assert split_values("exp,sds") == ["exp", "sds"]
+    assert split_values("[999,499],[999]") == ["[999,499]", "[999]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    data, rest = command_line_ablation(["loss.weighting=exp,sds", "student.timesteps=[999,499],[999]", "steps=10",
+                                        "seeds=[0,1]"])
+    assert rest == ["steps=10", "seeds=[0,1]"]  # one value, and sweep-level keys: applied to every row
+    assert data["name"] == "loss.weighting+student.timesteps"
+    assert [c["set"] for c in data["cells"]] == [
+        {"loss.weighting": "exp", "student.timesteps": [999, 499]}, {"loss.weighting": "exp", "student.timesteps": [999]},
+        {"loss.weighting": "sds", "student.timesteps": [999, 499]}, {"loss.weighting": "sds", "student.timesteps": [999]}]
+    with pytest.raises(ConfigError, match="key with several values"):
+        command_line_ablation(["steps=10"])
+
+
+def test_command_line_sweep_rejects_an_unknown_value(capsys):
+    from add_bench.sweep import main
+
+    assert main(["loss.weighting=exp,bogus", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "loss.weighting" in err

@@ -5,12 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_train_overrides
 
-from add_bench import checkpoint, train as train_mod
+from add_bench import checkpoint
+from add_bench import train as train_mod
 from add_bench.config import TrainConfig, load
 from add_bench.data import load_split
 from add_bench.errors import ConfigError, TrainingDiverged
-from conftest import tiny_train_overrides
 
 
 def cfg_for(assets, **extra):
@@ -88,6 +89,24 @@ def test_student_sees_x_s_at_exactly_t_student(tiny_assets):
     eps = torch.randn(x0.shape, generator=g)
     alpha, sigma = nets.student.schedule.alpha_sigma(s)
     torch.testing.assert_close(x, alpha * x0 + sigma * eps)
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_student_top_step_is_pure_noise_and_the_teacher_keeps_its_schedule(tiny_assets, tmp_path, zero):
+    """student.zero_terminal_snr: α = 0 at s = 999 on the student's schedule only (SD2.1's α_999 ≈ 0.068
+    stays the teacher's); the exported student's card records the schedule it was trained on."""
+    cfg = cfg_for(tiny_assets, **{"student.zero_terminal_snr": zero})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    teacher_alpha = nets.teacher.schedule.alpha_sigma(999, ndim=0)[0].item()
+    student_alpha = nets.student.schedule.alpha_sigma(999, ndim=0)[0].item()
+    assert abs(teacher_alpha - 0.0683) < 1e-3
+    assert student_alpha == (0.0 if zero else teacher_alpha)
+    torch.testing.assert_close(nets.student.schedule.alphas_cumprod[:999], nets.teacher.schedule.alphas_cumprod[:999])
+    from add_bench.evaluate import load_denoiser
+
+    out = train_mod.export_student(nets, cfg, tmp_path / "student", wall=0.0, step=0)
+    assert load_denoiser(str(out))[0].schedule.alpha_sigma(999, ndim=0)[0].item() == student_alpha
 
 
 def test_discriminator_accuracy_is_logged_per_student_timestep(tiny_assets):

@@ -11,7 +11,7 @@ features F_k(x0), and the generator loss flows back through them into F and the 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

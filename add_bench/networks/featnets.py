@@ -19,9 +19,10 @@ Two families:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -86,10 +87,10 @@ class FeatureNetwork(nn.Module):
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def freeze(self) -> "FeatureNetwork":
+    def freeze(self) -> FeatureNetwork:
         return self.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "FeatureNetwork":
+    def train(self, mode: bool = True) -> FeatureNetwork:
         return super().train(False)  # always eval: frozen, no dropout, no batch statistics
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:

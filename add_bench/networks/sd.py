@@ -26,9 +26,10 @@ the tests build tiny random-weight folders in the same layout and load them thro
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,6 @@ import torch
 from add_bench.config import ScheduleConfig
 from add_bench.diffusion import Denoiser, Schedule
 from add_bench.errors import CheckpointError, ConfigError
-
 
 # The releases this scale is written for (hub ids, to download elsewhere and pass as local folders).
 SD_MODELS: dict[str, str] = {
@@ -76,7 +76,7 @@ class TextDenoiser(Denoiser):
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
-    def to(self, device: torch.device) -> "TextDenoiser":
+    def to(self, device: torch.device) -> TextDenoiser:
         super().to(device)
         self.null_embedding = self.null_embedding.to(device)
         return self
@@ -177,7 +177,7 @@ class StableDiffusion:
             out.append(pack_xl_condition(embeds, second.text_embeds))
         return torch.cat(out)
 
-    def to(self, device: torch.device) -> "StableDiffusion":
+    def to(self, device: torch.device) -> StableDiffusion:
         """The frozen components on ``device`` (the UNet moves with its denoiser)."""
         for part in self.frozen_parts:
             getattr(self, part).to(device)

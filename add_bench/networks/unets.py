@@ -83,7 +83,7 @@ def save_weights(folder: str | Path, module: torch.nn.Module, card: dict[str, An
     """Write ``model.safetensors`` + ``card.json`` atomically (each file replaced in one step)."""
     from safetensors.torch import save_file
 
-    from add_bench.provenance import atomic_write_json, atomic_path
+    from add_bench.provenance import atomic_path, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

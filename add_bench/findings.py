@@ -1,0 +1,213 @@
+"""``docs/findings.md``: what the committed results say, generated from ``results/`` and nothing else.
+
+    python -m add_bench.tables --report [--results results] [--report-out docs/findings.md]
+
+Every number in the document is read from a results folder by this module (the ablation manifests and
+their cells, ``teacher/rows``, ``metric_sanity/ladder.json``); the prose around them only says what is
+measured. The test suite regenerates the file and fails when the committed one differs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from add_bench import tables as T
+from add_bench.provenance import atomic_write_text
+
+# The paper's Table 1, in its order (a, b, …); any other ablation folder is Table 2 (``methods``) or a probe.
+TABLE1 = ("feature_network", "conditioning", "student_init", "loss_terms", "loss_weighting", "teacher_type",
+          "teacher_steps")
+METHODS = "methods"
+MULTI_STEP = 4  # the second step count of the Table 1 overview
+
+
+@dataclass
+class Ablation:
+    """One ablation folder, aggregated as ``python -m add_bench.tables`` aggregates it."""
+
+    name: str
+    manifest: dict
+    df: pd.DataFrame
+    agg: pd.DataFrame
+    head: pd.DataFrame
+    align_name: str
+
+    @classmethod
+    def read(cls, folder: Path) -> Ablation:
+        manifest = T.read_manifest(folder)
+        df = T.load_results(folder)
+        agg = T.aggregate(df)
+        head, _ = T.headline(agg)
+        return cls(folder.name, manifest, df, agg, head, T.ALIGNMENT_NAMES[T.alignment_of(df)])
+
+    @property
+    def title(self) -> str:
+        return T.table_title(self.manifest)
+
+    def at(self, name: str, steps: int):
+        rows = self.agg[(self.agg["name"] == name) & (self.agg["steps"] == steps)]
+        return None if rows.empty else rows.iloc[0]
+
+
+def apart(a, b, metric: str = "fid") -> bool:
+    """Do two rows' 95% intervals of ``metric`` not overlap (both measured on ≥ 2 seeds)?"""
+    if min(a[f"{metric}_n"], b[f"{metric}_n"]) < 2:
+        return False
+    lo_a, hi_a = a[f"{metric}_mean"] - a[f"{metric}_ci95"], a[f"{metric}_mean"] + a[f"{metric}_ci95"]
+    lo_b, hi_b = b[f"{metric}_mean"] - b[f"{metric}_ci95"], b[f"{metric}_mean"] + b[f"{metric}_ci95"]
+    return hi_a < lo_b or hi_b < lo_a
+
+
+def fid_text(row) -> str:
+    return T.fmt(row["fid_mean"], row["fid_ci95"], row["fid_n"], 2) or T.missing_text(row)
+
+
+def against_default(ab: Ablation) -> list[str]:
+    """Per non-default row of the headline table: better / worse than the default row by FID with the
+    intervals apart, or within seed noise; and the paper's direction for the same pair."""
+    default = ab.head[ab.head["default"]]
+    if default.empty:
+        return []
+    d = default.iloc[0]
+    lines = []
+    for _, r in ab.head[~ab.head["default"]].iterrows():
+        if r["fid_n"] == 0:
+            lines.append(f"- {r['label']}: {T.missing_text(r)}")
+            continue
+        ours = "better" if r["fid_mean"] < d["fid_mean"] else "worse"
+        verdict = f"{ours} than the default, intervals apart" if apart(r, d) else "within seed noise of the default"
+        paper = ""
+        if pd.notna(r["paper_fid"]) and pd.notna(d["paper_fid"]) and r["paper_fid"] != d["paper_fid"]:
+            paper = f"; paper: {'better' if r['paper_fid'] < d['paper_fid'] else 'worse'}"
+        lines.append(f"- {r['label']}: FID {fid_text(r)} against {fid_text(d)}: {verdict}{paper}")
+    return lines
+
+
+def agreement_line(ab: Ablation) -> str:
+    pairs = [p for p in T.ranking_agreement(ab.head)["pairs"] if p["metric"] == "fid" and p["agree"] is not None]
+    if not pairs:
+        return "No pair of rows with both our FID and the paper's."
+    agree = sum(p["agree"] for p in pairs)
+    return f"Pairwise FID directions agreeing with the paper: {agree} of {len(pairs)}."
+
+
+def table1_overview(abls: list[Ablation]) -> str:
+    rows, seen = [], set()
+    for ab in abls:
+        table = ab.manifest.get("table", "")
+        for _, r in ab.head.iterrows():
+            if (table, r["label"]) in seen:  # two ablations of one paper table share their default row
+                continue
+            seen.add((table, r["label"]))
+            multi = ab.at(r["name"], MULTI_STEP)
+            rows.append({"Table": table, "row": r["label"] + (" *" if r["default"] else ""),
+                         "1-step FID ↓": fid_text(r), f"{ab.align_name} ↑": T.metric_text(r, "align", 3),
+                         "recall ↑": T.metric_text(r, "recall", 3), "collapse": T.collapse_text(r),
+                         f"{MULTI_STEP}-step FID ↓": fid_text(multi) if multi is not None else "—",
+                         "paper FID / CS": f"{T.paper_number(r['paper_fid'], 1)} / {T.paper_number(r['paper_cs'], 3)}",
+                         "seeds": f"{r['fid_n']}/{r['n_seeds']}"})
+    return T.to_markdown(pd.DataFrame(rows))
+
+
+def section(ab: Ablation, heading: str) -> list[str]:
+    out = [f"### {heading}", "", f"`results/{ab.name}/table.md`. {agreement_line(ab)}", ""]
+    diffs = against_default(ab)
+    return out + (diffs + [""] if diffs else [])
+
+
+def teacher_rows(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "teacher" / "rows").glob("*.json"))]
+
+
+def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
+    """The default ADD cell against its own teacher at equal network evaluations (best teacher row with
+    NFE ≤ the student's steps, CFG counted as two evaluations)."""
+    if default is None:
+        return []
+    d_row = default.head[default.head["default"]]
+    teacher = str(d_row.iloc[0]["name"]) if not d_row.empty else None
+    rows = [r for r in teacher_rows(root) if r.get("model") == "teacher_small" and r.get("fid") is not None]
+    if teacher is None or not rows:
+        return []
+    lines = []
+    for steps in (1, MULTI_STEP):
+        student = default.at(teacher, steps)
+        best = min((r for r in rows if 0 < r["nfe"] <= steps), key=lambda r: r["fid"], default=None)
+        if student is None or best is None or not student["fid_n"]:
+            continue
+        ratio = student["fid_mean"] / best["fid"]
+        lines.append(f"- {steps} network evaluation{'s' if steps > 1 else ''}: ADD {steps}-step FID {fid_text(student)}; "
+                     f"the teacher's best at ≤ {steps} (DDIM {best['steps']} step{'s' if best['steps'] > 1 else ''}, "
+                     f"CFG {best['cfg_scale']:g}) "
+                     f"{best['fid']:.2f}; ratio {ratio:.2f}")
+    return lines
+
+
+def sanity_lines(root: Path) -> list[str]:
+    path = root / "metric_sanity" / "table.md"
+    if not path.is_file():
+        return ["Not computed: `python -m add_bench.metric_sanity --out results/metric_sanity`."]
+    lines = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = lines[start:end]  # the ladder's headline table (the other spaces: results/metric_sanity/table.md)
+    checks = json.loads((root / "metric_sanity" / "ladder.json").read_text()).get("checks", {})
+    monotone = checks.get("monotone", {})
+    held = [k for k, ok in monotone.items() if ok]
+    return table + ["", f"Metrics that order the real-image ladder correctly: {len(held)} of {len(monotone)} "
+                        f"({', '.join(sorted(held))})."]
+
+
+def status_lines(abls: list[Ablation]) -> list[str]:
+    counts: dict[str, int] = {}
+    seen = set()
+    for ab in abls:
+        for _, r in ab.df.drop_duplicates("id").iterrows():
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+    text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return [f"Cells (training runs × seeds) behind these tables: {len(seen)} ({text}). A *stale* cell was computed "
+            "on teacher, feature or evaluation weights that have changed since; its numbers are left out."]
+
+
+def report(root: str | Path = "results") -> str:
+    root = Path(root)
+    found = {p.name: p for p in T.ablation_dirs(root)}
+    abls = {name: Ablation.read(path) for name, path in found.items()}
+    table1 = [abls[n] for n in TABLE1 if n in abls]
+    probes = [ab for n, ab in sorted(abls.items()) if n not in TABLE1 and n != METHODS]
+    out = ["# Findings on the embedded benchmark", "",
+           "Generated by `python -m add_bench.tables --report` from the committed `results/`; the test suite fails "
+           "when this file differs from what that command writes. Change the generator (`add_bench/findings.py`) "
+           "or the results, never this file. Mean ± 95% CI over seeds (t-distribution); `*` = the paper's default "
+           "row; FID and alignment in the evaluation network's space, recall and per-class metrics in the "
+           "self-supervised embedding (`results/metric_sanity` shows what each scores on real and collapsed "
+           "generators); the paper's numbers are COCO FID / CLIP score of ADD-M on SD2.1: compare directions.", "",
+           *status_lines(list(abls.values())), "", "## Table 1: the ablations", "", table1_overview(table1), ""]
+    for ab in table1:
+        out += section(ab, ab.title)
+    lines = equal_nfe_lines(root, abls.get("loss_weighting"))
+    if lines:
+        out += ["## The ADD student against its own teacher at equal network evaluations", "",
+                "Default cell of Table 1 against `results/teacher` (teacher_small, DDIM, best CFG).", "", *lines, ""]
+    if METHODS in abls:
+        ab = abls[METHODS]
+        out += ["## Table 2: methods on equal terms", "",
+                T.to_markdown(T.headline_table(ab.head, ab.align_name, ab.manifest.get("paper_metric_names") or {})), ""]
+    if probes:
+        out += ["## Probes (not paper tables)", ""]
+        for ab in probes:
+            out += section(ab, ab.title)
+    out += ["## Metric sanity ladder", "", *sanity_lines(root), ""]
+    return "\n".join(out)
+
+
+def write_report(root: str | Path = "results", out: str | Path = "docs/findings.md") -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, report(root))
+    return out
