@@ -4,6 +4,7 @@ Applied to the discriminator's inputs, real x0 and student samples x̂θ alike (
 per-sample parameters from the same distribution). Every op is differentiable in the images, so the
 generator loss back-propagates through it. Images are in model range [-1, 1], any channel count.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,9 @@ def color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Te
     return (x - m) * (rand(x, generator, n, 1, 1, 1) + 0.5) + m
 
 
-def translation(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.125,
-                fill: str = "zero") -> torch.Tensor:
+def translation(
+    x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.125, fill: str = "zero"
+) -> torch.Tensor:
     """Shift each image by up to ratio·size pixels in each axis; uncovered pixels are 0 (``fill="zero"``,
     DiffAugment's; mid-gray in [-1, 1]) or copies of the nearest edge pixel (``"edge"``)."""
     n, _, h, w = x.shape
@@ -53,8 +55,9 @@ def border_mean(x: torch.Tensor) -> torch.Tensor:
     return edge.mean(2)[:, :, None, None]
 
 
-def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.5,
-           fill: str = "zero") -> torch.Tensor:
+def cutout(
+    x: torch.Tensor, generator: torch.Generator | None = None, ratio: float = 0.5, fill: str = "zero"
+) -> torch.Tensor:
     """Set one random square of side ratio·size (clipped at the border) in each image to 0 (``fill="zero"``,
     DiffAugment's) or to the image's border mean (``"edge"``)."""
     n, _, h, w = x.shape
@@ -70,9 +73,13 @@ def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: flo
 
 # The policy's named ops. DiffAugment fills with 0, mid-gray in [-1, 1]; the ``_edge`` variants fill with
 # the image's own edge (Fashion-MNIST: its black background, after the color op's shift).
-AUGMENTS = {"color": color, "translation": translation, "cutout": cutout,
-            "translation_edge": functools.partial(translation, fill="edge"),
-            "cutout_edge": functools.partial(cutout, fill="edge")}
+AUGMENTS = {
+    "color": color,
+    "translation": translation,
+    "cutout": cutout,
+    "translation_edge": functools.partial(translation, fill="edge"),
+    "cutout_edge": functools.partial(cutout, fill="edge"),
+}
 
 
 def parse_policy(policy: str) -> list:
@@ -80,8 +87,9 @@ def parse_policy(policy: str) -> list:
     return [choose(AUGMENTS, p.strip(), "diffaug policy") for p in policy.split(",") if p.strip()]
 
 
-def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def diff_augment(
+    x: torch.Tensor, policy: str = "color,translation,cutout", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """DiffAugment the images x (N, C, H, W) in [-1, 1]; deterministic given ``generator``."""
     for op in parse_policy(policy):
         x = op(x, generator)

@@ -8,6 +8,7 @@ Writes ``<out>/rows/*.json`` (one per setting, atomically; a re-run skips finish
 at 50 steps on ``--cfg-search-samples`` samples, over 1.5, 2, 3 and beyond the edge while the best
 lies on it; the search is stored in ``rows/`` too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,12 @@ def computed_row(path: Path, compute, earlier_wall_s: float = 0.0, **extra) -> d
     """``compute()`` with its provenance (wall time plus ``earlier_wall_s``, ``extra``), written atomically."""
     start = time.time()
     row = compute()
-    row["provenance"] = provenance(seed=row.get("seed"), wall_time_s=time.time() - start + earlier_wall_s,
-                                   command="python -m add_bench.baseline", **extra)
+    row["provenance"] = provenance(
+        seed=row.get("seed"),
+        wall_time_s=time.time() - start + earlier_wall_s,
+        command="python -m add_bench.baseline",
+        **extra,
+    )
     atomic_write_json(path, row)
     return row
 
@@ -51,8 +56,14 @@ def floor_row(cfg: EvalConfig, suite) -> dict[str, Any]:
     train = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download)
     idx = balanced_indices(train.labels, cfg.num_samples // NUM_CLASSES, np.random.default_rng(cfg.seed))
     real = SampleSet(train.images[idx], train.labels[idx])
-    return {"model": "real data (train split)", "steps": 0, "cfg_scale": None, "nfe": 0, "seed": cfg.seed,
-            **score(suite, real)}
+    return {
+        "model": "real data (train split)",
+        "steps": 0,
+        "cfg_scale": None,
+        "nfe": 0,
+        "seed": cfg.seed,
+        **score(suite, real),
+    }
 
 
 def next_scale(val_fid: dict[str, float]) -> float | None:
@@ -83,8 +94,14 @@ def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, 
         fids[str(s)] = fid_val.distance(g.samples.images)
         print(f"{teacher} cfg {s}: val FID-{num_samples} {fids[str(s)]:.3f}", file=sys.stderr)
     best = min(fids, key=fids.get)
-    return {"teacher": teacher, "steps": 50, "num_samples": num_samples, "seed": cfg.seed + 1,
-            "val_fid": fids, "best_cfg_scale": float(best)}
+    return {
+        "teacher": teacher,
+        "steps": 50,
+        "num_samples": num_samples,
+        "seed": cfg.seed + 1,
+        "val_fid": fids,
+        "best_cfg_scale": float(best),
+    }
 
 
 def stored_cfg_search(path: Path, teacher: str, cfg: EvalConfig, num_samples: int) -> dict[str, Any]:
@@ -97,15 +114,27 @@ def stored_cfg_search(path: Path, teacher: str, cfg: EvalConfig, num_samples: in
         done, earlier = stored["val_fid"], stored["provenance"]
     else:
         done, earlier = {}, None
-    return computed_row(path, lambda: cfg_search(teacher, cfg, num_samples, done),
-                        earlier["wall_time_s"] if earlier else 0.0, **({"extends": earlier} if earlier else {}))
+    return computed_row(
+        path,
+        lambda: cfg_search(teacher, cfg, num_samples, done),
+        earlier["wall_time_s"] if earlier else 0.0,
+        **({"extends": earlier} if earlier else {}),
+    )
 
 
 def teacher_row(teacher: str, steps: int, cfg_scale: float, cfg: EvalConfig, suite) -> dict[str, Any]:
     denoiser, card = load_denoiser(teacher)
     g = generate(denoiser, "ddim", steps, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale)
-    return {"model": teacher, "params": card.get("params"), "steps": steps, "cfg_scale": cfg_scale, "nfe": g.nfe,
-            "seed": cfg.seed, "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
+    return {
+        "model": teacher,
+        "params": card.get("params"),
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "nfe": g.nfe,
+        "seed": cfg.seed,
+        "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3),
+        **score(suite, g.samples),
+    }
 
 
 def row_key(teacher: str) -> str:
@@ -132,17 +161,31 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
         search = stored_cfg_search(rows_dir / f"{key}_cfg_search.json", teacher, cfg, cfg_search_samples)
         for scale in (1.0, search["best_cfg_scale"]):
             for s in steps:
-                rows.append(cached_row(rows_dir / f"{key}_{s}steps_cfg{scale:g}.json",
-                                       lambda teacher=teacher, s=s, scale=scale: teacher_row(teacher, s, scale, cfg, suite)))
-                print(f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
-                      file=sys.stderr)
+                rows.append(
+                    cached_row(
+                        rows_dir / f"{key}_{s}steps_cfg{scale:g}.json",
+                        lambda teacher=teacher, s=s, scale=scale: teacher_row(teacher, s, scale, cfg, suite),
+                    )
+                )
+                print(
+                    f"{teacher} {s} steps cfg {scale:g}: FID {rows[-1]['fid']:.3f} acc {rows[-1]['align_acc']:.3f}",
+                    file=sys.stderr,
+                )
     stored = stored_rows(rows_dir)
     write_tables(stored, out)  # every teacher measured so far, not only this run's
     # wall_time_s: this run (finished rows are skipped); rows_wall_time_s: every stored row's own time
-    atomic_write_json(out / "provenance.json", provenance(
-        cfg, cfg.seed, time.time() - start, command="python -m add_bench.baseline", teachers=teachers,
-        rows=sorted(p.name for p in rows_dir.glob("*.json")),
-        rows_wall_time_s=round(sum(r.get("provenance", {}).get("wall_time_s") or 0.0 for r in stored), 1)))
+    atomic_write_json(
+        out / "provenance.json",
+        provenance(
+            cfg,
+            cfg.seed,
+            time.time() - start,
+            command="python -m add_bench.baseline",
+            teachers=teachers,
+            rows=sorted(p.name for p in rows_dir.glob("*.json")),
+            rows_wall_time_s=round(sum(r.get("provenance", {}).get("wall_time_s") or 0.0 for r in stored), 1),
+        ),
+    )
     return rows
 
 
@@ -161,33 +204,63 @@ def write_tables(rows: list[dict], out: Path) -> None:
     import pandas as pd
 
     # the torch threads a row was sampled on (from its provenance): sec_per_1000 compares only at equal threads
-    df = pd.DataFrame([{**{k: v for k, v in r.items() if k != "provenance"},
-                        "threads": r.get("provenance", {}).get("machine", {}).get("torch_threads")} for r in rows])
+    df = pd.DataFrame(
+        [
+            {
+                **{k: v for k, v in r.items() if k != "provenance"},
+                "threads": r.get("provenance", {}).get("machine", {}).get("torch_threads"),
+            }
+            for r in rows
+        ]
+    )
     floor = float(df.loc[df["steps"] == 0, "fid"].iloc[0])
     df["fid_over_floor"] = df["fid"] / floor
-    cols = ["model", "params", "steps", "cfg_scale", "nfe", "fid", "fid_over_floor", "align_prob", "align_acc",
-            "recall", "coverage", "intra_fid", "sec_per_1000", "threads"]
+    cols = [
+        "model",
+        "params",
+        "steps",
+        "cfg_scale",
+        "nfe",
+        "fid",
+        "fid_over_floor",
+        "align_prob",
+        "align_acc",
+        "recall",
+        "coverage",
+        "intra_fid",
+        "sec_per_1000",
+        "threads",
+    ]
     df = df.reindex(columns=cols)  # rows scored before recall, coverage and intra-FID existed: empty there
     with_cfg = df["cfg_scale"].fillna(1.0)
     df["cfg_scale"] = df["cfg_scale"].map(lambda v: "—" if v is None or v != v else f"{v:g}")
     atomic_write_text(out / "table.csv", df.to_csv(index=False, float_format="%.4g"))
-    header = ("# Teacher baseline (DDIM, Fashion-MNIST)\n\nFID of 5k balanced samples against the "
-              "10k test split in the evaluation network's feature space; alignment = evaluation-network probability "
-              "of the conditioning class / accuracy. Floor: 5k real training images. Produced by "
-              "`python -m add_bench.baseline`; provenance in rows/*.json.\n\n")
+    header = (
+        "# Teacher baseline (DDIM, Fashion-MNIST)\n\nFID of 5k balanced samples against the "
+        "10k test split in the evaluation network's feature space; alignment = evaluation-network probability "
+        "of the conditioning class / accuracy. Floor: 5k real training images. Produced by "
+        "`python -m add_bench.baseline`; provenance in rows/*.json.\n\n"
+    )
     shown = df.astype(object).where(df.notna(), None)
     for col in ("recall", "coverage", "intra_fid"):
         shown[col] = shown[col].map(lambda v: "n/m" if v is None else f"{v:.4g}")
-    header += ("Recall, coverage (class-conditional, k = 5) and intra-FID (per-class FID) in the self-supervised "
-               "embedding `evalnet_ssl`; `n/m` = not measured (a row scored before these metrics existed).\n\n")
+    header += (
+        "Recall, coverage (class-conditional, k = 5) and intra-FID (per-class FID) in the self-supervised "
+        "embedding `evalnet_ssl`; `n/m` = not measured (a row scored before these metrics existed).\n\n"
+    )
     atomic_write_text(out / "table.md", header + shown.to_markdown(index=False, floatfmt=".4g") + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     gen = df[df["steps"] > 0]
     for (model, scale), g in gen.groupby([gen["model"], with_cfg[gen.index]]):
         ax.plot(g["steps"], g["fid"], marker="o", label=f"{model}, CFG {scale:g}" if scale != 1 else f"{model}, no CFG")
     ax.axhline(floor, color="k", ls="--", lw=1, label="real data floor")
-    ax.set(xscale="log", yscale="log", xlabel="DDIM steps", ylabel="FID-5k (evaluation-network features)",
-           title="Teacher FID vs sampling steps")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="DDIM steps",
+        ylabel="FID-5k (evaluation-network features)",
+        title="Teacher FID vs sampling steps",
+    )
     ax.set_xticks(sorted(gen["steps"].unique()), [str(s) for s in sorted(gen["steps"].unique())])
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -198,8 +271,9 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.baseline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.baseline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value")
     p.add_argument("--teachers", nargs="+", default=["teacher_small", "teacher_small_27k", "teacher_large"])
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))

@@ -12,6 +12,7 @@ of its parts (≈ 1 means no overhead beyond the passes) and what R1 costs the h
 process using all cores' threads against one 1-thread process per core running at once
 (``python -m add_bench.sweep --workers N``), and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
     def fake_features_pass():
         xs = x_student.clone().requires_grad_(True)
         nets.discriminator.requires_grad_(False)
-        generator_adversarial_loss(nets.discriminator(nets.feature_network(diff_augment(xs, aug, gen)), c_text, c_img)).backward()
+        generator_adversarial_loss(
+            nets.discriminator(nets.feature_network(diff_augment(xs, aug, gen)), c_text, c_img)
+        ).backward()
         nets.discriminator.requires_grad_(True)
 
     def real_features_pass():
@@ -90,9 +93,13 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
         nets.discriminator.zero_grad(set_to_none=True)
         (discriminator_hinge_loss(real, fake) + r1_penalty(real, rf, gamma)).backward()
 
-    parts = {"student_fwd_bwd": student_pass, "teacher_target": teacher_pass,
-             "feature_network_fake_fwd_bwd": fake_features_pass, "feature_network_real_fwd": real_features_pass,
-             "discriminator_heads_fwd_bwd": lambda: heads_pass(0.0)}
+    parts = {
+        "student_fwd_bwd": student_pass,
+        "teacher_target": teacher_pass,
+        "feature_network_fake_fwd_bwd": fake_features_pass,
+        "feature_network_real_fwd": real_features_pass,
+        "discriminator_heads_fwd_bwd": lambda: heads_pass(0.0),
+    }
     timings = {k: median_seconds(fn, repeats) for k, fn in parts.items()}
     every = cfg.discriminator.r1_every
     if cfg.discriminator.r1_gamma > 0:  # R1's double backward, paid on every r1_every-th step
@@ -165,8 +172,11 @@ def bench_workers(cfg: TrainConfig, steps: int = 30, cores: int | None = None) -
         for workers, threads in layouts:
             barrier = manager.Barrier(workers)
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                secs = list(pool.map(_timed_steps, [text] * workers, [threads] * workers, [steps] * workers,
-                                     [barrier] * workers))
+                secs = list(
+                    pool.map(
+                        _timed_steps, [text] * workers, [threads] * workers, [steps] * workers, [barrier] * workers
+                    )
+                )
             out[f"steps_per_s_{workers}_workers_x_{threads}_threads"] = sum(steps / t for t in secs)
     one = out[f"steps_per_s_1_workers_x_{cores}_threads"]
     out["ratio_workers_to_threads"] = out[f"steps_per_s_{cores}_workers_x_1_threads"] / one
@@ -175,13 +185,17 @@ def bench_workers(cfg: TrainConfig, steps: int = 30, cores: int | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("overrides", nargs="*", help="TrainConfig overrides key=value (batch_size=32, ...)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="write the timings JSON (with provenance) here")
-    p.add_argument("--parallel", action="store_true",
-                   help="instead: sweep throughput of N workers × 1 thread against 1 worker × N threads")
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="instead: sweep throughput of N workers × 1 thread against 1 worker × N threads",
+    )
     p.add_argument("--steps", type=int, default=30, help="--parallel: ADD steps timed per process")
     a = p.parse_args(argv)
     try:
@@ -196,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<40} {v:12.6f}{unit}")
     if a.out:
         command = " ".join(["python -m add_bench.bench", *(sys.argv[1:] if argv is None else argv)])
-        atomic_write_json(Path(a.out), {"timings": timings, "batch_size": cfg.batch_size,
-                                        "provenance": provenance(cfg, cfg.seed, time.time() - start, command=command)})
+        atomic_write_json(
+            Path(a.out),
+            {
+                "timings": timings,
+                "batch_size": cfg.batch_size,
+                "provenance": provenance(cfg, cfg.seed, time.time() - start, command=command),
+            },
+        )
         print(f"wrote {a.out}", file=sys.stderr)
     return 0
 

@@ -4,6 +4,7 @@ One file per run (``checkpoint.pt``), replaced atomically, so a kill at any mome
 good checkpoint. A resumed run continues bit-exactly on CPU because all randomness in the loops
 comes from one ``torch.Generator`` whose state is saved here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,13 @@ from add_bench.provenance import atomic_path
 FILENAME = "checkpoint.pt"
 
 
-def save(folder: str | Path, step: int, objects: dict[str, Any], generator: torch.Generator,
-         extra: dict[str, Any] | None = None) -> Path:
+def save(
+    folder: str | Path,
+    step: int,
+    objects: dict[str, Any],
+    generator: torch.Generator,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """``objects``: name → anything with ``state_dict()`` (modules, optimisers, EMA)."""
     path = Path(folder) / FILENAME
     state = {

@@ -5,6 +5,7 @@ unknown key or gives a wrong type fails with the key's dotted path and what is a
 Named options (network presets, weightings, samplers, ...) live in small registries next to the
 code that implements them; :func:`choose` looks a name up and reports the accepted names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -63,7 +64,9 @@ class TeacherPretrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; the EMA is what ships
     ema_warmup_steps: int = 1000  # EMA decay ramps as min(decay, (1+step)/(10+step)) until here
     cond_drop_prob: float = 0.1  # labels replaced by the null class → CFG / NFSD possible
-    loss_weighting: str = "v_mse"  # v_mse (plain v-prediction MSE, SD2.1's: every t trained) | min_snr (Hang et al. 2023)
+    loss_weighting: str = (
+        "v_mse"  # v_mse (plain v-prediction MSE, SD2.1's: every t trained) | min_snr (Hang et al. 2023)
+    )
     min_snr_gamma: float = 5.0
     seed: int = 0
     ckpt_every: int = 500
@@ -147,7 +150,9 @@ class StudentConfig:
 
     network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
     init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
-    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
+    timesteps: list[int] = field(
+        default_factory=lambda: [999, 749, 499, 249]
+    )  # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
     # α forced to 0 at t = T−1 on the student's schedule only: x_s at s = 999 is pure noise, as at
     # inference (the paper's zero terminal SNR for the student; the teacher keeps its own schedule)
     zero_terminal_snr: bool = True
@@ -159,7 +164,9 @@ class TeacherConfig:
 
     network: str = "teacher_small"  # shipped weights name or folder (Table 1e: teacher_small | teacher_large)
     steps: int = 1  # k consecutive DDIM teacher steps from t produce the target (Table 1f: 1, 2, 4)
-    cfg_scale: float = 2.0  # classifier-free guidance when making targets (1 = none; 2 = the teacher's best on val); NFSD's s
+    cfg_scale: float = (
+        2.0  # classifier-free guidance when making targets (1 = none; 2 = the teacher's best on val); NFSD's s
+    )
     timestep_sampling: str = "uniform"  # t ~ U{t_min..t_max} | student (t drawn from T_student)
     t_min: int = 20
     t_max: int = 980
@@ -187,7 +194,9 @@ class DiscriminatorConfig:
     cmap_dim: int = 64
     augment: str = "color,translation,cutout"  # DiffAugment policy ("" = none)
     r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
-    r1_every: int = 16  # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step, as the paper)
+    r1_every: int = (
+        16  # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step, as the paper)
+    )
 
 
 @dataclass
@@ -199,7 +208,9 @@ class LossConfig:
     lambda_distill: float = 2.5  # λ
     weighting: str = "exp"  # c(t): exp | sds | nfsd (see add_bench.losses.C_WEIGHTINGS)
     reduction: str = "mean"  # d(x, y) = squared L2 averaged (mean) or summed (sum) over pixels
-    nfsd_negative: str = "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
+    nfsd_negative: str = (
+        "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
+    )
     space: str = "pixel"  # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
 
 
@@ -249,7 +260,9 @@ class TrainConfig:
     another ``method`` (Table 2: the teacher sampled as is, progressive distillation) reads the same
     schema; the fields a method does not use are ignored by it."""
 
-    method: str = "add"  # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
+    method: str = (
+        "add"  # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
+    )
     seed: int = 0
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
@@ -264,7 +277,9 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    coco: CocoConfig = field(default_factory=lambda: CocoConfig(split="train2017"))  # training data of a Stable Diffusion teacher
+    coco: CocoConfig = field(
+        default_factory=lambda: CocoConfig(split="train2017")
+    )  # training data of a Stable Diffusion teacher
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -272,8 +287,12 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------- loading
-def load(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         extra: Mapping[str, Any] | None = None) -> T:
+def load(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> T:
     """Schema defaults ← YAML file ← ``extra`` dict ← ``key=value`` overrides, validated.
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).

@@ -7,6 +7,7 @@ in the paper: x_t = α_t·x0 + σ_t·ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 �
 Samplers share one signature (k-diffusion style) and are chosen by name from ``SAMPLERS``:
     sampler(denoiser, noise, labels, steps, cfg_scale=1.0, generator=None) -> x0 images
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,9 +23,15 @@ from add_bench.config import ScheduleConfig, check_positive, choose
 def schedule_kwargs(cfg: ScheduleConfig) -> dict:
     """The noise schedule as diffusers scheduler arguments (the same betas for every sampler;
     ``force_zero_terminal_snr`` is applied by :class:`Schedule`, diffusers has no such argument)."""
-    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
-                beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,
-                rescale_betas_zero_snr=cfg.rescale_betas_zero_snr, timestep_spacing=cfg.timestep_spacing)
+    return dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        timestep_spacing=cfg.timestep_spacing,
+    )
 
 
 def make_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
@@ -34,8 +41,13 @@ def make_scheduler(cfg: ScheduleConfig) -> DDIMScheduler:
 def make_dpm_solver(cfg: ScheduleConfig, order: int = 2) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (multistep, data prediction; Lu et al. 2022) on the same betas and spacing. With zero
     terminal SNR diffusers sets ᾱ at t = T−1 to 2⁻²⁴ (its log-SNR must be finite); sampling ends at σ = 0."""
-    return DPMSolverMultistepScheduler(**schedule_kwargs(cfg), algorithm_type="dpmsolver++", solver_order=order,
-                                       lower_order_final=True, final_sigmas_type="zero")
+    return DPMSolverMultistepScheduler(
+        **schedule_kwargs(cfg),
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
 
 
 class Schedule:
@@ -138,8 +150,9 @@ class Denoiser:
     (prompt embeddings: ``add_bench.networks.sd.TextDenoiser``) override ``raw`` and ``null_condition``.
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: Schedule, null_label: int,
-                 student_timesteps: list[int] | None = None):
+    def __init__(
+        self, unet: torch.nn.Module, schedule: Schedule, null_label: int, student_timesteps: list[int] | None = None
+    ):
         self.unet, self.schedule, self.null_label = unet, schedule, null_label
         self.student_timesteps = student_timesteps  # an ADD student's T_student (the ADD sampler's timesteps)
 

@@ -23,6 +23,7 @@ curve, the generator's card and weights hash, provenance), ``table.md`` and ``ta
 benchmark only: the generator is a class-conditional weights folder (a Stable Diffusion folder is not
 taken).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,14 +93,26 @@ def held_out_accuracy(discriminator, c_text, c_img, real_features, fake_features
     def acc(r, f):
         return round(0.5 * (r.gt(0).float().mean() + f.lt(0).float().mean()).item(), 4)
 
-    return {"acc": acc(sum(real_logits), sum(fake_logits)),
-            "acc_per_head": [acc(r, f) for r, f in zip(real_logits, fake_logits)],
-            "abs_logit_per_head": [round(0.5 * (r.abs().mean() + f.abs().mean()).item(), 4)
-                                   for r, f in zip(real_logits, fake_logits)]}
+    return {
+        "acc": acc(sum(real_logits), sum(fake_logits)),
+        "acc_per_head": [acc(r, f) for r, f in zip(real_logits, fake_logits)],
+        "abs_logit_per_head": [
+            round(0.5 * (r.abs().mean() + f.abs().mean()).item(), 4) for r, f in zip(real_logits, fake_logits)
+        ],
+    }
 
 
-def probe(cfg: TrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, n_train: int,
-          steps: int, eval_every: int, seed: int, progress: bool = True) -> dict:
+def probe(
+    cfg: TrainConfig,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor,
+    n_train: int,
+    steps: int,
+    eval_every: int,
+    seed: int,
+    progress: bool = True,
+) -> dict:
     """Fresh heads from ``cfg`` trained ``steps`` batches on real[:n_train] vs fake[:n_train]; the rest is held out."""
     torch.manual_seed(seed)
     d = cfg.discriminator
@@ -109,8 +122,11 @@ def probe(cfg: TrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torc
     with torch.no_grad():  # unaugmented features, once: the linear probe and the held-out scoring share them
         levels = list(zip(feature_network(real), feature_network(fake)))
     linear = [round(linear_probe_accuracy(r.mean(2), f.mean(2), n_train), 4) for r, f in levels]
-    test = (*conditioning(frozen, real[n_train:], labels[n_train:]),
-            [r[n_train:] for r, _ in levels], [f[n_train:] for _, f in levels])
+    test = (
+        *conditioning(frozen, real[n_train:], labels[n_train:]),
+        [r[n_train:] for r, _ in levels],
+        [f[n_train:] for _, f in levels],
+    )
     gen = torch.Generator().manual_seed(seed)
     curve, start = [], time.perf_counter()
     for step in tqdm(range(steps + 1), desc=f"probe {d.augment or 'no augment'}", leave=False, disable=not progress):
@@ -122,7 +138,9 @@ def probe(cfg: TrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torc
         c_text_b, c_img_b = conditioning(frozen, real[idx], labels[idx])
         with torch.no_grad():  # as in training: the fake features first, then the real ones inside the step
             fake_features = feature_network(diff_augment(fake[idx], d.augment, gen))
-        discriminator_step(feature_network, disc, cfg, real[idx], fake_features, c_text_b, c_img_b, gen, opt_d, step + 1)
+        discriminator_step(
+            feature_network, disc, cfg, real[idx], fake_features, c_text_b, c_img_b, gen, opt_d, step + 1
+        )
     return {"linear_probe_acc_per_level": linear, "curve": curve, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -133,7 +151,9 @@ def make_pairs(generator: str, sampling_steps: int, sampler: str | None, n: int,
     out = generate(denoiser, sampler, sampling_steps, n, seed=seed, batch_size=500, progress=False)
     fake = to_model_range(out.samples.images)
     labels = torch.from_numpy(out.samples.labels).long()
-    real_x, real_y = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download).tensors()
+    real_x, real_y = load_split(
+        "train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download
+    ).tensors()
     real = paired_real(labels, real_x, real_y, torch.Generator().manual_seed(seed))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))  # train / held-out split
     return real[order], fake[order], labels[order], sampler, card
@@ -144,31 +164,49 @@ def write_tables(out: Path, runs: list[dict]) -> None:
     for r in runs:
         last = r["curve"][-1]
         early = next((c for c in r["curve"] if c["step"] >= last["step"] // 6), last)
-        rows.append({"variant": r["variant"] or "(shared config)",
-                     f"acc @ {early['step']}": early["acc"], f"acc @ {last['step']}": last["acc"],
-                     "acc per head (last)": " / ".join(f"{a:.3f}" for a in last["acc_per_head"]),
-                     "|logit| (last)": round(sum(last["abs_logit_per_head"]) / len(last["abs_logit_per_head"]), 3),
-                     "linear probe per level": " / ".join(f"{a:.3f}" for a in r["linear_probe_acc_per_level"]),
-                     "seconds": r["seconds"]})
+        rows.append(
+            {
+                "variant": r["variant"] or "(shared config)",
+                f"acc @ {early['step']}": early["acc"],
+                f"acc @ {last['step']}": last["acc"],
+                "acc per head (last)": " / ".join(f"{a:.3f}" for a in last["acc_per_head"]),
+                "|logit| (last)": round(sum(last["abs_logit_per_head"]) / len(last["abs_logit_per_head"]), 3),
+                "linear probe per level": " / ".join(f"{a:.3f}" for a in r["linear_probe_acc_per_level"]),
+                "seconds": r["seconds"],
+            }
+        )
     df = pd.DataFrame(rows)
     atomic_write_text(out / "table.csv", df.to_csv(index=False))
-    atomic_write_text(out / "table.md", "# Discriminator probe\n\n" + df.to_markdown(index=False) + "\n\n"
-                      "Held-out accuracy of fresh discriminator heads trained against the frozen generator's samples "
-                      "(½ real-called-real + ½ fake-called-fake, sum of heads, no augmentation at test); "
-                      "linear probe = logistic regression on each feature level's mean token. "
-                      "Written by `python -m add_bench.discriminator_probe`; provenance in `probe.json`.\n")
+    atomic_write_text(
+        out / "table.md",
+        "# Discriminator probe\n\n" + df.to_markdown(index=False) + "\n\n"
+        "Held-out accuracy of fresh discriminator heads trained against the frozen generator's samples "
+        "(½ real-called-real + ½ fake-called-fake, sum of heads, no augmentation at test); "
+        "linear probe = logistic regression on each feature level's mean token. "
+        "Written by `python -m add_bench.discriminator_probe`; provenance in `probe.json`.\n",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.discriminator_probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.discriminator_probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("generator", help="student or teacher weights folder (or shipped name) whose samples are the fakes")
     p.add_argument("--config", help="TrainConfig YAML (default: the schema's defaults = the embedded default cell)")
-    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
-                   help="one run per --variant: a TrainConfig override on top of the shared ones (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one run per --variant: a TrainConfig override on top of the shared ones (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=300, help="discriminator updates per run")
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--samples", type=int, default=2560, help="generated samples (and real partners), training + held-out")
+    p.add_argument(
+        "--samples", type=int, default=2560, help="generated samples (and real partners), training + held-out"
+    )
     p.add_argument("--held-out", type=int, default=512)
     p.add_argument("--sampling-steps", type=int, default=1)
     p.add_argument("--sampler", default=None, help="default: add for a student, ddim for a teacher")
@@ -193,24 +231,44 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {out}: cannot create the output folder ({e.strerror})") from e
         set_threads(cfgs[0].threads)
         start = time.time()
-        real, fake, labels, sampler, card = make_pairs(a.generator, a.sampling_steps, a.sampler, a.samples, cfgs[0], a.seed)
+        real, fake, labels, sampler, card = make_pairs(
+            a.generator, a.sampling_steps, a.sampler, a.samples, cfgs[0], a.seed
+        )
         n_train = a.samples - a.held_out
         runs = []
         for v, cfg in zip(variants, cfgs):
             print(f"discriminator probe: {v or 'shared config'}", file=sys.stderr)
             resolved = {} if v is None else {v.split("=")[0]: OmegaConf.select(cfg, v.split("=")[0])}
-            runs.append({"variant": v, "resolved": resolved,
-                         **probe(cfg, real, fake, labels, n_train, a.steps, a.eval_every, a.seed)})
+            runs.append(
+                {
+                    "variant": v,
+                    "resolved": resolved,
+                    **probe(cfg, real, fake, labels, n_train, a.steps, a.eval_every, a.seed),
+                }
+            )
         weights = resolve_weights(a.generator) / "model.safetensors"
-        result = {"generator": str(a.generator), "generator_card": card, "sampler": sampler,
-                  "generator_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
-                  "sampling_steps": a.sampling_steps, "train_pairs": n_train, "held_out_pairs": a.held_out,
-                  "overrides": a.overrides, "runs": runs,
-                  "provenance": provenance(cfgs[0], a.seed, time.time() - start,
-                                           command=shlex.join(["python", "-m", "add_bench.discriminator_probe", *sys.argv[1:]]))}
+        result = {
+            "generator": str(a.generator),
+            "generator_card": card,
+            "sampler": sampler,
+            "generator_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
+            "sampling_steps": a.sampling_steps,
+            "train_pairs": n_train,
+            "held_out_pairs": a.held_out,
+            "overrides": a.overrides,
+            "runs": runs,
+            "provenance": provenance(
+                cfgs[0],
+                a.seed,
+                time.time() - start,
+                command=shlex.join(["python", "-m", "add_bench.discriminator_probe", *sys.argv[1:]]),
+            ),
+        }
         atomic_write_json(out / "probe.json", result)
         write_tables(out, runs)
-        print(f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr)
+        print(
+            f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr
+        )
     except (AddBenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ on every process; process 0 writes checkpoints, logs, the student and its metric
 A single process (no ``WORLD_SIZE`` in the environment, or 1) is the plain loop: nothing here changes
 it, so embedded runs on one CPU are bit-identical with or without this module.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,9 @@ def rank_seed(seed: int, p: Processes) -> int:
 def local_batch(batch_size: int, p: Processes) -> int:
     """The global batch is split evenly over the processes."""
     if batch_size % p.world:
-        raise ConfigError(f"batch_size={batch_size} does not split over {p.world} processes; accepted: a multiple of {p.world}")
+        raise ConfigError(
+            f"batch_size={batch_size} does not split over {p.world} processes; accepted: a multiple of {p.world}"
+        )
     return batch_size // p.world
 
 
@@ -146,8 +149,10 @@ def check_in_sync(step: int, **modules: torch.nn.Module) -> None:
     if bad:
         from add_bench.errors import TrainingDiverged
 
-        raise TrainingDiverged(f"step {step}: the processes' {', '.join(bad)} parameters differ "
-                               f"({[round(s[bad[0]], 6) for s in everyone]}); the last good checkpoint is kept")
+        raise TrainingDiverged(
+            f"step {step}: the processes' {', '.join(bad)} parameters differ "
+            f"({[round(s[bad[0]], 6) for s in everyone]}); the last good checkpoint is kept"
+        )
 
 
 def barrier() -> None:

@@ -14,6 +14,7 @@ latent space from the captions of ``eval.num_samples`` COCO images and scored wi
     python -m add_bench.evaluate /models/sd21 --steps 1 4 --cfg-scale 7.5 metrics=cluster \
         coco.root=/data/coco cluster.inception=/weights/inception cluster.clip_weights=/weights/vit-g-14.bin
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
     card = read_card(folder)
     if card.get("kind") not in ("teacher", "student"):
         raise CheckpointError(f"{folder}/card.json: kind={card.get('kind')!r}; accepted: teacher, student")
-    return Denoiser(load_unet(folder), schedule_from_card(card), card["null_label"], card.get("student_timesteps")), card
+    return Denoiser(
+        load_unet(folder), schedule_from_card(card), card["null_label"], card.get("student_timesteps")
+    ), card
 
 
 @dataclass
@@ -53,8 +56,18 @@ class Generated:
     nfe: int  # network evaluations per sample
 
 
-def sample_in_batches(denoiser: Denoiser, sampler: str, steps: int, noise: torch.Tensor, condition, to_images,
-                      gen: torch.Generator, batch_size: int, cfg_scale: float, progress: bool) -> tuple[np.ndarray, float]:
+def sample_in_batches(
+    denoiser: Denoiser,
+    sampler: str,
+    steps: int,
+    noise: torch.Tensor,
+    condition,
+    to_images,
+    gen: torch.Generator,
+    batch_size: int,
+    cfg_scale: float,
+    progress: bool,
+) -> tuple[np.ndarray, float]:
     """Run ``sampler`` over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
     ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken."""
     check_positive(steps, "steps")
@@ -74,16 +87,25 @@ def nfe_per_sample(steps: int, cfg_scale: float) -> int:
 
 
 @torch.no_grad()
-def generate(denoiser: Denoiser, sampler: str, steps: int, num_samples: int, seed: int = 0,
-             batch_size: int = 500, cfg_scale: float = 1.0, progress: bool = True) -> Generated:
+def generate(
+    denoiser: Denoiser,
+    sampler: str,
+    steps: int,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 500,
+    cfg_scale: float = 1.0,
+    progress: bool = True,
+) -> Generated:
     """Balanced-class samples from fixed-seed noise; the same seed gives the same noise at every step count."""
     check_positive(steps, "steps")
     check_positive(num_samples, "num_samples")
     labels = balanced_labels(num_samples)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_samples, 1, 28, 28), generator=gen)
-    images, seconds = sample_in_batches(denoiser, sampler, steps, noise, lambda i, j: labels[i:j], to_uint8, gen,
-                                        batch_size, cfg_scale, progress)
+    images, seconds = sample_in_batches(
+        denoiser, sampler, steps, noise, lambda i, j: labels[i:j], to_uint8, gen, batch_size, cfg_scale, progress
+    )
     return Generated(SampleSet(images, labels.numpy()), seconds, nfe_per_sample(steps, cfg_scale))
 
 
@@ -92,9 +114,19 @@ def is_stable_diffusion(folder: Path) -> bool:
 
 
 @torch.no_grad()
-def generate_text(sd, denoiser: Denoiser, sampler: str, steps: int, prompts: list[str], ids: np.ndarray,
-                  seed: int = 0, batch_size: int = 16, cfg_scale: float = 1.0, resolution: int = 512,
-                  progress: bool = True) -> Generated:
+def generate_text(
+    sd,
+    denoiser: Denoiser,
+    sampler: str,
+    steps: int,
+    prompts: list[str],
+    ids: np.ndarray,
+    seed: int = 0,
+    batch_size: int = 16,
+    cfg_scale: float = 1.0,
+    resolution: int = 512,
+    progress: bool = True,
+) -> Generated:
     """Text-to-image samples of a Stable Diffusion model (latent space, then decoded): one per prompt,
     fixed-seed latent noise, so every step count starts from the same noise."""
     from add_bench.networks.sd import pixels_to_uint8
@@ -102,8 +134,18 @@ def generate_text(sd, denoiser: Denoiser, sampler: str, steps: int, prompts: lis
     check_positive(steps, "steps")
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *sd.latent_shape(resolution)), generator=gen)
-    images, seconds = sample_in_batches(denoiser, sampler, steps, noise, lambda i, j: sd.encode_prompts(prompts[i:j]),
-                                        lambda z: pixels_to_uint8(sd.to_pixels(z)), gen, batch_size, cfg_scale, progress)
+    images, seconds = sample_in_batches(
+        denoiser,
+        sampler,
+        steps,
+        noise,
+        lambda i, j: sd.encode_prompts(prompts[i:j]),
+        lambda z: pixels_to_uint8(sd.to_pixels(z)),
+        gen,
+        batch_size,
+        cfg_scale,
+        progress,
+    )
     return Generated(SampleSet(images, ids, list(prompts)), seconds, nfe_per_sample(steps, cfg_scale))
 
 
@@ -120,19 +162,23 @@ def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float, de
         from add_bench.networks.sd import load_stable_diffusion
 
         if cfg.metrics != "cluster":
-            raise ConfigError(f"{folder}: a Stable Diffusion model is scored with metrics=cluster (Inception FID, "
-                              f"CLIP score on COCO captions); got metrics={cfg.metrics!r}")
+            raise ConfigError(
+                f"{folder}: a Stable Diffusion model is scored with metrics=cluster (Inception FID, "
+                f"CLIP score on COCO captions); got metrics={cfg.metrics!r}"
+            )
         sd = load_stable_diffusion(folder).to(dev)
         kind = read_card(folder).get("kind", "student") if (folder / "card.json").is_file() else "teacher"
         coco, pick = eval_set(cfg)
         prompts, ids = [coco.captions[i] for i in pick], coco.image_ids[pick]
         denoiser = sd.denoiser().to(dev)  # ∅ encoded once, for every step count
-        return kind, lambda sampler, s: generate_text(sd, denoiser, sampler, s, prompts, ids, cfg.seed,
-                                                      cfg.batch_size, cfg_scale, cfg.coco.resolution)
+        return kind, lambda sampler, s: generate_text(
+            sd, denoiser, sampler, s, prompts, ids, cfg.seed, cfg.batch_size, cfg_scale, cfg.coco.resolution
+        )
     denoiser, card = load_denoiser(folder)
     denoiser.to(dev)
-    return card["kind"], lambda sampler, s: generate(denoiser, sampler, s, cfg.num_samples, cfg.seed,
-                                                     cfg.batch_size, cfg_scale)
+    return card["kind"], lambda sampler, s: generate(
+        denoiser, sampler, s, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale
+    )
 
 
 def export_samples(path: str | Path, samples: SampleSet) -> None:
@@ -146,8 +192,16 @@ def default_sampler(kind: str) -> str:
     return "ddim" if kind == "teacher" else "add"
 
 
-def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler: str | None = None,
-             cfg_scale: float = 1.0, export: str | Path | None = None, suite=None, device: str = "auto") -> dict[str, Any]:
+def evaluate(
+    checkpoint: str | Path,
+    steps: list[int],
+    cfg: EvalConfig,
+    sampler: str | None = None,
+    cfg_scale: float = 1.0,
+    export: str | Path | None = None,
+    suite=None,
+    device: str = "auto",
+) -> dict[str, Any]:
     for s in steps:
         check_positive(s, "steps")
     suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
@@ -156,24 +210,37 @@ def evaluate(checkpoint: str | Path, steps: list[int], cfg: EvalConfig, sampler:
     rows = []
     for s in steps:
         g = make(sampler, s)
-        row = {"steps": s, "sampler": sampler, "cfg_scale": cfg_scale, "nfe": g.nfe,
-               "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3), **score(suite, g.samples)}
+        row = {
+            "steps": s,
+            "sampler": sampler,
+            "cfg_scale": cfg_scale,
+            "nfe": g.nfe,
+            "sec_per_1000": round(1000 * g.seconds / cfg.num_samples, 3),
+            **score(suite, g.samples),
+        }
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr)
         if export:
             path = Path(export)
             export_samples(path if len(steps) == 1 else path.with_name(f"{path.stem}_{s}steps{path.suffix}"), g.samples)
-    return {"checkpoint": str(checkpoint), "kind": kind, "num_samples": cfg.num_samples, "rows": rows,
-            "metric_features": metric_features(suite)}
+    return {
+        "checkpoint": str(checkpoint),
+        "kind": kind,
+        "num_samples": cfg.num_samples,
+        "rows": rows,
+        "metric_features": metric_features(suite),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="weights folder or shipped name (e.g. teacher_small)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
-                   help="default: ddim for a teacher, add for a student")
+    p.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), default=None, help="default: ddim for a teacher, add for a student"
+    )
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
     p.add_argument("--export-samples", metavar="PATH.npz")
@@ -184,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(EvalConfig, overrides=a.overrides)
         start = time.time()
         result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device)
-        result["provenance"] = provenance(cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]]))
+        result["provenance"] = provenance(
+            cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]])
+        )
         out = Path(a.out) if a.out else resolve_weights(a.checkpoint) / "metrics.json"
         atomic_write_json(out, result)
         print(f"wrote {out}", file=sys.stderr)

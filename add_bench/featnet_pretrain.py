@@ -18,6 +18,7 @@ The work folder (``runs/featnet_<name>/``: checkpoint.pt, log.jsonl) resumes exa
 network ships in ``add_bench/weights/featnet_<name>/`` (model.safetensors with ``vit.*`` keys, plus
 the clip_s text tower; card.json with the architecture, objective and a k-NN accuracy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,14 @@ FEATNET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------ augmentation
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], gen: torch.Generator,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    gen: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
     """Per-image random crop (area fraction in ``scale``, aspect in ``ratio``), random horizontal flip,
     resized to size×size (bilinear); one affine grid per image."""
     n = len(x)
@@ -122,6 +129,7 @@ def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator, p: floa
 
 def multi_crop(x: torch.Tensor, cfg: FeatNetPretrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """2 global crops (2B, 1, 28, 28) and cfg.local_crops local crops (L·B, 1, s, s), jittered."""
+
     def view(size: int, lo: float, hi: float) -> torch.Tensor:
         return color_jitter(random_resized_crop(x, size, (lo, hi), gen), cfg.jitter, gen)
 
@@ -137,8 +145,13 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
         self.last = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         g = self.last.parametrizations.weight.original0
         g.data.fill_(1.0)
@@ -254,8 +267,12 @@ class ClipTask:
         return self.model.vit(x)
 
     def export(self) -> tuple[nn.Module, dict[str, Any]]:
-        return self.model, {"weights_of": "ViT + image projection + text tower", "vocab": self.model.text.vocab,
-                            "clip_embed_dim": self.cfg.clip_embed_dim, "prompts": list(PROMPTS)}
+        return self.model, {
+            "weights_of": "ViT + image projection + text tower",
+            "vocab": self.model.text.vocab,
+            "clip_embed_dim": self.cfg.clip_embed_dim,
+            "prompts": list(PROMPTS),
+        }
 
 
 TASKS = {"dino": DinoTask, "clip": ClipTask}
@@ -264,12 +281,19 @@ TASKS = {"dino": DinoTask, "clip": ClipTask}
 # ------------------------------------------------------------------------------------ metric
 @torch.no_grad()
 def embed_all(fn, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
-def knn_accuracy(train_emb: torch.Tensor, train_y: torch.Tensor, test_emb: torch.Tensor, test_y: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, num_classes: int = NUM_CLASSES) -> float:
+def knn_accuracy(
+    train_emb: torch.Tensor,
+    train_y: torch.Tensor,
+    test_emb: torch.Tensor,
+    test_y: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int = NUM_CLASSES,
+) -> float:
     """Weighted k-NN (DINO's protocol): cosine similarity, votes weighted by exp(sim / T)."""
     a, b = F.normalize(train_emb, dim=-1), F.normalize(test_emb, dim=-1)
     sim, idx = (b @ a.t()).topk(min(k, len(a)), dim=1)
@@ -290,8 +314,9 @@ def trainable_featnets() -> list[str]:
     return [n for n, s in FEATURE_NETWORKS.items() if s.kind == "embedded" and s.objective in TASKS]
 
 
-def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: Path,
-                     budget_minutes: float = 0) -> bool:
+def pretrain_featnet(
+    name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0
+) -> bool:
     """Train (or resume) an embedded feature network; return True when finished and exported."""
     choose(dict.fromkeys(trainable_featnets()), name, "featnet")
     check_positive(cfg.steps, "steps")
@@ -304,8 +329,11 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
     task = TASKS[spec.objective](dict(spec.arch), cfg)
     opt = torch.optim.AdamW(param_groups(task.trainable, cfg.weight_decay), lr=cfg.lr)
     run = Run(workdir, {**task.objects(), "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
-    print(f"featnet {name} ({spec.objective}): {num_params(task.trainable) / 1e6:.2f}M parameters; "
-          f"work folder {workdir}, weights → {out}", file=sys.stderr)
+    print(
+        f"featnet {name} ({spec.objective}): {num_params(task.trainable) / 1e6:.2f}M parameters; "
+        f"work folder {workdir}, weights → {out}",
+        file=sys.stderr,
+    )
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"featnet-{name}", dynamic_ncols=True)
     loss_avg = None
     while not run.done:
@@ -315,8 +343,10 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         loss, stats = task.loss(x_train[idx], y_train[idx], gen)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"featnet {name} loss is {loss.item()} at step {step}; last good checkpoint "
-                                   f"kept in {workdir}; lower lr (now {cfg.lr})")
+            raise TrainingDiverged(
+                f"featnet {name} loss is {loss.item()} at step {step}; last good checkpoint "
+                f"kept in {workdir}; lower lr (now {cfg.lr})"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         task.before_step(step)
@@ -328,8 +358,15 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if run.step % cfg.log_every == 0:
-            run.log.write(step=run.step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
-                          lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s, **stats)
+            run.log.write(
+                step=run.step,
+                loss=loss.item(),
+                loss_avg=loss_avg,
+                grad_norm=gnorm.item(),
+                lr=opt.param_groups[0]["lr"],
+                wall_time_s=run.wall_time_s,
+                **stats,
+            )
         if run.end_of_step():
             bar.close()
             return False
@@ -338,11 +375,18 @@ def pretrain_featnet(name: str, cfg: FeatNetPretrainConfig, workdir: Path, out: 
     metrics = evaluate_featnet(task, cfg)
     module, extra = task.export()
     card = {
-        "kind": "featnet", "name": name, "arch": dict(spec.arch), "objective": spec.objective,
-        "layers": list(spec.layers), "dims": [spec.arch["embed_dim"]] * len(spec.layers),
-        "params": num_params(module), "weights": "fp32", **extra,
+        "kind": "featnet",
+        "name": name,
+        "arch": dict(spec.arch),
+        "objective": spec.objective,
+        "layers": list(spec.layers),
+        "dims": [spec.arch["embed_dim"]] * len(spec.layers),
+        "params": num_params(module),
+        "weights": "fp32",
+        **extra,
         "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {d.val_size})",
-        "steps": step, "train_wall_time_s": round(wall, 1),
+        "steps": step,
+        "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command=f"python -m add_bench.pretrain featnet {name}"),
         "metrics": metrics,
     }
@@ -358,7 +402,7 @@ def evaluate_featnet(task, cfg: FeatNetPretrainConfig) -> dict[str, float]:
     d = cfg.data
     x_tr, y_tr = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
     x_va, y_va = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
-    pick = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[:cfg.knn_train]
+    pick = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: cfg.knn_train]
     acc = knn_accuracy(embed_all(task.embed, x_tr[pick]), y_tr[pick], embed_all(task.embed, x_va), y_va, cfg.knn_k)
     metrics = {f"knn{cfg.knn_k}_val_accuracy": round(acc, 4), "knn_train_images": len(pick)}
     if isinstance(task, ClipTask):
@@ -370,8 +414,9 @@ def evaluate_featnet(task, cfg: FeatNetPretrainConfig) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ CLI
-def load_featnet_config(name: str, path: str | None = None,
-                        overrides: list[str] | None = None) -> FeatNetPretrainConfig:
+def load_featnet_config(
+    name: str, path: str | None = None, overrides: list[str] | None = None
+) -> FeatNetPretrainConfig:
     """Schema defaults ← the network's FEATNET_DEFAULTS ← YAML file ← key=value overrides."""
     from add_bench.config import load_yaml
 
@@ -385,8 +430,11 @@ def load_featnet_config(name: str, path: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.pretrain featnet", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.pretrain featnet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", help=f"one of {', '.join(trainable_featnets())}")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--config", help="YAML file of config values")

@@ -6,6 +6,7 @@ Every number in the document is read from a results folder by this module (the a
 their cells, ``teacher/rows``, ``metric_sanity/ladder.json``); the prose around them only says what is
 measured. The test suite regenerates the file and fails when the committed one differs.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ from add_bench import tables as T
 from add_bench.provenance import atomic_write_text
 
 # The paper's Table 1, in its order (a, b, …); any other ablation folder is Table 2 (``methods``) or a probe.
-TABLE1 = ("feature_network", "conditioning", "student_init", "loss_terms", "loss_weighting", "teacher_type",
-          "teacher_steps")
+TABLE1 = (
+    "feature_network",
+    "conditioning",
+    "student_init",
+    "loss_terms",
+    "loss_weighting",
+    "teacher_type",
+    "teacher_steps",
+)
 METHODS = "methods"
 MULTI_STEP = 4  # the second step count of the Table 1 overview
 
@@ -103,12 +111,19 @@ def table1_overview(abls: list[Ablation]) -> str:
                 continue
             seen.add((table, r["label"]))
             multi = ab.at(r["name"], MULTI_STEP)
-            rows.append({"Table": table, "row": r["label"] + (" *" if r["default"] else ""),
-                         "1-step FID ↓": fid_text(r), f"{ab.align_name} ↑": T.metric_text(r, "align", 3),
-                         "recall ↑": T.metric_text(r, "recall", 3), "collapse": T.collapse_text(r),
-                         f"{MULTI_STEP}-step FID ↓": fid_text(multi) if multi is not None else "—",
-                         "paper FID / CS": f"{T.paper_number(r['paper_fid'], 1)} / {T.paper_number(r['paper_cs'], 3)}",
-                         "seeds": f"{r['fid_n']}/{r['n_seeds']}"})
+            rows.append(
+                {
+                    "Table": table,
+                    "row": r["label"] + (" *" if r["default"] else ""),
+                    "1-step FID ↓": fid_text(r),
+                    f"{ab.align_name} ↑": T.metric_text(r, "align", 3),
+                    "recall ↑": T.metric_text(r, "recall", 3),
+                    "collapse": T.collapse_text(r),
+                    f"{MULTI_STEP}-step FID ↓": fid_text(multi) if multi is not None else "—",
+                    "paper FID / CS": f"{T.paper_number(r['paper_fid'], 1)} / {T.paper_number(r['paper_cs'], 3)}",
+                    "seeds": f"{r['fid_n']}/{r['n_seeds']}",
+                }
+            )
     return T.to_markdown(pd.DataFrame(rows))
 
 
@@ -139,10 +154,12 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
         if student is None or best is None or not student["fid_n"]:
             continue
         ratio = student["fid_mean"] / best["fid"]
-        lines.append(f"- {steps} network evaluation{'s' if steps > 1 else ''}: ADD {steps}-step FID {fid_text(student)}; "
-                     f"the teacher's best at ≤ {steps} (DDIM {best['steps']} step{'s' if best['steps'] > 1 else ''}, "
-                     f"CFG {best['cfg_scale']:g}) "
-                     f"{best['fid']:.2f}; ratio {ratio:.2f}")
+        lines.append(
+            f"- {steps} network evaluation{'s' if steps > 1 else ''}: ADD {steps}-step FID {fid_text(student)}; "
+            f"the teacher's best at ≤ {steps} (DDIM {best['steps']} step{'s' if best['steps'] > 1 else ''}, "
+            f"CFG {best['cfg_scale']:g}) "
+            f"{best['fid']:.2f}; ratio {ratio:.2f}"
+        )
     return lines
 
 
@@ -157,8 +174,11 @@ def sanity_lines(root: Path) -> list[str]:
     checks = json.loads((root / "metric_sanity" / "ladder.json").read_text()).get("checks", {})
     monotone = checks.get("monotone", {})
     held = [k for k, ok in monotone.items() if ok]
-    return table + ["", f"Metrics that order the real-image ladder correctly: {len(held)} of {len(monotone)} "
-                        f"({', '.join(sorted(held))})."]
+    return table + [
+        "",
+        f"Metrics that order the real-image ladder correctly: {len(held)} of {len(monotone)} "
+        f"({', '.join(sorted(held))}).",
+    ]
 
 
 def status_lines(abls: list[Ablation]) -> list[str]:
@@ -170,8 +190,10 @@ def status_lines(abls: list[Ablation]) -> list[str]:
                 seen.add(r["id"])
                 counts[r["status"]] = counts.get(r["status"], 0) + 1
     text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    return [f"Cells (training runs × seeds) behind these tables: {len(seen)} ({text}). A *stale* cell was computed "
-            "on teacher, feature or evaluation weights that have changed since; its numbers are left out."]
+    return [
+        f"Cells (training runs × seeds) behind these tables: {len(seen)} ({text}). A *stale* cell was computed "
+        "on teacher, feature or evaluation weights that have changed since; its numbers are left out."
+    ]
 
 
 def report(root: str | Path = "results") -> str:
@@ -180,24 +202,43 @@ def report(root: str | Path = "results") -> str:
     abls = {name: Ablation.read(path) for name, path in found.items()}
     table1 = [abls[n] for n in TABLE1 if n in abls]
     probes = [ab for n, ab in sorted(abls.items()) if n not in TABLE1 and n != METHODS]
-    out = ["# Findings on the embedded benchmark", "",
-           "Generated by `python -m add_bench.tables --report` from the committed `results/`; the test suite fails "
-           "when this file differs from what that command writes. Change the generator (`add_bench/findings.py`) "
-           "or the results, never this file. Mean ± 95% CI over seeds (t-distribution); `*` = the paper's default "
-           "row; FID and alignment in the evaluation network's space, recall and per-class metrics in the "
-           "self-supervised embedding (`results/metric_sanity` shows what each scores on real and collapsed "
-           "generators); the paper's numbers are COCO FID / CLIP score of ADD-M on SD2.1: compare directions.", "",
-           *status_lines(list(abls.values())), "", "## Table 1: the ablations", "", table1_overview(table1), ""]
+    out = [
+        "# Findings on the embedded benchmark",
+        "",
+        "Generated by `python -m add_bench.tables --report` from the committed `results/`; the test suite fails "
+        "when this file differs from what that command writes. Change the generator (`add_bench/findings.py`) "
+        "or the results, never this file. Mean ± 95% CI over seeds (t-distribution); `*` = the paper's default "
+        "row; FID and alignment in the evaluation network's space, recall and per-class metrics in the "
+        "self-supervised embedding (`results/metric_sanity` shows what each scores on real and collapsed "
+        "generators); the paper's numbers are COCO FID / CLIP score of ADD-M on SD2.1: compare directions.",
+        "",
+        *status_lines(list(abls.values())),
+        "",
+        "## Table 1: the ablations",
+        "",
+        table1_overview(table1),
+        "",
+    ]
     for ab in table1:
         out += section(ab, ab.title)
     lines = equal_nfe_lines(root, abls.get("loss_weighting"))
     if lines:
-        out += ["## The ADD student against its own teacher at equal network evaluations", "",
-                "Default cell of Table 1 against `results/teacher` (teacher_small, DDIM, best CFG).", "", *lines, ""]
+        out += [
+            "## The ADD student against its own teacher at equal network evaluations",
+            "",
+            "Default cell of Table 1 against `results/teacher` (teacher_small, DDIM, best CFG).",
+            "",
+            *lines,
+            "",
+        ]
     if METHODS in abls:
         ab = abls[METHODS]
-        out += ["## Table 2: methods on equal terms", "",
-                T.to_markdown(T.headline_table(ab.head, ab.align_name, ab.manifest.get("paper_metric_names") or {})), ""]
+        out += [
+            "## Table 2: methods on equal terms",
+            "",
+            T.to_markdown(T.headline_table(ab.head, ab.align_name, ab.manifest.get("paper_metric_names") or {})),
+            "",
+        ]
     if probes:
         out += ["## Probes (not paper tables)", ""]
         for ab in probes:

@@ -15,6 +15,7 @@ call when SLURM signals an upcoming time limit or a preemption.
 A local single-node cluster for trying this out: ``scripts/slurm_cluster.sh`` (see
 ``scripts/README_slurm.md``); ``tests/test_slurm.py`` runs against it.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -76,12 +77,15 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
     """The SlurmConfig fields of ``cfg`` (a SlurmConfig or an OmegaConf node / mapping), checked."""
     defaults = SlurmConfig.__dataclass_fields__
     if hasattr(cfg, "keys"):
+
         def get(name: str) -> Any:
             f = defaults[name]
             return cfg.get(name, f.default_factory() if callable(f.default_factory) else f.default)
     else:
+
         def get(name: str) -> Any:
             return getattr(cfg, name)
+
     partition = get("partition")
     if not isinstance(partition, str) or not partition.strip():
         raise ConfigError(f"{key}.partition={partition!r}: must be a non-empty partition name")
@@ -93,14 +97,17 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
     if delay is not None:
         _positive_int(delay, f"{key}.signal_delay_s")
         if delay >= timeout_min * 60:
-            raise ConfigError(f"{key}.signal_delay_s={delay}: must be below {key}.timeout_min*60={timeout_min * 60}"
-                              " (else every run is signalled at once and requeued)")
+            raise ConfigError(
+                f"{key}.signal_delay_s={delay}: must be below {key}.timeout_min*60={timeout_min * 60}"
+                " (else every run is signalled at once and requeued)"
+            )
     extra = get("additional_parameters")
     extra = {} if extra is None else extra
     if not hasattr(extra, "items"):
         raise ConfigError(f"{key}.additional_parameters={extra!r}: must be a mapping of sbatch flag → value")
     return dict(
-        partition=partition, timeout_min=timeout_min,
+        partition=partition,
+        timeout_min=timeout_min,
         cpus_per_task=_positive_int(get("cpus_per_task"), f"{key}.cpus_per_task"),
         gpus_per_node=_positive_int(get("gpus_per_node"), f"{key}.gpus_per_node", minimum=0),
         mem_gb=float(mem_gb),
@@ -131,8 +138,9 @@ def check_cells(cells: Sequence[Cell]) -> list[Cell]:
             raise ConfigError(f"cells[{i}]: expected a (cell_id, callable) pair, got {type(cell).__name__}")
         cid = cell[0]
         if not isinstance(cid, str) or not cid or cid in (".", "..") or "/" in cid or os.sep in cid:
-            raise ConfigError(f"cells[{i}] id {cid!r}: must be a non-empty string usable as a folder name "
-                              "(no '/', not '.' or '..')")
+            raise ConfigError(
+                f"cells[{i}] id {cid!r}: must be a non-empty string usable as a folder name (no '/', not '.' or '..')"
+            )
         if cid in seen:
             raise ConfigError(f"cells[{i}] id {cid!r}: duplicate cell id")
         seen.add(cid)
@@ -189,12 +197,17 @@ def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        executor = submitit.AutoExecutor(folder=folder / LOGS_DIR / "%j", cluster="slurm",
-                                         slurm_max_num_timeout=cfg.max_num_timeout,
-                                         slurm_python=shlex.quote(sys.executable))
+        executor = submitit.AutoExecutor(
+            folder=folder / LOGS_DIR / "%j",
+            cluster="slurm",
+            slurm_max_num_timeout=cfg.max_num_timeout,
+            slurm_python=shlex.quote(sys.executable),
+        )
     except RuntimeError as e:
-        raise ConfigError(f"launcher='slurm': no SLURM client here ({e}); start one with "
-                          "scripts/slurm_cluster.sh or use launcher=local") from None
+        raise ConfigError(
+            f"launcher='slurm': no SLURM client here ({e}); start one with "
+            "scripts/slurm_cluster.sh or use launcher=local"
+        ) from None
     executor.update_parameters(
         name="add-bench",
         timeout_min=cfg.timeout_min,
@@ -215,8 +228,10 @@ def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> 
                 jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id))))
     except submitit.core.utils.FailedJobError as e:
         msg = " ".join(str(e).split()) or "no message"
-        raise ConfigError(f"sbatch refused the submission (slurm.partition={cfg.partition!r}, "
-                          f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}): {msg}") from None
+        raise ConfigError(
+            f"sbatch refused the submission (slurm.partition={cfg.partition!r}, "
+            f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}): {msg}"
+        ) from None
     ids = [str(job.job_id) for job in jobs]
     path = folder / JOBS_FILE
     recorded = _read_jobs(path) if path.exists() else {}
@@ -397,8 +412,9 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
     slots = ctx.Queue()
     for k in range(workers):
         slots.put(k)
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(plan[0], slots)) as pool:
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(plan[0], slots)
+    ) as pool:
         futures = {}
         for (cell_id, fn), threads in zip(cells, plan):
             try:
@@ -417,8 +433,9 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
     return {cid: results[cid] for cid, _ in cells if cid in results}
 
 
-def launch(launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers: int = 1,
-           slurm: Any = None) -> dict[str, Any] | list[str]:
+def launch(
+    launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers: int = 1, slurm: Any = None
+) -> dict[str, Any] | list[str]:
     """``launcher='local'``: run_local's results; ``launcher='slurm'``: submit_slurm's job ids."""
     check_launcher(launcher)
     if launcher == "slurm":
@@ -426,5 +443,15 @@ def launch(launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers:
     return run_local(cells, workers=workers, folder=folder)
 
 
-__all__ = ["SlurmConfig", "CellJob", "submit_slurm", "status_slurm", "run_local", "launch",
-           "check_slurm_config", "check_launcher", "LAUNCHERS", "thread_plan"]
+__all__ = [
+    "SlurmConfig",
+    "CellJob",
+    "submit_slurm",
+    "status_slurm",
+    "run_local",
+    "launch",
+    "check_slurm_config",
+    "check_launcher",
+    "LAUNCHERS",
+    "thread_plan",
+]

@@ -1,4 +1,5 @@
 """Small pieces shared by the training loops: learning-rate schedule, JSONL log, thread count."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,16 @@ class Run:
     Several processes (``procs``, :mod:`add_bench.distributed`): all of them load the checkpoint, each
     restores its own generator; process 0 writes it, holding every process's generator state."""
 
-    def __init__(self, workdir: Path, objects: dict[str, Any], generator: torch.Generator, total: int,
-                 ckpt_every: int, budget_minutes: float = 0, procs: Any = None):
+    def __init__(
+        self,
+        workdir: Path,
+        objects: dict[str, Any],
+        generator: torch.Generator,
+        total: int,
+        ckpt_every: int,
+        budget_minutes: float = 0,
+        procs: Any = None,
+    ):
         import sys
         import time
 
@@ -76,8 +85,10 @@ class Run:
                 if not generators or len(generators) != self.procs.world:
                     from add_bench.errors import CheckpointError
 
-                    raise CheckpointError(f"{self.workdir}: checkpoint written by {len(generators or [0])} process(es), "
-                                          f"resumed with {self.procs.world}; resume with the same number")
+                    raise CheckpointError(
+                        f"{self.workdir}: checkpoint written by {len(generators or [0])} process(es), "
+                        f"resumed with {self.procs.world}; resume with the same number"
+                    )
                 generator.set_state(generators[self.procs.rank])
             self._wall_before = state["extra"].get("wall_time_s", 0.0)
             if self.procs.is_writer:
@@ -118,7 +129,10 @@ class Run:
         if self.step % self.ckpt_every == 0 or self.done or out_of_time:
             self.save()
         if out_of_time and not self.done:
-            print(f"time budget used at step {self.step}/{self.total}; re-run the same command to resume "
-                  f"from {self.workdir}", file=sys.stderr)
+            print(
+                f"time budget used at step {self.step}/{self.total}; re-run the same command to resume "
+                f"from {self.workdir}",
+                file=sys.stderr,
+            )
             return True
         return False

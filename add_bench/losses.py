@@ -2,6 +2,7 @@
 
 Teacher pre-training: :func:`denoising_loss` (v-prediction MSE with an optional min-SNR weighting).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,17 @@ def min_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor, gamma: float) -> to
     return snr.clamp(max=gamma) / (snr + 1)
 
 
-def denoising_loss(unet, schedule: Schedule, x0, labels, generator: torch.Generator,
-                   cond_drop_prob: float = 0.1, null_label: int = 10, weighting: str = "min_snr",
-                   min_snr_gamma: float = 5.0) -> torch.Tensor:
+def denoising_loss(
+    unet,
+    schedule: Schedule,
+    x0,
+    labels,
+    generator: torch.Generator,
+    cond_drop_prob: float = 0.1,
+    null_label: int = 10,
+    weighting: str = "min_snr",
+    min_snr_gamma: float = 5.0,
+) -> torch.Tensor:
     """E_{t,ε}[ w(t)·||v̂(x_t, t, c) − v||² ] with t ~ U{0..T−1}; labels dropped to ∅ with prob p."""
     n = x0.shape[0]
     t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
@@ -38,6 +47,7 @@ TEACHER_WEIGHTINGS = ("v_mse", "min_snr")
 # ============================================================================ ADD (paper section 1)
 # Notation: x̂θ = student's x0 prediction, x̂ψ = teacher's x0 prediction, D_k = k-th discriminator head
 # applied to the k-th feature level F_k of the frozen feature network.
+
 
 def generator_adversarial_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
     """Eq. 2: L_adv^G = −E[ Σ_k D_k(F_k(x̂θ)) ] (each head's logits averaged over tokens and batch)."""
@@ -60,8 +70,9 @@ def r1_penalty(real_logits: list[torch.Tensor], real_features: list[torch.Tensor
     return gamma * sum(g.pow(2).flatten(1).sum(1).mean() for g in grads)
 
 
-def distillation_loss(x_student: torch.Tensor, x_teacher: torch.Tensor, c_t: torch.Tensor,
-                      reduction: str = "mean") -> torch.Tensor:
+def distillation_loss(
+    x_student: torch.Tensor, x_teacher: torch.Tensor, c_t: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Eq. 4: E[ c(t)·d(x̂θ, x̂ψ) ], d = squared L2 (``reduction``: mean or sum over pixels), target detached."""
     sq = (x_student - x_teacher.detach()).pow(2).flatten(1)
     d = sq.mean(1) if reduction == "mean" else sq.sum(1)
@@ -91,8 +102,9 @@ C_WEIGHTINGS = {"exp": c_exp, "sds": c_sds, "nfsd": c_sds}
 NFSD_T_SWITCH = 200
 
 
-def nfsd_delta(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eps_negative: torch.Tensor, t: torch.Tensor,
-               scale: float) -> torch.Tensor:
+def nfsd_delta(
+    eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eps_negative: torch.Tensor, t: torch.Tensor, scale: float
+) -> torch.Tensor:
     """NFSD's replacement of the SDS residual: δ_D + s·δ_C with δ_C = ε(z;y) − ε(z;∅) and
     δ_D = ε(z;∅) for t < 200, else ε(z;∅) − ε(z;negative)."""
     late = (t >= NFSD_T_SWITCH).view(-1, *([1] * (eps_cond.ndim - 1)))
@@ -108,8 +120,15 @@ def nfsd_target(x_student: torch.Tensor, delta: torch.Tensor, alpha: torch.Tenso
 
 # ------------------------------------------------------------------ the teacher's target x̂ψ
 @torch.no_grad()
-def teacher_target(teacher, x_student: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                   steps: int = 1, cfg_scale: float = 1.0) -> torch.Tensor:
+def teacher_target(
+    teacher,
+    x_student: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    steps: int = 1,
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
     """x̂ψ(sg(x̂θ,t); t): diffuse the student's sample, x̂θ,t = α_t·sg(x̂θ) + σ_t·ε', and let the frozen
     teacher predict x0; with ``steps`` = k > 1, k consecutive DDIM steps t → …→ 0 (timesteps
     t·(k−i)/k) and the last x0 prediction is the target (Table 1f)."""
@@ -129,7 +148,10 @@ def teacher_target(teacher, x_student: torch.Tensor, labels: torch.Tensor, t: to
 # ============================================================== progressive distillation (Table 2 baseline)
 # Salimans & Ho 2022, Algorithm 2: the student learns to match two DDIM steps of its teacher with one.
 
-def progressive_target(z_t: torch.Tensor, z_next: torch.Tensor, alpha_t, sigma_t, alpha_next, sigma_next) -> torch.Tensor:
+
+def progressive_target(
+    z_t: torch.Tensor, z_next: torch.Tensor, alpha_t, sigma_t, alpha_next, sigma_next
+) -> torch.Tensor:
     """x̃ = (z̃ − (σ_s/σ_t)·z_t) / (α_s − (σ_s/σ_t)·α_t): the x0 whose single DDIM step t → s from z_t
     lands on the teacher's two-step result z̃ = z_next (at the last step, s = clean: x̃ = z̃)."""
     ratio = sigma_next / sigma_t

@@ -9,6 +9,7 @@
 Each method is ``make(cfg, workdir) -> Generators``: which weights folder answers which step count, with
 which sampler and guidance, and what the training cost. ``add_bench.sweep`` evaluates them all alike.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,15 +47,18 @@ def make_add(cfg: TrainConfig, workdir: Path) -> Generators:
 
     student = train(cfg, workdir)
     steps, wall = card_wall(student)
-    return Generators({s: student for s in cfg.eval_steps}, cfg.sampling.sampler or "add", cfg.sampling.cfg_scale,
-                      steps, wall)
+    return Generators(
+        {s: student for s in cfg.eval_steps}, cfg.sampling.sampler or "add", cfg.sampling.cfg_scale, steps, wall
+    )
 
 
 def make_teacher(cfg: TrainConfig, workdir: Path) -> Generators:
     from add_bench.provenance import resolve_weights
 
     folder = resolve_weights(cfg.teacher.network)
-    return Generators({s: folder for s in cfg.eval_steps}, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, 0, 0.0)
+    return Generators(
+        {s: folder for s in cfg.eval_steps}, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, 0, 0.0
+    )
 
 
 def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
@@ -104,8 +108,10 @@ def inputs(cfg: TrainConfig) -> dict[str, Path]:
     roles = {"teacher": resolve_weights(cfg.teacher.network)}
     if cfg.method == "add":
         d = cfg.discriminator
-        roles |= {"student": resolve_weights(cfg.student.network),
-                  "feature network": featnet_folder(cfg.feature_network.name, cfg.feature_network.weights)}
+        roles |= {
+            "student": resolve_weights(cfg.student.network),
+            "feature network": featnet_folder(cfg.feature_network.name, cfg.feature_network.weights),
+        }
         if d.c_text:
             roles["c_text network"] = featnet_folder(d.c_text_network, d.c_text_weights)
         if d.c_img:
@@ -137,8 +143,10 @@ def recorded_inputs(cell_folder: Path) -> tuple[dict[str, Path], dict[str, str |
             blobs = {role: (recorded.get(role) or {}).get("blob") for role in roles}
         else:  # finished before cells recorded their inputs: the versions at the cell's commit
             commit = str((metrics.get("provenance") or {}).get("git_commit") or "")
-            blobs = {role: blob_at_commit(commit, f"{display_path(folder)}/model.safetensors")
-                     for role, folder in roles.items()}
+            blobs = {
+                role: blob_at_commit(commit, f"{display_path(folder)}/model.safetensors")
+                for role, folder in roles.items()
+            }
         _RECORDS[key] = roles, blobs
     return _RECORDS[key]
 

@@ -16,6 +16,7 @@ The command also times the new metrics against generating 5k one-step samples (a
 
 Writes ``<out>/ladder.json`` (rows, checks, timing, provenance), ``table.md``, ``table.csv``, ``ladder.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,9 @@ def repeated(images: np.ndarray, labels: np.ndarray, distinct: int, per_class: i
 
 
 def class_means(images: np.ndarray, labels: np.ndarray, per_class: int) -> SampleSet:
-    means = np.stack([images[labels == c].astype(np.float64).mean(0) for c in range(NUM_CLASSES)]).round().astype(np.uint8)
+    means = (
+        np.stack([images[labels == c].astype(np.float64).mean(0) for c in range(NUM_CLASSES)]).round().astype(np.uint8)
+    )
     y = np.tile(np.arange(NUM_CLASSES), per_class)
     return SampleSet(means[y], y)
 
@@ -113,24 +116,42 @@ def ladder(cfg: EvalConfig, num_samples: int) -> list[Rung]:
     val = load_split("val", d.root, d.val_size, d.split_seed, d.download)
     held_out = lambda: balanced(val.images, val.labels, per_class, np.random.default_rng(cfg.seed))  # noqa: E731
     rungs = [Rung("held-out real (val split)", held_out)]
-    rungs += [Rung(f"{n} real image{'s' * (n > 1)} per class, repeated", lambda n=n: repeated(
-        train.images, train.labels, n, per_class, cfg.seed), n) for n in DISTINCT if n < per_class]
+    rungs += [
+        Rung(
+            f"{n} real image{'s' * (n > 1)} per class, repeated",
+            lambda n=n: repeated(train.images, train.labels, n, per_class, cfg.seed),
+            n,
+        )
+        for n in DISTINCT
+        if n < per_class
+    ]
     rungs += [Rung("class-mean image", lambda: class_means(train.images, train.labels, per_class))]
-    rungs += [Rung(f"held-out real, Gaussian blur σ = {s:g} px", lambda s=s: blurred(held_out(), s)) for s in BLUR_SIGMAS]
-    rungs += [Rung(f"held-out real, {WRONG_LABEL_SHARE:.0%} wrong labels",
-                   lambda: wrong_labels(held_out(), WRONG_LABEL_SHARE, cfg.seed))]
+    rungs += [
+        Rung(f"held-out real, Gaussian blur σ = {s:g} px", lambda s=s: blurred(held_out(), s)) for s in BLUR_SIGMAS
+    ]
+    rungs += [
+        Rung(
+            f"held-out real, {WRONG_LABEL_SHARE:.0%} wrong labels",
+            lambda: wrong_labels(held_out(), WRONG_LABEL_SHARE, cfg.seed),
+        )
+    ]
     return rungs
 
 
-def teacher_rungs(teachers: list[str], settings: list[tuple[int, float]], cfg: EvalConfig, num_samples: int) -> list[Rung]:
+def teacher_rungs(
+    teachers: list[str], settings: list[tuple[int, float]], cfg: EvalConfig, num_samples: int
+) -> list[Rung]:
     from add_bench.evaluate import generate, load_denoiser
 
     def make(teacher: str, steps: int, scale: float) -> SampleSet:
         denoiser, _ = load_denoiser(teacher)
         return generate(denoiser, "ddim", steps, num_samples, cfg.seed, cfg.batch_size, scale).samples
 
-    return [Rung(f"{t}, DDIM {s} step{'s' * (s > 1)}, CFG {c:g}", lambda t=t, s=s, c=c: make(t, s, c))
-            for t in teachers for s, c in settings]
+    return [
+        Rung(f"{t}, DDIM {s} step{'s' * (s > 1)}, CFG {c:g}", lambda t=t, s=s, c=c: make(t, s, c))
+        for t in teachers
+        for s, c in settings
+    ]
 
 
 def feature_space(cfg: EvalConfig, name: str) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
@@ -158,8 +179,12 @@ def space_metrics(cfg: EvalConfig, spaces: tuple[str, ...]) -> dict[str, list]:
 
 def score_rung(rung: Rung, base_suite: list, spaces: dict[str, list]) -> dict[str, Any]:
     samples = rung.make()
-    row: dict[str, Any] = {"generator": rung.name, "distinct_per_class": rung.distinct_per_class,
-                           "num_samples": len(samples), **score(base_suite, samples)}
+    row: dict[str, Any] = {
+        "generator": rung.name,
+        "distinct_per_class": rung.distinct_per_class,
+        "num_samples": len(samples),
+        **score(base_suite, samples),
+    }
     for space, suite in spaces.items():
         values = score(suite, samples)
         row |= {f"{k}@{space}": v for k, v in values.items()}
@@ -186,17 +211,27 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 ok = all(b <= a for a, b in zip(values, values[1:])) and values[0] > values[-1]
             out["monotone"][f"{key}@{space}"] = ok
     few = [r for r in chain[1:] if r["distinct_per_class"] <= 5]
-    out["recall"] = {space: {"held_out_real": real.get(f"recall@{space}"),
-                             "max_at_5_or_fewer": max((r[f"recall@{space}"] for r in few), default=None),
-                             "bars_met": bool(real.get(f"recall@{space}", 0) >= REAL_MIN_RECALL and
-                                              all(r[f"recall@{space}"] <= COLLAPSED_MAX_RECALL for r in few))}
-                     for space in spaces}
+    out["recall"] = {
+        space: {
+            "held_out_real": real.get(f"recall@{space}"),
+            "max_at_5_or_fewer": max((r[f"recall@{space}"] for r in few), default=None),
+            "bars_met": bool(
+                real.get(f"recall@{space}", 0) >= REAL_MIN_RECALL
+                and all(r[f"recall@{space}"] <= COLLAPSED_MAX_RECALL for r in few)
+            ),
+        }
+        for space in spaces
+    }
     one = next((r for r in chain if r["distinct_per_class"] == 1), None)
     teachers = [r for r in rows if r["distinct_per_class"] is None and "DDIM" in r["generator"]]
     if one:
-        out["one_image_vs_teachers"] = {t["generator"]: {
-            f"intra_fid@{space}": bool(one[f"intra_fid@{space}"] > t[f"intra_fid@{space}"]) for space in spaces}
-            | {"fid": bool(one["fid"] > t["fid"])} for t in teachers}
+        out["one_image_vs_teachers"] = {
+            t["generator"]: {
+                f"intra_fid@{space}": bool(one[f"intra_fid@{space}"] > t[f"intra_fid@{space}"]) for space in spaces
+            }
+            | {"fid": bool(one["fid"] > t["fid"])}
+            for t in teachers
+        }
     return out
 
 
@@ -218,14 +253,30 @@ def time_overhead(cfg: EvalConfig, teacher: str, num_samples: int) -> dict[str, 
     start = time.perf_counter()
     score(old, fresh)
     old_s = time.perf_counter() - start
-    return {"generate_1step_s": round(g.seconds, 3), "new_metrics_s": round(new_s, 3), "fid_alignment_s": round(old_s, 3),
-            "new_over_generate": round(new_s / g.seconds, 4), "threads": torch.get_num_threads(), "num_samples": num_samples}
+    return {
+        "generate_1step_s": round(g.seconds, 3),
+        "new_metrics_s": round(new_s, 3),
+        "fid_alignment_s": round(old_s, 3),
+        "new_over_generate": round(new_s / g.seconds, 4),
+        "threads": torch.get_num_threads(),
+        "num_samples": num_samples,
+    }
 
 
-def run(out: Path, cfg: EvalConfig, num_samples: int, teachers: list[str], teacher_settings: list[tuple[int, float]],
-        timing: bool = True, command: str | None = None, spaces: tuple[str, ...] = SPACES) -> dict[str, Any]:
+def run(
+    out: Path,
+    cfg: EvalConfig,
+    num_samples: int,
+    teachers: list[str],
+    teacher_settings: list[tuple[int, float]],
+    timing: bool = True,
+    command: str | None = None,
+    spaces: tuple[str, ...] = SPACES,
+) -> dict[str, Any]:
     if num_samples % NUM_CLASSES or num_samples // NUM_CLASSES <= KNN_K:
-        raise ConfigError(f"--num-samples {num_samples}: needs a multiple of {NUM_CLASSES} with more than {KNN_K} per class")
+        raise ConfigError(
+            f"--num-samples {num_samples}: needs a multiple of {NUM_CLASSES} with more than {KNN_K} per class"
+        )
     start = time.time()
     print(f"metric sanity ladder → {out}", file=sys.stderr)
     base_suite = select_metrics(embedded_metrics(cfg), ["fid", "alignment", "diversity"])
@@ -236,11 +287,19 @@ def run(out: Path, cfg: EvalConfig, num_samples: int, teachers: list[str], teach
     rows = []
     for rung in tqdm(rungs, desc="ladder", dynamic_ncols=True):
         rows.append(score_rung(rung, base_suite, metrics_by_space))
-    result = {"num_samples": num_samples, "k": KNN_K, "headline_space": HEADLINE_SPACE, "spaces": list(spaces), "rows": rows,
-              "checks": checks(rows)}
+    result = {
+        "num_samples": num_samples,
+        "k": KNN_K,
+        "headline_space": HEADLINE_SPACE,
+        "spaces": list(spaces),
+        "rows": rows,
+        "checks": checks(rows),
+    }
     if timing and teachers:
         result["timing"] = time_overhead(cfg, teachers[0], num_samples)
-    result["provenance"] = provenance(cfg, cfg.seed, time.time() - start, command=command or "python -m add_bench.metric_sanity")
+    result["provenance"] = provenance(
+        cfg, cfg.seed, time.time() - start, command=command or "python -m add_bench.metric_sanity"
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ladder.json", result)
     write_tables(result, out)
@@ -254,8 +313,9 @@ def write_tables(result: dict[str, Any], out: Path) -> None:
 
     df = pd.DataFrame(result["rows"])
     atomic_write_text(out / "table.csv", df.to_csv(index=False, float_format="%.5g"))
-    cols = ["generator", "fid", "align_acc", "diversity"] + [f"{k}@{HEADLINE_SPACE}" for k in
-                                                              ("recall", "coverage", "precision", "density", "intra_fid")]
+    cols = ["generator", "fid", "align_acc", "diversity"] + [
+        f"{k}@{HEADLINE_SPACE}" for k in ("recall", "coverage", "precision", "density", "intra_fid")
+    ]
     show = df[cols].copy()
     for c in cols[1:]:
         show[c] = show[c].map(lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
@@ -265,54 +325,97 @@ def write_tables(result: dict[str, Any], out: Path) -> None:
         compare[c] = compare[c].map(lambda v: f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
     ch = result["checks"]
     mono = [f"| `{k}` | {'yes' if v else 'no'} |" for k, v in ch["monotone"].items()]
-    bars = [f"| {s} | {v['held_out_real']:.3f} | {v['max_at_5_or_fewer']:.3f} | {'yes' if v['bars_met'] else 'no'} |"
-            for s, v in ch["recall"].items()]
-    vs = [f"| {t} | " + " | ".join("yes" if v[k] else "no" for k in ("fid", *(f"intra_fid@{s}" for s in spaces))) + " |"
-          for t, v in ch.get("one_image_vs_teachers", {}).items()]
-    lines = ["# Metric sanity ladder", "",
-             f"Generators built from real Fashion-MNIST images, {result['num_samples']} balanced samples each, scored "
-             f"against the 10k test split like a student. `fid`, `align_acc`: the evaluation classifier (`evalnet`); "
-             f"`diversity`: within-class pixel std; `@{HEADLINE_SPACE}`: class-conditional k-NN metrics (k = "
-             f"{result['k']}; precision/recall: Kynkäänniemi et al. 2019; density/coverage: Naeem et al. 2020) and "
-             "per-class FID (`intra_fid`, Miyato & Koyama 2018) in the self-supervised embedding. Produced by "
-             "`python -m add_bench.metric_sanity`; numbers in `ladder.json`, every column in `table.csv`.", "",
-             to_markdown(show), "",
-             "## The same metrics in three feature spaces", "",
-             "`evalnet_ssl`: self-supervised embedding (the suite's choice); `evalnet`: classifier penultimate "
-             "features (the space of the suite's FID); `pixels`: raw 784-d images.", "",
-             to_markdown(compare), "",
-             "## Checks", "",
-             "Coverage and intra-FID get strictly worse down the ladder, recall never rises (it bottoms out at 0) "
-             + " < ".join(
-                 ["held-out real"] + [f"{n}/class" for n in sorted({r['distinct_per_class'] for r in result['rows']
-                                                                     if r['distinct_per_class']}, reverse=True)]) + ":", "",
-             "| metric@space | monotone |", "|---|---|", *mono, "",
-             f"Class-conditional recall: held-out real ≥ {REAL_MIN_RECALL}, every rung of ≤ 5 images per class "
-             f"≤ {COLLAPSED_MAX_RECALL}:", "",
-             "| space | held-out real | max at ≤ 5 / class | bars met |", "|---|---|---|---|", *bars, ""]
+    bars = [
+        f"| {s} | {v['held_out_real']:.3f} | {v['max_at_5_or_fewer']:.3f} | {'yes' if v['bars_met'] else 'no'} |"
+        for s, v in ch["recall"].items()
+    ]
+    vs = [
+        f"| {t} | " + " | ".join("yes" if v[k] else "no" for k in ("fid", *(f"intra_fid@{s}" for s in spaces))) + " |"
+        for t, v in ch.get("one_image_vs_teachers", {}).items()
+    ]
+    lines = [
+        "# Metric sanity ladder",
+        "",
+        f"Generators built from real Fashion-MNIST images, {result['num_samples']} balanced samples each, scored "
+        f"against the 10k test split like a student. `fid`, `align_acc`: the evaluation classifier (`evalnet`); "
+        f"`diversity`: within-class pixel std; `@{HEADLINE_SPACE}`: class-conditional k-NN metrics (k = "
+        f"{result['k']}; precision/recall: Kynkäänniemi et al. 2019; density/coverage: Naeem et al. 2020) and "
+        "per-class FID (`intra_fid`, Miyato & Koyama 2018) in the self-supervised embedding. Produced by "
+        "`python -m add_bench.metric_sanity`; numbers in `ladder.json`, every column in `table.csv`.",
+        "",
+        to_markdown(show),
+        "",
+        "## The same metrics in three feature spaces",
+        "",
+        "`evalnet_ssl`: self-supervised embedding (the suite's choice); `evalnet`: classifier penultimate "
+        "features (the space of the suite's FID); `pixels`: raw 784-d images.",
+        "",
+        to_markdown(compare),
+        "",
+        "## Checks",
+        "",
+        "Coverage and intra-FID get strictly worse down the ladder, recall never rises (it bottoms out at 0) "
+        + " < ".join(
+            ["held-out real"]
+            + [
+                f"{n}/class"
+                for n in sorted(
+                    {r["distinct_per_class"] for r in result["rows"] if r["distinct_per_class"]}, reverse=True
+                )
+            ]
+        )
+        + ":",
+        "",
+        "| metric@space | monotone |",
+        "|---|---|",
+        *mono,
+        "",
+        f"Class-conditional recall: held-out real ≥ {REAL_MIN_RECALL}, every rung of ≤ 5 images per class "
+        f"≤ {COLLAPSED_MAX_RECALL}:",
+        "",
+        "| space | held-out real | max at ≤ 5 / class | bars met |",
+        "|---|---|---|---|",
+        *bars,
+        "",
+    ]
     if vs:
-        lines += ["One real image per class scores worse than the teacher rows (higher is worse):", "",
-                  "| teacher row | FID (evalnet) | " + " | ".join(f"intra-FID@{s}" for s in spaces) + " |",
-                  "|---|---|" + "---|" * len(spaces), *vs, ""]
+        lines += [
+            "One real image per class scores worse than the teacher rows (higher is worse):",
+            "",
+            "| teacher row | FID (evalnet) | " + " | ".join(f"intra-FID@{s}" for s in spaces) + " |",
+            "|---|---|" + "---|" * len(spaces),
+            *vs,
+            "",
+        ]
     if "timing" in result:
         t = result["timing"]
-        lines += [f"Metric overhead (same run, {t['threads']} threads): generating {t['num_samples']} one-step samples "
-                  f"took {t['generate_1step_s']:.2f} s; the new metrics (prdc + intra_fid, reference cached) "
-                  f"{t['new_metrics_s']:.2f} s = {t['new_over_generate']:.1%} of that; FID + alignment "
-                  f"{t['fid_alignment_s']:.2f} s.", ""]
+        lines += [
+            f"Metric overhead (same run, {t['threads']} threads): generating {t['num_samples']} one-step samples "
+            f"took {t['generate_1step_s']:.2f} s; the new metrics (prdc + intra_fid, reference cached) "
+            f"{t['new_metrics_s']:.2f} s = {t['new_over_generate']:.1%} of that; FID + alignment "
+            f"{t['fid_alignment_s']:.2f} s.",
+            "",
+        ]
     atomic_write_text(out / "table.md", "\n".join(lines))
     fig = new_figure((13, 3.6))
     axes = fig.subplots(1, 4)
     chain = df[df["distinct_per_class"].notna()].sort_values("distinct_per_class")
     real = df[df["generator"] == "held-out real (val split)"].iloc[0]
-    for ax, key, title in zip(axes, ("recall", "coverage", "intra_fid", None),
-                              ("class-cond. recall ↑", "class-cond. coverage ↑", "intra-FID ↓", "FID (evalnet) ↓")):
-        for space in (spaces if key else ("",)):
+    for ax, key, title in zip(
+        axes,
+        ("recall", "coverage", "intra_fid", None),
+        ("class-cond. recall ↑", "class-cond. coverage ↑", "intra-FID ↓", "FID (evalnet) ↓"),
+    ):
+        for space in spaces if key else ("",):
             col = f"{key}@{space}" if key else "fid"
             scale = 1 if key != "intra_fid" else 1 / max(real[col], 1e-12)
             line = ax.plot(chain["distinct_per_class"], chain[col] * scale, marker="o", label=space or "evalnet")[0]
             ax.axhline(real[col] * scale, color=line.get_color(), ls="--", lw=1)
-        ax.set(xscale="log", xlabel="distinct real images per class", title=title + (" (÷ held-out real)" if key == "intra_fid" else ""))
+        ax.set(
+            xscale="log",
+            xlabel="distinct real images per class",
+            title=title + (" (÷ held-out real)" if key == "intra_fid" else ""),
+        )
         ax.legend(fontsize=7)
     fig.suptitle("Metric sanity ladder: dashed = held-out real images", fontsize=10)
     fig.tight_layout()
@@ -328,8 +431,11 @@ def parse_setting(text: str) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.metric_sanity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.metric_sanity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "metric_sanity"))
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--teachers", nargs="*", default=["teacher_small"])

@@ -18,6 +18,7 @@ chosen by name (``METRIC_SUITES``). Callers never know which metric they hold:
 
 The evaluation network is used here only; no training objective loads it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,9 @@ class SampleSet:
         if np.issubdtype(self.images.dtype, np.floating) and np.isnan(self.images).any():
             raise ValueError(f"SampleSet.images: {int(np.isnan(self.images).sum())} NaN values; expected uint8 images")
         if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4):
-            raise ValueError(f"SampleSet.images: expected uint8 (N,H,W) or (N,H,W,3), got {self.images.dtype} "
-                             f"{self.images.shape}")
+            raise ValueError(
+                f"SampleSet.images: expected uint8 (N,H,W) or (N,H,W,3), got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.labels) != len(self.images):
             raise ValueError(f"SampleSet: {len(self.images)} images but {len(self.labels)} labels")
         if not self.prompts:
@@ -83,8 +85,13 @@ class FID:
     called once, its statistics cached under ``cache_key`` (include the extractor's weights hash).
     """
 
-    def __init__(self, features: Callable[[np.ndarray], np.ndarray], reference: Callable[[], np.ndarray],
-                 cache_key: str, key: str = "fid"):
+    def __init__(
+        self,
+        features: Callable[[np.ndarray], np.ndarray],
+        reference: Callable[[], np.ndarray],
+        cache_key: str,
+        key: str = "fid",
+    ):
         self.features, self.reference, self.cache_key, self.key = features, reference, cache_key, key
         self._ref: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -143,7 +150,7 @@ class EvalNetScorer:
             raise ValueError(f"evaluation network takes (N, 28, 28) uint8 images, got {images.shape}")
         feats, probs = [], []
         for i in range(0, len(images), self.batch_size):
-            f = self.net.features(to_model_range(images[i:i + self.batch_size]))
+            f = self.net.features(to_model_range(images[i : i + self.batch_size]))
             feats.append(f.numpy())
             probs.append(self.net.head(f).softmax(1).numpy())
         self._last = (images, (np.concatenate(feats), np.concatenate(probs)))
@@ -165,8 +172,10 @@ class Alignment:
     def __call__(self, samples: SampleSet) -> dict[str, float]:
         p = self.scorer.probabilities(samples.images)
         labels = samples.labels.astype(int)
-        return {"align_prob": float(p[np.arange(len(labels)), labels].mean()),
-                "align_acc": float((p.argmax(1) == labels).mean())}
+        return {
+            "align_prob": float(p[np.arange(len(labels)), labels].mean()),
+            "align_acc": float((p.argmax(1) == labels).mean()),
+        }
 
 
 class Diversity:
@@ -199,8 +208,12 @@ class EmbedNetFeatures:
             return self._last[1]
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise ValueError(f"evalnet_ssl takes (N, 28, 28) uint8 images, got {images.shape}")
-        out = np.concatenate([self.net.features(to_model_range(images[i:i + self.batch_size])).numpy()
-                              for i in range(0, len(images), self.batch_size)])
+        out = np.concatenate(
+            [
+                self.net.features(to_model_range(images[i : i + self.batch_size])).numpy()
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
         self._last = (images, out)
         return out
 
@@ -215,13 +228,14 @@ def knn_radii(features: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor
     """Squared distance from each point to its k-th nearest other point (the k-NN ball of its manifold)."""
     out = []
     for i in range(0, len(features), chunk):
-        d = squared_distances(features[i:i + chunk], features)
+        d = squared_distances(features[i : i + chunk], features)
         out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the point itself
     return torch.cat(out)
 
 
-def precision_recall_density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int,
-                                      real_radii: torch.Tensor | None = None, chunk: int = 2048) -> dict[str, float]:
+def precision_recall_density_coverage(
+    real: torch.Tensor, fake: torch.Tensor, k: int, real_radii: torch.Tensor | None = None, chunk: int = 2048
+) -> dict[str, float]:
     """Kynkäänniemi et al. 2019 and Naeem et al. 2020 on one pair of feature sets.
 
     precision: share of fakes inside some real's k-NN ball; recall: share of reals inside some fake's
@@ -233,13 +247,17 @@ def precision_recall_density_coverage(real: torch.Tensor, fake: torch.Tensor, k:
     real_recalled = torch.zeros(len(real), dtype=torch.bool)
     real_covered = torch.zeros(len(real), dtype=torch.bool)
     for i in range(0, len(real), chunk):
-        d = squared_distances(real[i:i + chunk], fake)  # reals × fakes
-        in_ball = d <= real_radii[i:i + chunk, None]
+        d = squared_distances(real[i : i + chunk], fake)  # reals × fakes
+        in_ball = d <= real_radii[i : i + chunk, None]
         in_real_balls += in_ball.sum(0)
-        real_covered[i:i + chunk] = in_ball.any(1)
-        real_recalled[i:i + chunk] = (d <= fake_radii[None]).any(1)
-    return {"precision": float((in_real_balls > 0).float().mean()), "recall": float(real_recalled.float().mean()),
-            "density": float(in_real_balls.mean() / k), "coverage": float(real_covered.float().mean())}
+        real_covered[i : i + chunk] = in_ball.any(1)
+        real_recalled[i : i + chunk] = (d <= fake_radii[None]).any(1)
+    return {
+        "precision": float((in_real_balls > 0).float().mean()),
+        "recall": float(real_recalled.float().mean()),
+        "density": float(in_real_balls.mean() / k),
+        "coverage": float(real_covered.float().mean()),
+    }
 
 
 def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -247,20 +265,28 @@ def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_to_reference(mu: np.ndarray, sigma: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray,
-                         ref_sigma_sqrt: np.ndarray) -> float:
+def frechet_to_reference(
+    mu: np.ndarray, sigma: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, ref_sigma_sqrt: np.ndarray
+) -> float:
     """The Fréchet distance of clean-fid's ``frechet_distance``, with tr √(Σ Σ_ref) = tr √(S Σ S), S = √Σ_ref
     (a symmetric eigenproblem; S cached per reference)."""
     inner = np.linalg.eigvalsh(ref_sigma_sqrt @ sigma @ ref_sigma_sqrt)
-    return float(((mu - ref_mu) ** 2).sum() + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu - ref_mu) ** 2).sum() + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 class ClassReference:
     """The reference images' features, per class and whole, with what every sample set is compared to:
     k-NN radii (per class and whole) and per-class Gaussian statistics. Computed once, cached on disk."""
 
-    def __init__(self, features: Callable[[np.ndarray], np.ndarray], reference: Callable[[], tuple[np.ndarray, np.ndarray]],
-                 cache_key: str, k: int):
+    def __init__(
+        self,
+        features: Callable[[np.ndarray], np.ndarray],
+        reference: Callable[[], tuple[np.ndarray, np.ndarray]],
+        cache_key: str,
+        k: int,
+    ):
         self.features, self.reference, self.cache_key, self.k = features, reference, cache_key, k
         self._data: dict[str, np.ndarray] | None = None
 
@@ -280,8 +306,12 @@ class ClassReference:
     def compute(self) -> dict[str, np.ndarray]:
         images, labels = self.reference()
         feats = torch.from_numpy(self.features(images)).float()
-        out = {"features": feats.numpy(), "labels": labels.astype(np.int64),
-               "radii": knn_radii(feats, self.k).numpy(), "class_radii": np.zeros(len(labels), np.float32)}
+        out = {
+            "features": feats.numpy(),
+            "labels": labels.astype(np.int64),
+            "radii": knn_radii(feats, self.k).numpy(),
+            "class_radii": np.zeros(len(labels), np.float32),
+        }
         classes = np.unique(labels)
         out["classes"] = classes
         out["mu"] = np.zeros((len(classes), feats.shape[1]))
@@ -310,8 +340,10 @@ def check_per_class(labels: np.ndarray, k: int, what: str) -> None:
     classes, counts = np.unique(labels, return_counts=True)
     few = [(int(c), int(n)) for c, n in zip(classes, counts) if n <= k]
     if few:
-        raise ValueError(f"{what}: class {few[0][0]} has {few[0][1]} sample(s); k-NN metrics with k={k} need at "
-                         f"least {k + 1} per class (use more samples, e.g. num_samples ≥ {10 * (k + 1)})")
+        raise ValueError(
+            f"{what}: class {few[0][0]} has {few[0][1]} sample(s); k-NN metrics with k={k} need at "
+            f"least {k + 1} per class (use more samples, e.g. num_samples ≥ {10 * (k + 1)})"
+        )
 
 
 class ManifoldMetrics:
@@ -334,9 +366,14 @@ class ManifoldMetrics:
             sel = real_labels == c
             if not sel.any():
                 raise ValueError(f"k-NN metrics: class {int(c)} has no reference images")
-            per_class.append(precision_recall_density_coverage(
-                real[sel], fake[torch.from_numpy(samples.labels == c)], k, torch.from_numpy(ref["class_radii"][sel])))
-        out = {key: float(np.mean([m[key] for m in per_class])) for key in ("precision", "recall", "density", "coverage")}
+            per_class.append(
+                precision_recall_density_coverage(
+                    real[sel], fake[torch.from_numpy(samples.labels == c)], k, torch.from_numpy(ref["class_radii"][sel])
+                )
+            )
+        out = {
+            key: float(np.mean([m[key] for m in per_class])) for key in ("precision", "recall", "density", "coverage")
+        }
         whole = precision_recall_density_coverage(real, fake, k, torch.from_numpy(ref["radii"]))
         return out | {"precision_uncond": whole["precision"], "recall_uncond": whole["recall"]}
 
@@ -402,8 +439,13 @@ def embedded_metrics(cfg: EvalConfig) -> dict[str, Callable[[], Metric]]:
         m.feature_space, m.keys = PIXEL_SPACE, ("diversity",)
         return m
 
-    return {"fid": fid, "alignment": alignment, "diversity": diversity,
-            "prdc": lambda: ManifoldMetrics(reference(), SSL_SPACE), "intra_fid": lambda: IntraFID(reference(), SSL_SPACE)}
+    return {
+        "fid": fid,
+        "alignment": alignment,
+        "diversity": diversity,
+        "prdc": lambda: ManifoldMetrics(reference(), SSL_SPACE),
+        "intra_fid": lambda: IntraFID(reference(), SSL_SPACE),
+    }
 
 
 def embedded_suite(cfg: EvalConfig) -> list[Metric]:
@@ -443,7 +485,7 @@ def inception_features(weights_dir: str | os.PathLike, batch_size: int = 50) -> 
         rgb = images if images.ndim == 4 else np.repeat(images[..., None], 3, axis=-1)
         out = []
         for i in range(0, len(rgb), batch_size):
-            batch = np.stack([resize(im) for im in rgb[i:i + batch_size]]).transpose(0, 3, 1, 2)
+            batch = np.stack([resize(im) for im in rgb[i : i + batch_size]]).transpose(0, 3, 1, 2)
             out.append(model(torch.from_numpy(batch).float()).numpy())
         return np.concatenate(out)
 
@@ -470,11 +512,12 @@ class CLIPScore:
 
         scores = []
         for i in range(0, len(samples), self.batch_size):
-            ims = samples.images[i:i + self.batch_size]
+            ims = samples.images[i : i + self.batch_size]
             x = torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in ims])
             img = torch.nn.functional.normalize(self.model.encode_image(x), dim=-1)
             txt = torch.nn.functional.normalize(
-                self.model.encode_text(self.tokenizer(samples.prompts[i:i + self.batch_size])), dim=-1)
+                self.model.encode_text(self.tokenizer(samples.prompts[i : i + self.batch_size])), dim=-1
+            )
             scores.append((100 * (img * txt).sum(-1)).clamp(min=0))
         return {"clip_score": float(torch.cat(scores).mean() / 100)}
 
@@ -485,16 +528,25 @@ def cluster_suite(cfg: EvalConfig) -> list[Metric]:
     from add_bench.data.coco import eval_set
 
     c = cfg.cluster
-    inception = local_weights(c.inception, "ADD_BENCH_INCEPTION", "eval.cluster.inception",
-                              "a folder holding clean-fid's inception-2015-12-05.pt")
-    clip_weights = local_weights(c.clip_weights, "ADD_BENCH_CLIP", "eval.cluster.clip_weights",
-                                 f"an open_clip weights file for {c.clip_model}")
+    inception = local_weights(
+        c.inception,
+        "ADD_BENCH_INCEPTION",
+        "eval.cluster.inception",
+        "a folder holding clean-fid's inception-2015-12-05.pt",
+    )
+    clip_weights = local_weights(
+        c.clip_weights, "ADD_BENCH_CLIP", "eval.cluster.clip_weights", f"an open_clip weights file for {c.clip_model}"
+    )
     coco, pick = eval_set(cfg)
     res = cfg.coco.resolution
-    key = (f"inception-{file_hash(Path(inception) / 'inception-2015-12-05.pt')}_coco-{cfg.coco.split}"
-           f"-n{cfg.num_samples}-seed{cfg.seed}-{res}px")
-    return [FID(inception_features(inception), lambda: coco.load_images(pick, res), key),
-            CLIPScore(c.clip_model, clip_weights)]
+    key = (
+        f"inception-{file_hash(Path(inception) / 'inception-2015-12-05.pt')}_coco-{cfg.coco.split}"
+        f"-n{cfg.num_samples}-seed{cfg.seed}-{res}px"
+    )
+    return [
+        FID(inception_features(inception), lambda: coco.load_images(pick, res), key),
+        CLIPScore(c.clip_model, clip_weights),
+    ]
 
 
 def local_weights(value: str | None, env: str, key: str, what: str) -> str:
@@ -535,9 +587,13 @@ def read_samples(path: str | Path) -> SampleSet:
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{path}: images of shape {images.shape}; accepted: (N, 28, 28) uint8")
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
-        raise DataError(f"{path}: labels of shape {labels.shape} and dtype {labels.dtype}; accepted: ({len(images)},) int")
+        raise DataError(
+            f"{path}: labels of shape {labels.shape} and dtype {labels.dtype}; accepted: ({len(images)},) int"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= len(PROMPTS)):
-        raise DataError(f"{path}: label {labels.min() if labels.min() < 0 else labels.max()} outside 0..{len(PROMPTS) - 1}")
+        raise DataError(
+            f"{path}: label {labels.min() if labels.min() < 0 else labels.max()} outside 0..{len(PROMPTS) - 1}"
+        )
     try:
         return SampleSet(images, labels)
     except ValueError as e:
@@ -575,10 +631,15 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise DataError(f"{a.samples}: {e}") from None
         suite = select_metrics(registry, names)
-        result = {"samples": a.samples, "num_samples": len(samples), "row": score(suite, samples),
-                  "metric_features": metric_features(suite)}
-        result["provenance"] = provenance(cfg, cfg.seed, time.time() - start,
-                                          command=" ".join(["python -m add_bench.metrics", *sys.argv[1:]]))
+        result = {
+            "samples": a.samples,
+            "num_samples": len(samples),
+            "row": score(suite, samples),
+            "metric_features": metric_features(suite),
+        }
+        result["provenance"] = provenance(
+            cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.metrics", *sys.argv[1:]])
+        )
         atomic_write_json(a.out, result)
     except (AddBenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

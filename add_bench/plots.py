@@ -7,6 +7,7 @@ the lazy R1 term at the steps it ran, the student's gradient norm from L_adv^G a
 alone (log scale), their ratio adv/distill (log scale), and the share of x̂θ the discriminator calls fake
 per student timestep s. ``add_bench.train`` writes it when a cell finishes training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,16 @@ PANELS = (
     ("student losses", False, "step", {"loss_g": "L (Eq. 1)", "loss_g_adv": "L_adv^G", "loss_distill": "L_distill"}),
     ("discriminator loss", False, "step", {"loss_d": "L_adv^D hinge"}),
     ("R1 term (lazy: r1_every·γ·R1)", True, "r1_step", {"loss_r1": "loss_r1"}),
-    ("student gradient norm", True, "step", {"grad_norm_student_adv": "from L_adv^G",
-                                             "grad_norm_student_distill": "from λ·L_distill",
-                                             "grad_norm_student": "from L (before clipping)"}),
+    (
+        "student gradient norm",
+        True,
+        "step",
+        {
+            "grad_norm_student_adv": "from L_adv^G",
+            "grad_norm_student_distill": "from λ·L_distill",
+            "grad_norm_student": "from L (before clipping)",
+        },
+    ),
     ("gradient ratio adv / distill", True, "step", {"grad_ratio_adv_distill": "‖∇θ L_adv^G‖ / ‖∇θ λ·L_distill‖"}),
 )
 FAKE_ACC_PREFIX = "d_fake_acc_s"
@@ -68,7 +76,7 @@ def plot_panel(ax, rows: list[Row], title: str, log_scale: bool, x_key: str, lab
 def fake_accuracy_labels(rows: list[Row]) -> dict[str, str]:
     """{d_fake_acc_s<τ>: "s = τ"} for the student timesteps in the log, largest τ first."""
     keys = {k for row in rows for k in row if k.startswith(FAKE_ACC_PREFIX)}
-    return {k: f"s = {k[len(FAKE_ACC_PREFIX):]}" for k in sorted(keys, key=lambda k: -int(k[len(FAKE_ACC_PREFIX):]))}
+    return {k: f"s = {k[len(FAKE_ACC_PREFIX) :]}" for k in sorted(keys, key=lambda k: -int(k[len(FAKE_ACC_PREFIX) :]))}
 
 
 def plot_training(log_path: Path, path: Path) -> Path:
@@ -81,8 +89,14 @@ def plot_training(log_path: Path, path: Path) -> Path:
     for ax, panel in zip(axes, PANELS):
         plot_panel(ax, rows, *panel)
     acc_ax = axes[len(PANELS)]
-    plot_panel(acc_ax, rows, "discriminator: share of x̂θ called fake, per s", False, "step",
-               fake_accuracy_labels(rows) or {FAKE_ACC_PREFIX + "<τ>": ""})
+    plot_panel(
+        acc_ax,
+        rows,
+        "discriminator: share of x̂θ called fake, per s",
+        False,
+        "step",
+        fake_accuracy_labels(rows) or {FAKE_ACC_PREFIX + "<τ>": ""},
+    )
     acc_ax.set_ylim(-0.02, 1.02)
     acc_ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     axes[len(PANELS) - 1].axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -103,8 +117,9 @@ def write_training_plot(workdir: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.plots", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("cells", nargs="+", help="work folders holding a log.jsonl")
     written = [write_training_plot(Path(c)) for c in p.parse_args(argv).cells]
     for path in written:

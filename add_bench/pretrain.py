@@ -10,6 +10,7 @@ exactly; ``--budget-minutes M`` stops cleanly after M minutes (re-run the same c
 When the run is complete the EMA weights are written to ``add_bench/weights/<name>/`` as fp16
 safetensors with a ``card.json`` (config, git commit, data, steps, wall time, metrics).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,33 +43,49 @@ from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
 
 # ------------------------------------------------------------------------------------ teacher
-def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
-                     command: str | None = None) -> bool:
+def pretrain_teacher(
+    cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0, command: str | None = None
+) -> bool:
     """Train (or resume) a teacher; return True when finished and exported. ``command`` goes on the card."""
     choose(dict.fromkeys(TEACHER_WEIGHTINGS), cfg.loss_weighting, "loss_weighting")
     check_positive(cfg.steps, "steps")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_train, y_train = load_split("train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download).tensors()
+    x_train, y_train = load_split(
+        "train", cfg.data.root, cfg.data.val_size, cfg.data.split_seed, cfg.data.download
+    ).tensors()
     schedule = Schedule(cfg.schedule)
     unet = build_unet(cfg.size)
     ema = checkpoint.EMA(unet, cfg.ema_decay, cfg.ema_warmup_steps)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(workdir, {"unet": unet, "ema": ema, "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
-    print(f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, "
-          f"weights → {out}", file=sys.stderr)
+    print(
+        f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}",
+        file=sys.stderr,
+    )
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"teacher-{cfg.size}", dynamic_ncols=True)
     loss_avg = None
     while not run.done:
         for g in opt.param_groups:
             g["lr"] = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-        loss = denoising_loss(unet, schedule, x_train[idx], y_train[idx], gen, cfg.cond_drop_prob,
-                              NUM_CLASSES, cfg.loss_weighting, cfg.min_snr_gamma)
+        loss = denoising_loss(
+            unet,
+            schedule,
+            x_train[idx],
+            y_train[idx],
+            gen,
+            cfg.cond_drop_prob,
+            NUM_CLASSES,
+            cfg.loss_weighting,
+            cfg.min_snr_gamma,
+        )
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"teacher loss is {loss.item()} at step {run.step}; last good checkpoint "
-                                   f"kept in {workdir}; lower lr (now {cfg.lr})")
+            raise TrainingDiverged(
+                f"teacher loss is {loss.item()} at step {run.step}; last good checkpoint "
+                f"kept in {workdir}; lower lr (now {cfg.lr})"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -79,19 +96,33 @@ def pretrain_teacher(cfg: TeacherPretrainConfig, workdir: Path, out: Path, budge
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if run.step % cfg.log_every == 0:
-            run.log.write(step=run.step, loss=loss.item(), loss_avg=loss_avg, grad_norm=gnorm.item(),
-                          lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s)
+            run.log.write(
+                step=run.step,
+                loss=loss.item(),
+                loss_avg=loss_avg,
+                grad_norm=gnorm.item(),
+                lr=opt.param_groups[0]["lr"],
+                wall_time_s=run.wall_time_s,
+            )
         if run.end_of_step():
             bar.close()
             return False
     bar.close()
     wall, step = run.wall_time_s, run.step
     card = {
-        "kind": "teacher", "name": out.name, "unet": unet_config(cfg.size), "schedule": to_dict(cfg.schedule),
-        "null_label": NUM_CLASSES, "params": num_params(unet), "weights": "EMA, fp16",
+        "kind": "teacher",
+        "name": out.name,
+        "unet": unet_config(cfg.size),
+        "schedule": to_dict(cfg.schedule),
+        "null_label": NUM_CLASSES,
+        "params": num_params(unet),
+        "weights": "EMA, fp16",
         "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {cfg.data.val_size})",
-        "steps": step, "train_wall_time_s": round(wall, 1),
-        "provenance": provenance(cfg, cfg.seed, wall, command=command or f"python -m add_bench.pretrain teacher size={cfg.size}"),
+        "steps": step,
+        "train_wall_time_s": round(wall, 1),
+        "provenance": provenance(
+            cfg, cfg.seed, wall, command=command or f"python -m add_bench.pretrain teacher size={cfg.size}"
+        ),
         "metrics": {},
     }
     save_weights(out, ema.module, card)
@@ -119,8 +150,9 @@ def seeded_start(cfg) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
     return torch.Generator().manual_seed(cfg.seed), x_train, y_train
 
 
-def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
-                     command: str | None = None) -> bool:
+def pretrain_evalnet(
+    cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0, command: str | None = None
+) -> bool:
     check_positive(cfg.epochs, "epochs")
     gen, x_train, y_train = seeded_start(cfg)
     d = cfg.data
@@ -140,8 +172,13 @@ def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budge
         loss = F.cross_entropy(net(x), y_train[idx])
         optimizer_step(run, opt, loss, bar)
         if run.step % steps_per_epoch == 0 or run.done:
-            run.log.write(step=run.step, epoch=run.step / steps_per_epoch, loss=loss.item(),
-                          val_acc=accuracy(net, x_val, y_val), wall_time_s=run.wall_time_s)
+            run.log.write(
+                step=run.step,
+                epoch=run.step / steps_per_epoch,
+                loss=loss.item(),
+                val_acc=accuracy(net, x_val, y_val),
+                wall_time_s=run.wall_time_s,
+            )
         if run.end_of_step():
             bar.close()
             return False
@@ -150,9 +187,14 @@ def pretrain_evalnet(cfg: EvalNetPretrainConfig, workdir: Path, out: Path, budge
     x_test, y_test = load_split("test", d.root, download=d.download).tensors()
     metrics = {"val_accuracy": accuracy(net, x_val, y_val), "test_accuracy": accuracy(net, x_test, y_test)}
     card = {
-        "kind": "evalnet", "name": out.name, "params": num_params(net), "feature_dim": EvalNet.feature_dim,
-        "weights": "fp32", "data": f"Fashion-MNIST train split ({len(x_train)} images)",
-        "steps": step, "train_wall_time_s": round(wall, 1),
+        "kind": "evalnet",
+        "name": out.name,
+        "params": num_params(net),
+        "feature_dim": EvalNet.feature_dim,
+        "weights": "fp32",
+        "data": f"Fashion-MNIST train split ({len(x_train)} images)",
+        "steps": step,
+        "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command=command or "python -m add_bench.pretrain evalnet"),
         "metrics": metrics,
     }
@@ -169,14 +211,14 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     n, _, h, w = x.shape
     dx, dy = (torch.randint(0, 2 * max_shift + 1, (n,), generator=gen) for _ in range(2))
     rows = (dy[:, None] + torch.arange(h)[None]).clamp(max=h + 2 * max_shift - 1)
-    cols = (dx[:, None] + torch.arange(w)[None])
+    cols = dx[:, None] + torch.arange(w)[None]
     return pad[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
 def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     net.eval()
-    correct = sum((net(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    correct = sum((net(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
     return correct / len(x)
 
 
@@ -198,8 +240,12 @@ def augment_view(x: torch.Tensor, cfg: EmbedNetPretrainConfig, gen: torch.Genera
         h = x.shape[-1]
         corner = (u(n, 2) * (h - cfg.cutout + 1)).long()
         rows = torch.arange(h)
-        inside = ((rows[None, :, None] >= corner[:, 0, None, None]) & (rows[None, :, None] < corner[:, 0, None, None] + cfg.cutout)
-                  & (rows[None, None, :] >= corner[:, 1, None, None]) & (rows[None, None, :] < corner[:, 1, None, None] + cfg.cutout))
+        inside = (
+            (rows[None, :, None] >= corner[:, 0, None, None])
+            & (rows[None, :, None] < corner[:, 0, None, None] + cfg.cutout)
+            & (rows[None, None, :] >= corner[:, 1, None, None])
+            & (rows[None, None, :] < corner[:, 1, None, None] + cfg.cutout)
+        )
         erase = inside & (u(n, 1, 1) < 0.5)
         view = torch.where(erase[:, None], torch.full_like(view, -1.0), view)
     return view.clamp(-1, 1)
@@ -219,7 +265,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 @torch.no_grad()
 def embed(net: EmbedNet, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     net.eval()
-    return torch.cat([net.features(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([net.features(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
@@ -234,20 +280,24 @@ def embedding_checks(net: EmbedNet, cfg: EmbedNetPretrainConfig, x_train, y_trai
     knn = torch.mode(y_train[memory][nearest], dim=1).values
     f_view = embed(net, augment_view(x_test, cfg, gen))
     own = torch.cdist(f_view, f_test).argmin(1) == torch.arange(len(x_test))
-    return {"knn5_test_accuracy": round(float((knn == y_test).float().mean()), 4),
-            "view_retrieval_top1": round(float(own.float().mean()), 4)}
+    return {
+        "knn5_test_accuracy": round(float((knn == y_test).float().mean()), 4),
+        "view_retrieval_top1": round(float(own.float().mean()), 4),
+    }
 
 
-def pretrain_evalnet_ssl(cfg: EmbedNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0,
-                         command: str | None = None) -> bool:
+def pretrain_evalnet_ssl(
+    cfg: EmbedNetPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0, command: str | None = None
+) -> bool:
     check_positive(cfg.steps, "steps")
     gen, x_train, y_train = seeded_start(cfg)
     d = cfg.data
     net = EmbedNet(cfg.width)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(workdir, {"net": net, "opt": opt}, gen, cfg.steps, max(1, cfg.steps // 10), budget_minutes)
-    print(f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}",
-          file=sys.stderr)
+    print(
+        f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}", file=sys.stderr
+    )
     bar = tqdm(total=cfg.steps, initial=run.step, desc="evalnet_ssl", dynamic_ncols=True)
     while not run.done:
         net.train()
@@ -266,9 +316,15 @@ def pretrain_evalnet_ssl(cfg: EmbedNetPretrainConfig, workdir: Path, out: Path, 
     x_test, y_test = load_split("test", d.root, download=d.download).tensors()
     metrics = embedding_checks(net, cfg, x_train, y_train, x_test, y_test)
     card = {
-        "kind": "evalnet_ssl", "name": out.name, "params": num_params(net), "feature_dim": EmbedNet.feature_dim,
-        "width": cfg.width, "objective": "SimCLR NT-Xent instance discrimination (no labels)", "weights": "fp32",
-        "data": f"Fashion-MNIST train split ({len(x_train)} images)", "steps": step,
+        "kind": "evalnet_ssl",
+        "name": out.name,
+        "params": num_params(net),
+        "feature_dim": EmbedNet.feature_dim,
+        "width": cfg.width,
+        "objective": "SimCLR NT-Xent instance discrimination (no labels)",
+        "weights": "fp32",
+        "data": f"Fashion-MNIST train split ({len(x_train)} images)",
+        "steps": step,
         "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command=command or "python -m add_bench.pretrain evalnet_ssl"),
         "metrics": metrics,
@@ -283,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["featnet"]:  # embedded feature networks: their own command line
         from add_bench.featnet_pretrain import main as featnet_main
+
         return featnet_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m add_bench.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("what", choices=["teacher", "evalnet", "evalnet_ssl"])
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--config", help="YAML file of config values")
@@ -310,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
         out = Path(a.out) if a.out else WEIGHTS_DIR / name
         # the card records the command that made the weights; --budget-minutes only splits the run
-        command = shlex.join(["python", "-m", "add_bench.pretrain", a.what, *a.overrides]
-                             + (["--config", a.config] if a.config else []) + (["--name", a.name] if a.name else []))
+        command = shlex.join(
+            ["python", "-m", "add_bench.pretrain", a.what, *a.overrides]
+            + (["--config", a.config] if a.config else [])
+            + (["--name", a.name] if a.name else [])
+        )
         done = run(cfg, workdir, out, a.budget_minutes, command)
     except AddBenchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ Each stage exports its student's EMA weights (a weights folder ``add_bench.evalu
 DDIM at that step count); the next stage's teacher is read back from that folder, so a run resumes
 exactly from ``checkpoint.pt`` at any step, inside a stage or at its boundary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,14 +80,18 @@ def student_folder(workdir: Path, steps: int) -> Path:
 def validate(cfg: TrainConfig) -> None:
     check_positive(cfg.batch_size, "batch_size")
     if (resolve_weights(cfg.teacher.network) / "model_index.json").is_file():  # a diffusers pipeline folder
-        raise ConfigError(f"method=progressive, teacher.network={cfg.teacher.network}: progressive distillation runs on "
-                          "class-conditional teachers (the embedded benchmark) only; a Stable Diffusion teacher is not supported yet")
+        raise ConfigError(
+            f"method=progressive, teacher.network={cfg.teacher.network}: progressive distillation runs on "
+            "class-conditional teachers (the embedded benchmark) only; a Stable Diffusion teacher is not supported yet"
+        )
     available = stage_steps(cfg)
     bad = [s for s in cfg.eval_steps if s not in available]
     if bad:
-        raise ConfigError(f"eval_steps={list(cfg.eval_steps)}: method=progressive has students for "
-                          f"{sorted(available)} steps (progressive.start_steps={cfg.progressive.start_steps}, "
-                          f"guided_steps={cfg.progressive.guided_steps}); {bad} is not among them")
+        raise ConfigError(
+            f"eval_steps={list(cfg.eval_steps)}: method=progressive has students for "
+            f"{sorted(available)} steps (progressive.start_steps={cfg.progressive.start_steps}, "
+            f"guided_steps={cfg.progressive.guided_steps}); {bad} is not among them"
+        )
 
 
 def stage_timesteps(schedule, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,14 +103,17 @@ def stage_timesteps(schedule, stage: Stage) -> tuple[torch.Tensor, torch.Tensor,
         return t, t, t
     coarse, fine = schedule.timesteps(stage.student_steps), schedule.timesteps(2 * stage.student_steps)
     if fine[::2] != coarse:
-        raise ConfigError(f"timestep spacing {schedule.cfg.timestep_spacing!r}: the {2 * stage.student_steps}-step grid "
-                          f"does not contain the {stage.student_steps}-step grid; progressive distillation needs nested grids")
+        raise ConfigError(
+            f"timestep spacing {schedule.cfg.timestep_spacing!r}: the {2 * stage.student_steps}-step grid "
+            f"does not contain the {stage.student_steps}-step grid; progressive distillation needs nested grids"
+        )
     nxt = fine[2::2] + [-1]
     return torch.tensor(coarse), torch.tensor(fine[1::2]), torch.tensor(nxt)
 
 
-def progressive_step(student: Denoiser, teacher: Denoiser, stage: Stage, grid, x0, labels, gen,
-                     cfg_scale: float) -> torch.Tensor:
+def progressive_step(
+    student: Denoiser, teacher: Denoiser, stage: Stage, grid, x0, labels, gen, cfg_scale: float
+) -> torch.Tensor:
     """The stage's loss on one batch: z_t from real x0 at a student timestep, the teacher's target x̃."""
     t_all, mid_all, next_all = grid
     i = torch.randint(0, len(t_all), (x0.shape[0],), generator=gen)
@@ -129,8 +137,9 @@ def lr_in_stage(step: int, stage: Stage, base: float, warmup: int) -> float:
     return base * max(0.0, 1 - (k - warmup) / max(1, stage.iterations - warmup))
 
 
-def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0,
-                      progress: bool = True) -> dict[int, Path] | None:
+def train_progressive(
+    cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True
+) -> dict[int, Path] | None:
     """Train (or resume) every stage in ``workdir``; return {student steps: weights folder}, or None when
     ``budget_minutes`` ran out first (a checkpoint is written; call again to resume)."""
     from tqdm import tqdm
@@ -188,9 +197,15 @@ def train_progressive(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0
         bar.update(1)
         bar.set_postfix(stage=f"{stage.name}→{stage.student_steps}", loss=f"{loss.item():.4f}")
         if run.step % cfg.log_every == 0 or run.step == stage.end:
-            run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), stage=stage.name,
-                          student_steps=stage.student_steps, loss=loss.item(), grad_norm_student=grad_norm,
-                          lr_student=opt.param_groups[0]["lr"])
+            run.log.write(
+                step=run.step,
+                wall_time_s=round(run.wall_time_s, 2),
+                stage=stage.name,
+                student_steps=stage.student_steps,
+                loss=loss.item(),
+                grad_norm_student=grad_norm,
+                lr_student=opt.param_groups[0]["lr"],
+            )
         if run.step == stage.end:  # before the checkpoint: a run resumed at the boundary finds it
             export(ema.module, card, cfg, student_folder(workdir, stage.student_steps), stage, run)
         if run.end_of_step():
@@ -211,9 +226,18 @@ def load_stage_teacher(workdir: Path, stage: Stage, schedule, card: dict) -> Den
 
 
 def export(module: torch.nn.Module, teacher_card: dict, cfg: TrainConfig, out: Path, stage: Stage, run: Run) -> None:
-    card = {"kind": "student", "method": "progressive", "stage": stage.name, "sampling_steps": stage.student_steps,
-            "name": f"{Path(run.workdir).name}/{out.name}", "unet": teacher_card["unet"],
-            "schedule": teacher_card["schedule"], "null_label": NUM_CLASSES, "weights": "EMA, fp32",
-            "steps": run.step, "train_wall_time_s": round(run.wall_time_s, 1),
-            "provenance": provenance(cfg, cfg.seed, run.wall_time_s, command="progressive distillation")}
+    card = {
+        "kind": "student",
+        "method": "progressive",
+        "stage": stage.name,
+        "sampling_steps": stage.student_steps,
+        "name": f"{Path(run.workdir).name}/{out.name}",
+        "unet": teacher_card["unet"],
+        "schedule": teacher_card["schedule"],
+        "null_label": NUM_CLASSES,
+        "weights": "EMA, fp32",
+        "steps": run.step,
+        "train_wall_time_s": round(run.wall_time_s, 1),
+        "provenance": provenance(cfg, cfg.seed, run.wall_time_s, command="progressive distillation"),
+    }
     save_weights(out, module, card, fp16=False)

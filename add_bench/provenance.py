@@ -1,4 +1,5 @@
 """Atomic writes and the provenance stored beside every result (config, git commit, seed, time, machine)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,9 +45,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def git_commit() -> str:
     """The repository's HEAD commit, with '+dirty' when tracked files differ from it."""
+
     def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
         head = run("rev-parse", "HEAD") or "unknown"
         dirty = run("status", "--porcelain", "--untracked-files=no", "--", "add_bench")
@@ -75,8 +77,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def provenance(config: Any = None, seed: int | None = None, wall_time_s: float | None = None,
-               command: str | None = None, **extra: Any) -> dict[str, Any]:
+def provenance(
+    config: Any = None,
+    seed: int | None = None,
+    wall_time_s: float | None = None,
+    command: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     from add_bench.config import to_dict
 
     return {
@@ -130,8 +137,11 @@ def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
     """``{role: {"path": folder, "blob": blob_id(folder/model.safetensors)}}`` for the weights folders that
     hold a ``model.safetensors`` (the shipped format); diffusers pipeline folders, hub names and seeded
     random networks are left out."""
-    return {role: {"path": display_path(folder), "blob": blob_id(folder / "model.safetensors")}
-            for role, folder in folders.items() if (Path(folder) / "model.safetensors").is_file()}
+    return {
+        role: {"path": display_path(folder), "blob": blob_id(folder / "model.safetensors")}
+        for role, folder in folders.items()
+        if (Path(folder) / "model.safetensors").is_file()
+    }
 
 
 @functools.lru_cache(maxsize=4096)
@@ -142,8 +152,13 @@ def blob_at_commit(commit: str, repo_path: str) -> str | None:
     if not commit or commit == "unknown" or Path(repo_path).is_absolute():
         return None
     try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}:{repo_path}"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{commit}:{repo_path}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

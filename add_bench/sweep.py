@@ -23,6 +23,7 @@ moves its results to ``cells/<id>/stale/<finished_at>/`` and computes it again; 
 runs only the named rows (e.g. more seeds of the promising rows of a probe); the tables list every row
 with its finished / planned seed count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,20 @@ from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
-ABLATION_KEYS = {"name", "table", "title", "base", "seeds", "eval_steps", "num_samples", "set", "cells", "include",
-                 "paper_metric_names", "paper_note"}
+ABLATION_KEYS = {
+    "name",
+    "table",
+    "title",
+    "base",
+    "seeds",
+    "eval_steps",
+    "num_samples",
+    "set",
+    "cells",
+    "include",
+    "paper_metric_names",
+    "paper_note",
+}
 CELL_KEYS = {"name", "label", "default", "paper", "set", "bases", "by_base", "steps"}
 BY_BASE_KEYS = {"label", "set"}
 SWEEP_OVERRIDES = {"seeds", "base", "eval_steps", "num_samples"}
@@ -67,8 +80,14 @@ class Cell:
     steps: int | None = None  # the step count this row reports (None: the table's headline, 1)
 
     def manifest(self) -> dict[str, Any]:
-        row = {"name": self.name, "label": self.label, "default": self.default, "seed": self.seed,
-               "id": self.id, "paper": self.paper}
+        row = {
+            "name": self.name,
+            "label": self.label,
+            "default": self.default,
+            "seed": self.seed,
+            "id": self.id,
+            "paper": self.paper,
+        }
         return row | ({"steps": self.steps} if self.steps is not None else {})
 
 
@@ -106,8 +125,14 @@ ADDED_KEYS: dict[str, Any] = {
     "loss.space": "pixel",
     "method": "add",
     "sampling": {"sampler": None, "cfg_scale": 1.0},
-    "progressive": {"start_steps": 8, "guided_steps": 1000, "steps_per_stage": 1000, "lr": 1e-4,
-                    "betas": [0.9, 0.999], "warmup_steps": 50},
+    "progressive": {
+        "start_steps": 8,
+        "guided_steps": 1000,
+        "steps_per_stage": 1000,
+        "lr": 1e-4,
+        "betas": [0.9, 0.999],
+        "warmup_steps": 50,
+    },
 }
 
 
@@ -146,7 +171,9 @@ def load_ablations(path: str | Path, overrides: list[str] | None = None) -> list
     data = OmegaConf.to_container(load_yaml(path))
     unknown = set(data) - ABLATION_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(ABLATION_KEYS))}")
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(ABLATION_KEYS))}"
+        )
     sweep_over, train_over = split_overrides(list(overrides or []))
     if "include" in data:
         out = []
@@ -188,8 +215,10 @@ def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
         else:
             axes.append((key, values))
     if not axes:
-        raise ConfigError(f"{' '.join(overrides) or '(nothing)'}: no ablation file and no key=a,b,... sweep; give "
-                          "ablations/<name>.yaml or at least one key with several values (e.g. loss.weighting=exp,sds)")
+        raise ConfigError(
+            f"{' '.join(overrides) or '(nothing)'}: no ablation file and no key=a,b,... sweep; give "
+            "ablations/<name>.yaml or at least one key with several values (e.g. loss.weighting=exp,sds)"
+        )
     combos: list[list[tuple[str, str]]] = [[]]
     for key, values in axes:
         combos = [c + [(key, v)] for c in combos for v in values]
@@ -197,8 +226,9 @@ def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
     for combo in combos:
         sets = OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={v}" for k, v in combo]))
         flat = {k: OmegaConf.select(OmegaConf.create(sets), k) for k, _ in combo}
-        cells.append({"name": ",".join(v for _, v in combo), "label": ", ".join(f"{k}={v}" for k, v in combo),
-                      "set": flat})
+        cells.append(
+            {"name": ",".join(v for _, v in combo), "label": ", ".join(f"{k}={v}" for k, v in combo), "set": flat}
+        )
     name = "+".join(k for k, _ in axes)
     return {"name": name, "title": f"Sweep over {', '.join(k for k, _ in axes)} (command line)", "cells": cells}, rest
 
@@ -208,16 +238,24 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
         if key not in data:
             raise ConfigError(f"{path}: missing key '{key}'")
     base = sweep_over.get("base", data.get("base", "embedded"))
-    preset = Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
+    preset = (
+        Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
+    )
     base_name = preset.stem
     seeds = sweep_over.get("seeds", data.get("seeds", [0]))
     eval_steps = sweep_over.get("eval_steps", data.get("eval_steps", [1, 2, 4]))
     num_samples = sweep_over.get("num_samples", data.get("num_samples"))
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise ConfigError(f"{path}: seeds={seeds!r}: expected a non-empty list of integers")
-    ablation = Ablation(data["name"], str(data.get("table", "")), data.get("title", data["name"]), path,
-                        list(eval_steps), paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}),
-                        paper_note=data.get("paper_note"))
+    ablation = Ablation(
+        data["name"],
+        str(data.get("table", "")),
+        data.get("title", data["name"]),
+        path,
+        list(eval_steps),
+        paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}),
+        paper_note=data.get("paper_note"),
+    )
     common = dict(data.get("set") or {})
     for i, spec in enumerate(data["cells"]):
         where = f"{path}: cells[{i}]"
@@ -225,20 +263,26 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             raise ConfigError(f"{where}: each cell needs a 'name' (and optional label, default, paper, set)")
         unknown = set(spec) - CELL_KEYS
         if unknown:
-            raise ConfigError(f"{where} ({spec['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
-                              f"accepted: {', '.join(sorted(CELL_KEYS))}")
+            raise ConfigError(
+                f"{where} ({spec['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
+                f"accepted: {', '.join(sorted(CELL_KEYS))}"
+            )
         if base_name not in spec.get("bases", [base_name]):
             continue  # a row of one scale only (e.g. the embedded random-ViT floor, the cluster DINOv1 row)
         scale = (spec.get("by_base") or {}).get(base_name) or {}
         if set(scale) - BY_BASE_KEYS:
-            raise ConfigError(f"{where} ({spec['name']}): by_base.{base_name}: unknown key(s) "
-                              f"{', '.join(sorted(set(scale) - BY_BASE_KEYS))}; accepted: {', '.join(sorted(BY_BASE_KEYS))}")
+            raise ConfigError(
+                f"{where} ({spec['name']}): by_base.{base_name}: unknown key(s) "
+                f"{', '.join(sorted(set(scale) - BY_BASE_KEYS))}; accepted: {', '.join(sorted(BY_BASE_KEYS))}"
+            )
         sets = {**common, **(spec.get("set") or {}), **(scale.get("set") or {})}
         label = scale.get("label", spec.get("label", spec["name"]))
         row_steps = spec.get("steps")
         if row_steps is not None and (not isinstance(row_steps, int) or isinstance(row_steps, bool) or row_steps <= 0):
-            raise ConfigError(f"{where} ({spec['name']}): steps={row_steps!r}: expected a positive integer (the step "
-                              "count this row reports)")
+            raise ConfigError(
+                f"{where} ({spec['name']}): steps={row_steps!r}: expected a positive integer (the step "
+                "count this row reports)"
+            )
         # a cell's own eval_steps (a method row: DPM-Solver at 8 and 25 steps) unless the command line sets them
         steps_here = sweep_over.get("eval_steps", sets.pop("eval_steps", None) or eval_steps)
         for seed in seeds:
@@ -252,10 +296,20 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             cfg = resolved(load_cli(cfg, train_over), f"{where} ({spec['name']}) on base {base_name}")
             validate_names(cfg, f"{where} ({spec['name']})")
             if row_steps is not None and row_steps not in cfg.eval_steps:
-                raise ConfigError(f"{where} ({spec['name']}): steps={row_steps} is not among the cell's eval_steps="
-                                  f"{list(cfg.eval_steps)}")
-            c = Cell(ablation.name, spec["name"], label, bool(spec.get("default", False)), spec.get("paper"), seed, cfg,
-                     steps=row_steps)
+                raise ConfigError(
+                    f"{where} ({spec['name']}): steps={row_steps} is not among the cell's eval_steps="
+                    f"{list(cfg.eval_steps)}"
+                )
+            c = Cell(
+                ablation.name,
+                spec["name"],
+                label,
+                bool(spec.get("default", False)),
+                spec.get("paper"),
+                seed,
+                cfg,
+                steps=row_steps,
+            )
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
@@ -267,8 +321,10 @@ def resolved(cfg: Any, where: str) -> Any:
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: {str(e).splitlines()[0]} (cluster presets read local paths from "
-                          "ADD_BENCH_* environment variables: see the preset file)") from None
+        raise ConfigError(
+            f"{where}: {str(e).splitlines()[0]} (cluster presets read local paths from "
+            "ADD_BENCH_* environment variables: see the preset file)"
+        ) from None
     out = OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
     OmegaConf.set_struct(out, True)
     return out
@@ -331,7 +387,9 @@ class FolderLock:
         except BlockingIOError:
             owner = self.path.read_text().strip() or "another process"
             os.close(self.fd)
-            raise ConfigError(f"{self.path.parent}: {self.what} in use by {owner}; wait for it or use another --out") from None
+            raise ConfigError(
+                f"{self.path.parent}: {self.what} in use by {owner}; wait for it or use another --out"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
         return self
@@ -368,24 +426,31 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             result, grids = evaluate_generators(made, cfg)
             result["cell"] = cell
             result["method"] = cfg.method
-            result["train"] = {"steps": made.train_steps, "wall_time_s": made.train_wall_time_s,
-                               "last_log": last_log_row(wd / "log.jsonl")}
+            result["train"] = {
+                "steps": made.train_steps,
+                "wall_time_s": made.train_wall_time_s,
+                "last_log": last_log_row(wd / "log.jsonl"),
+            }
             result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
             result["inputs"] = versions
-            result["provenance"] = provenance(cfg, cfg.seed, time.time() - start,
-                                              command=f"python -m add_bench.sweep (cell {cell})")
+            result["provenance"] = provenance(
+                cfg, cfg.seed, time.time() - start, command=f"python -m add_bench.sweep (cell {cell})"
+            )
             import numpy as np
 
             from add_bench.provenance import atomic_path
 
             with atomic_path(wd / "samples.npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, labels=next(iter(grids.values())).labels,
-                                    **{k: v.images for k, v in grids.items()})
+                np.savez_compressed(
+                    f, labels=next(iter(grids.values())).labels, **{k: v.images for k, v in grids.items()}
+                )
             atomic_write_json(wd / "metrics.json", result)
             return result
         except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
-            atomic_write_json(wd / "error.json", {"cell": cell, "error": f"{type(e).__name__}: {e}",
-                                                  "traceback": traceback.format_exc()})
+            atomic_write_json(
+                wd / "error.json",
+                {"cell": cell, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
+            )
             raise
 
 
@@ -403,8 +468,11 @@ def archive_stale(wd: Path) -> Path:
             os.replace(p, dest / p.name)
     atomic_write_json(dest / "why.json", {"changed_inputs": changed, "moved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     os.replace(wd / "metrics.json", dest / "metrics.json")  # last: until here the cell still reads as stale
-    print(f"cell {wd.name}: inputs changed since it ran ({'; '.join(changed)}); its results moved to {dest}, "
-          "re-running it", file=sys.stderr)
+    print(
+        f"cell {wd.name}: inputs changed since it ran ({'; '.join(changed)}); its results moved to {dest}, "
+        "re-running it",
+        file=sys.stderr,
+    )
     return dest
 
 
@@ -423,8 +491,12 @@ def evaluate_generators(made, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]
         _, draw = load_generator(folder, grid_cfg, made.cfg_scale, cfg.device)
         grids.update({s: draw(made.sampler, s).samples for s in steps})
     folders = sorted({str(f) for f in made.checkpoints.values()})
-    result = {"checkpoint": folders[0] if len(folders) == 1 else folders, "kind": "/".join(sorted(kinds)),
-              "num_samples": cfg.eval.num_samples, "rows": sorted(rows, key=lambda r: r["steps"])}
+    result = {
+        "checkpoint": folders[0] if len(folders) == 1 else folders,
+        "kind": "/".join(sorted(kinds)),
+        "num_samples": cfg.eval.num_samples,
+        "rows": sorted(rows, key=lambda r: r["steps"]),
+    }
     return result, {f"steps_{s}": grids[s] for s in sorted(grids)}
 
 
@@ -454,11 +526,19 @@ def write_manifests(ablations: list[Ablation], out: Path) -> None:
     for ab in ablations:
         source = ab.path.resolve()
         source = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
-        atomic_write_json(out / ab.name / "cells.json", {
-            "ablation": ab.name, "table": ab.table, "title": ab.title, "source": str(source),
-            "paper_metric_names": ab.paper_metric_names, "eval_steps": ab.eval_steps,
-            **({"paper_note": ab.paper_note} if ab.paper_note else {}),
-            "cells": [c.manifest() for c in ab.cells]})
+        atomic_write_json(
+            out / ab.name / "cells.json",
+            {
+                "ablation": ab.name,
+                "table": ab.table,
+                "title": ab.title,
+                "source": str(source),
+                "paper_metric_names": ab.paper_metric_names,
+                "eval_steps": ab.eval_steps,
+                **({"paper_note": ab.paper_note} if ab.paper_note else {}),
+                "cells": [c.manifest() for c in ab.cells],
+            },
+        )
 
 
 def training_iterations(cfg: Any) -> int:
@@ -497,8 +577,9 @@ def estimate_minutes(cell: Cell, per_sample_step: float) -> float:
     return (train_s + eval_s) / 60
 
 
-def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None,
-               workers: int = 1) -> float:
+def print_plan(
+    ablations: list[Ablation], cells: dict[str, Cell], out: Path, only: set[str] | None = None, workers: int = 1
+) -> float:
     total, left = 0.0, 0
     measured = seconds_per_sample_step(out)
     per_sample_step = measured if measured is not None else ASSUMED_SECONDS_PER_STEP / 32
@@ -524,9 +605,15 @@ def print_plan(ablations: list[Ablation], cells: dict[str, Cell], out: Path, onl
         sizes = round_sizes(left, w)
         cell_rounds = sum(max(1.0, k / usable_cores()) for k in sizes)
         wall = f" (≈ {total / left * cell_rounds:.0f} min wall in {len(sizes)} round(s) of {w} workers)"
-    basis = ("" if measured is not None else f"; no finished cell here, so {ASSUMED_SECONDS_PER_STEP} s per ADD step "
-             "at batch 32 is assumed (python -m add_bench.bench measures this machine's)")
-    print(f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}{basis}")
+    basis = (
+        ""
+        if measured is not None
+        else f"; no finished cell here, so {ASSUMED_SECONDS_PER_STEP} s per ADD step "
+        "at batch 32 is assumed (python -m add_bench.bench measures this machine's)"
+    )
+    print(
+        f"{len(cells)} unique cells, {done} done; estimated {total:.0f} min of work left on this machine{wall}{basis}"
+    )
     return total
 
 
@@ -545,8 +632,10 @@ def selected_ids(ablations: list[Ablation], names: list[str] | None, source: str
     known = {c.name for ab in ablations for c in ab.cells}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--cells {','.join(unknown)}: no such row in {source or ablations[0].path}; rows: "
-                          f"{', '.join(sorted(known))}")
+        raise ConfigError(
+            f"--cells {','.join(unknown)}: no such row in {source or ablations[0].path}; rows: "
+            f"{', '.join(sorted(known))}"
+        )
     return {c.id for ab in ablations for c in ab.cells if c.name in names}
 
 
@@ -568,8 +657,14 @@ def parse_workers(value: str | int) -> int:
     return n
 
 
-def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", workers: int = 1, slurm=None,
-              only: set[str] | None = None) -> dict:
+def run_sweep(
+    ablations: list[Ablation],
+    out: Path,
+    launcher: str = "local",
+    workers: int = 1,
+    slurm=None,
+    only: set[str] | None = None,
+) -> dict:
     """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables."""
     from tqdm import tqdm
 
@@ -584,12 +679,16 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
         skipped = "" if only is None else f", {len(unfinished) - len(todo)} not selected by --cells"
         if stale := [i for i in todo if status[i] == "stale"]:
             skipped += f", {len(stale)} stale (a weights folder they read has changed since: re-run)"
-        print(f"sweep → {out}: {len(cells)} cells, {len(cells) - len(unfinished)} already done{skipped}",
-              file=sys.stderr)
+        print(
+            f"sweep → {out}: {len(cells)} cells, {len(cells) - len(unfinished)} already done{skipped}", file=sys.stderr
+        )
         if launcher == "slurm":
             ids = submit_slurm([(i, run_cell) for i in todo], out / "cells", slurm)
-            print(f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
-                  f"follow with --status, collect with --collect", file=sys.stderr)
+            print(
+                f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
+                f"follow with --status, collect with --collect",
+                file=sys.stderr,
+            )
             return {"submitted": dict(zip(todo, ids))}
         results: dict[str, Any] = {}
         if min(workers, len(todo)) > 1:
@@ -601,8 +700,11 @@ def run_sweep(ablations: list[Ablation], out: Path, launcher: str = "local", wor
                 results.update(run_local([(i, run_cell)], workers=1, folder=out / "cells"))
         failed = {i: r for i, r in results.items() if isinstance(r, str)}
         for i, err in failed.items():
-            print(f"cell {i} ({cells[i].ablation}/{cells[i].name}) failed: {err}; recorded in "
-                  f"{out / 'cells' / i / 'error.json'}", file=sys.stderr)
+            print(
+                f"cell {i} ({cells[i].ablation}/{cells[i].name}) failed: {err}; recorded in "
+                f"{out / 'cells' / i / 'error.json'}",
+                file=sys.stderr,
+            )
         collect(ablations, out)
         return results
 
@@ -619,21 +721,34 @@ def show_status(ablations: list[Ablation], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ablation", help="ablation YAML (ablations/*.yaml), or a sweep key=a,b,c (one row per value)")
     p.add_argument("overrides", nargs="*", help="seeds=[0,1,2], base=<preset>, or training config key=value")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument("--launcher", default="local", help="local | slurm")
-    p.add_argument("--workers", default="auto",
-                   help="local: parallel worker processes, or auto (default) = one per core, at most one per cell")
-    p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...")
+    p.add_argument(
+        "--workers",
+        default="auto",
+        help="local: parallel worker processes, or auto (default) = one per core, at most one per cell",
+    )
+    p.add_argument(
+        "--slurm",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
     p.add_argument("--collect", action="store_true", help="only (re)write manifests, tables and plots from results")
-    p.add_argument("--cells", default=None, metavar="NAME[,NAME]",
-                   help="run only these rows (every seed of each); the tables still list every row")
+    p.add_argument(
+        "--cells",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="run only these rows (every seed of each); the tables still list every row",
+    )
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         if "=" in a.ablation and not a.ablation.endswith((".yaml", ".yml")):  # key=a,b,c on the command line

@@ -23,6 +23,7 @@ Partial sweeps are expected: a cell without results shows ``pending``, one with 
 ``failed: <error>``, one whose teacher, feature or evaluation network weights changed after it ran shows
 ``stale`` (its numbers are left out until the sweep re-runs it). Confidence intervals are t-distribution half-widths (0 with a single seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,21 +51,31 @@ DIVERSITY_METRICS = (("recall", "recall", 3), ("coverage", "coverage", 3), ("int
 DEFAULT_EVAL_STEPS = (1, 2, 4)
 CONVENTIONS = {
     "align_prob": "FID{n} on the evaluation network's 128-d features against the 10k test split; alignment = mean "
-                  "evaluation-network probability of the conditioning class (the embedded stand-in for CLIP score); "
-                  "diversity = within-class pixel standard deviation of the cell's 100-sample grid (10 per class, "
-                  "`metrics.Diversity`; real training images ≈ 0.17), near 0 when every noise gives the class's one image; "
-                  "recall, coverage = class-conditional k-NN recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. "
-                  "2020), k = 5, and intra-FID = per-class FID averaged over classes, all on the same samples in the "
-                  "self-supervised embedding `evalnet_ssl` against each class's test images (what real "
-                  "images and collapsed generators score: results/metric_sanity); `n/m` = not measured (evaluated before these metrics existed); "
-                  "`collapsed` = recall < {collapse}.",
-    "clip_score": "FID{n}: clean-fid Inception FID (\"clean\" mode); CLIP score: open_clip mean of max(cos, 0) "
-                  "between image and prompt, on the paper's 0–1 scale.",
+    "evaluation-network probability of the conditioning class (the embedded stand-in for CLIP score); "
+    "diversity = within-class pixel standard deviation of the cell's 100-sample grid (10 per class, "
+    "`metrics.Diversity`; real training images ≈ 0.17), near 0 when every noise gives the class's one image; "
+    "recall, coverage = class-conditional k-NN recall (Kynkäänniemi et al. 2019) and coverage (Naeem et al. "
+    "2020), k = 5, and intra-FID = per-class FID averaged over classes, all on the same samples in the "
+    "self-supervised embedding `evalnet_ssl` against each class's test images (what real "
+    "images and collapsed generators score: results/metric_sanity); `n/m` = not measured (evaluated before these metrics existed); "
+    "`collapsed` = recall < {collapse}.",
+    "clip_score": 'FID{n}: clean-fid Inception FID ("clean" mode); CLIP score: open_clip mean of max(cos, 0) '
+    "between image and prompt, on the paper's 0–1 scale.",
 }
-PAPER_NOTE = ("The paper's numbers are COCO FID-5k / CLIP score of ADD-M on SD2.1 (Sauer et al. 2023, Table {table}); "
-              "the setting differs, so compare directions (which row is better), not values.")
-LATEX_UNICODE = {"±": r"\ensuremath{\pm}", "λ": r"\ensuremath{\lambda}", "·": r"\ensuremath{\cdot}", "—": "---",
-                 "–": "--", "↑": r"\ensuremath{\uparrow}", "↓": r"\ensuremath{\downarrow}", "τ": r"\ensuremath{\tau}"}
+PAPER_NOTE = (
+    "The paper's numbers are COCO FID-5k / CLIP score of ADD-M on SD2.1 (Sauer et al. 2023, Table {table}); "
+    "the setting differs, so compare directions (which row is better), not values."
+)
+LATEX_UNICODE = {
+    "±": r"\ensuremath{\pm}",
+    "λ": r"\ensuremath{\lambda}",
+    "·": r"\ensuremath{\cdot}",
+    "—": "---",
+    "–": "--",
+    "↑": r"\ensuremath{\uparrow}",
+    "↓": r"\ensuremath{\downarrow}",
+    "τ": r"\ensuremath{\tau}",
+}
 
 
 # ------------------------------------------------------------------------------ reading
@@ -72,8 +83,10 @@ def read_manifest(ablation_dir: str | Path) -> dict[str, Any]:
     """The sweep's ``cells.json``; a DataError naming the path if it is missing or malformed."""
     path = Path(ablation_dir) / "cells.json"
     if not path.is_file():
-        raise DataError(f"{path}: not found; expected an ablation folder written by `python -m add_bench.sweep` "
-                        "(<root>/<ablation>/cells.json)")
+        raise DataError(
+            f"{path}: not found; expected an ablation folder written by `python -m add_bench.sweep` "
+            "(<root>/<ablation>/cells.json)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -119,8 +132,11 @@ def grid_diversity(folder: Path) -> dict[int, float]:
         with np.load(path) as z:
             labels = z["labels"]
             prompts = [""] * len(labels)  # labels may be COCO image ids (cluster scale): no class prompts
-            return {int(k.split("_", 1)[1]): Diversity()(SampleSet(z[k], labels, prompts))["diversity"]
-                    for k in z.files if k.startswith("steps_")}
+            return {
+                int(k.split("_", 1)[1]): Diversity()(SampleSet(z[k], labels, prompts))["diversity"]
+                for k in z.files
+                if k.startswith("steps_")
+            }
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -148,10 +164,20 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
     for c in manifest["cells"]:
         status, metrics, error = read_cell(ablation_dir.parent / "cells" / str(c["id"]))
         paper = c.get("paper") or {}
-        base = {"order": order[c["name"]], "name": c["name"], "label": c.get("label", c["name"]),
-                "default": bool(c.get("default", False)), "seed": c.get("seed"), "id": str(c["id"]),
-                "status": status, "error": error, "paper_fid": paper.get("fid"), "paper_cs": paper.get("cs"),
-                "paper_time": paper.get("time"), "row_steps": c.get("steps")}
+        base = {
+            "order": order[c["name"]],
+            "name": c["name"],
+            "label": c.get("label", c["name"]),
+            "default": bool(c.get("default", False)),
+            "seed": c.get("seed"),
+            "id": str(c["id"]),
+            "status": status,
+            "error": error,
+            "paper_fid": paper.get("fid"),
+            "paper_cs": paper.get("cs"),
+            "paper_time": paper.get("time"),
+            "row_steps": c.get("steps"),
+        }
         if metrics is None:
             records += [{**base, "steps": s} for s in ([c["steps"]] if c.get("steps") else planned)]
             continue
@@ -159,18 +185,62 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
         grids = grid_diversity(ablation_dir.parent / "cells" / str(c["id"]))
         for row in metrics["rows"]:
             key = alignment_key(row)
-            records.append({**base, "steps": row.get("steps"), "nfe": row.get("nfe"), "fid": row.get("fid"),
-                            "align": row.get(key) if key else None, "align_key": key,
-                            **{m: row.get(m) for m, _, _ in DIVERSITY_METRICS},
-                            "diversity": grids.get(row.get("steps")),
-                            "sec_per_1000": row.get("sec_per_1000"), "num_samples": metrics.get("num_samples"),
-                            "git_commit": prov.get("git_commit"), "machine": machine_text(prov.get("machine"))})
-    columns = ["order", "name", "label", "default", "seed", "id", "status", "error", "steps", "nfe", "fid", "align",
-               "align_key", "diversity", *(m for m, _, _ in DIVERSITY_METRICS), "sec_per_1000", "num_samples",
-               "paper_fid", "paper_cs", "paper_time", "row_steps", "git_commit", "machine"]
+            records.append(
+                {
+                    **base,
+                    "steps": row.get("steps"),
+                    "nfe": row.get("nfe"),
+                    "fid": row.get("fid"),
+                    "align": row.get(key) if key else None,
+                    "align_key": key,
+                    **{m: row.get(m) for m, _, _ in DIVERSITY_METRICS},
+                    "diversity": grids.get(row.get("steps")),
+                    "sec_per_1000": row.get("sec_per_1000"),
+                    "num_samples": metrics.get("num_samples"),
+                    "git_commit": prov.get("git_commit"),
+                    "machine": machine_text(prov.get("machine")),
+                }
+            )
+    columns = [
+        "order",
+        "name",
+        "label",
+        "default",
+        "seed",
+        "id",
+        "status",
+        "error",
+        "steps",
+        "nfe",
+        "fid",
+        "align",
+        "align_key",
+        "diversity",
+        *(m for m, _, _ in DIVERSITY_METRICS),
+        "sec_per_1000",
+        "num_samples",
+        "paper_fid",
+        "paper_cs",
+        "paper_time",
+        "row_steps",
+        "git_commit",
+        "machine",
+    ]
     df = pd.DataFrame.from_records(records, columns=columns)
-    for col in ("steps", "nfe", "fid", "align", "diversity", *(m for m, _, _ in DIVERSITY_METRICS), "sec_per_1000",
-                "num_samples", "paper_fid", "paper_cs", "paper_time", "row_steps"):
+    for col in (
+        "steps",
+        "nfe",
+        "fid",
+        "align",
+        "diversity",
+        *(m for m, _, _ in DIVERSITY_METRICS),
+        "sec_per_1000",
+        "num_samples",
+        "paper_fid",
+        "paper_cs",
+        "paper_time",
+        "row_steps",
+    ):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -207,15 +277,30 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, ci95 and n over seeds for FID and alignment, one row per cell × step count (manifest order)."""
     grouped = df.dropna(subset=["steps"]).groupby(["order", "name", "steps"], sort=True)
     agg = grouped.agg(
-        label=("label", "first"), default=("default", "first"), status=("status", cell_status),
-        error=("error", first_error), n_seeds=("seed", "nunique"),
-        fid_mean=("fid", "mean"), fid_ci95=("fid", ci95), fid_n=("fid", "count"),
-        align_mean=("align", "mean"), align_ci95=("align", ci95), align_n=("align", "count"),
-        div_mean=("diversity", "mean"), div_ci95=("diversity", ci95), div_n=("diversity", "count"),
-        **{f"{m}_{stat}": (m, fn) for m, _, _ in DIVERSITY_METRICS for stat, fn in (("mean", "mean"), ("ci95", ci95),
-                                                                                      ("n", "count"))},
-        nfe=("nfe", "mean"), sec_per_1000=("sec_per_1000", "mean"),
-        paper_fid=("paper_fid", "first"), paper_cs=("paper_cs", "first"), paper_time=("paper_time", "first"),
+        label=("label", "first"),
+        default=("default", "first"),
+        status=("status", cell_status),
+        error=("error", first_error),
+        n_seeds=("seed", "nunique"),
+        fid_mean=("fid", "mean"),
+        fid_ci95=("fid", ci95),
+        fid_n=("fid", "count"),
+        align_mean=("align", "mean"),
+        align_ci95=("align", ci95),
+        align_n=("align", "count"),
+        div_mean=("diversity", "mean"),
+        div_ci95=("diversity", ci95),
+        div_n=("diversity", "count"),
+        **{
+            f"{m}_{stat}": (m, fn)
+            for m, _, _ in DIVERSITY_METRICS
+            for stat, fn in (("mean", "mean"), ("ci95", ci95), ("n", "count"))
+        },
+        nfe=("nfe", "mean"),
+        sec_per_1000=("sec_per_1000", "mean"),
+        paper_fid=("paper_fid", "first"),
+        paper_cs=("paper_cs", "first"),
+        paper_time=("paper_time", "first"),
         row_steps=("row_steps", "first"),
     ).reset_index()
     agg["steps"] = agg["steps"].astype(int)
@@ -232,7 +317,9 @@ def one_row_per_cell(df: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
     for name in names:
         groups.setdefault(cell_of[name], []).append(name)
     firsts = {name: group[0] for group in groups.values() for name in group}
-    labels = {group[0]: " / ".join(dict.fromkeys(agg.loc[agg["name"].isin(group), "label"])) for group in groups.values()}
+    labels = {
+        group[0]: " / ".join(dict.fromkeys(agg.loc[agg["name"].isin(group), "label"])) for group in groups.values()
+    }
     defaults = {group[0]: bool(agg.loc[agg["name"].isin(group), "default"].any()) for group in groups.values()}
     out = agg[agg["name"].map(lambda n: firsts[n] == n)].copy()
     out["label"] = out["name"].map(labels)
@@ -274,13 +361,19 @@ def ranking_agreement(head: pd.DataFrame) -> dict[str, Any]:
         out[f"n_{metric}"] = len(both)
         rows = list(both.itertuples())
         for i, a in enumerate(rows):
-            for b in rows[i + 1:]:
+            for b in rows[i + 1 :]:
                 p = np.sign(getattr(a, paper_col) - getattr(b, paper_col))
                 o = np.sign(getattr(a, f"{metric}_mean") - getattr(b, f"{metric}_mean"))
-                out["pairs"].append({"metric": metric, "a": a.name, "b": b.name,
-                                     "paper": f"{a.name} {relation(p)} {b.name}",
-                                     "ours": f"{a.name} {relation(o)} {b.name}",
-                                     "agree": None if p == 0 else bool(p == o)})
+                out["pairs"].append(
+                    {
+                        "metric": metric,
+                        "a": a.name,
+                        "b": b.name,
+                        "paper": f"{a.name} {relation(p)} {b.name}",
+                        "ours": f"{a.name} {relation(o)} {b.name}",
+                        "agree": None if p == 0 else bool(p == o),
+                    }
+                )
     return out
 
 
@@ -345,17 +438,27 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
     for r in head.itertuples():
         row = {"": "*" if r.default else "", "setting": r.label}
         if per_row:
-            row |= {"steps": str(int(r.steps)), "NFE": "—" if r.nfe != r.nfe else str(int(r.nfe)),
-                    "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1)}
-        row |= {"ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
-                f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r)}
+            row |= {
+                "steps": str(int(r.steps)),
+                "NFE": "—" if r.nfe != r.nfe else str(int(r.nfe)),
+                "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1),
+            }
+        row |= {
+            "ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
+            f"ours {align_name} ↑": fmt(r.align_mean, r.align_ci95, r.align_n, 3) or missing_text(r),
+        }
         if diversity:
             row["ours diversity ↑"] = fmt(r.div_mean, r.div_ci95, r.div_n, 3) or missing_text(r)
         if shows_diversity_metrics(head, align_name):
-            row |= {"ours recall ↑": metric_text(r, "recall", 3), "ours coverage ↑": metric_text(r, "coverage", 3),
-                    "mode collapse": collapse_text(r)}
-        row |= {f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
-                f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3)}
+            row |= {
+                "ours recall ↑": metric_text(r, "recall", 3),
+                "ours coverage ↑": metric_text(r, "coverage", 3),
+                "mode collapse": collapse_text(r),
+            }
+        row |= {
+            f"paper {paper_names.get('fid', 'FID')} ↓": paper_number(r.paper_fid, 2),
+            f"paper {paper_names.get('cs', 'CLIP score')} ↑": paper_number(r.paper_cs, 3),
+        }
         if paper_time:
             row["paper s / image (A100)"] = paper_number(r.paper_time, 2)
         rows.append(row | {"n seeds": f"{r.fid_n}/{r.n_seeds}"})
@@ -393,7 +496,10 @@ def provenance_summary(df: pd.DataFrame) -> dict[str, Any]:
     """Cell counts by status, and the git commits, machines and sample counts of the finished cells."""
     cells = df.drop_duplicates("id")
     done = df[df["status"] == "done"].drop_duplicates("id")
-    out: dict[str, Any] = {"cells": len(cells), **{s: int((cells["status"] == s).sum()) for s in ("done", "pending", "failed", "stale")}}
+    out: dict[str, Any] = {
+        "cells": len(cells),
+        **{s: int((cells["status"] == s).sum()) for s in ("done", "pending", "failed", "stale")},
+    }
     for col, key in (("git_commit", "git_commits"), ("machine", "machines"), ("num_samples", "num_samples")):
         counts = done[col].dropna().value_counts()
         out[key] = {(f"{k:g}" if isinstance(k, float) else str(k)): int(v) for k, v in counts.items()}
@@ -402,55 +508,88 @@ def provenance_summary(df: pd.DataFrame) -> dict[str, Any]:
 
 def provenance_lines(prov: dict[str, Any]) -> list[str]:
     """Markdown bullets of ``provenance_summary``."""
-    lines = [f"- cells finished: {prov['done']} of {prov['cells']} (cell × seed); "
-             f"pending {prov['pending']}, failed {prov['failed']}"
-             + (f", stale {prov['stale']} (a weights folder they read has changed since; the sweep re-runs them)"
-                if prov.get("stale") else "")]
+    lines = [
+        f"- cells finished: {prov['done']} of {prov['cells']} (cell × seed); "
+        f"pending {prov['pending']}, failed {prov['failed']}"
+        + (
+            f", stale {prov['stale']} (a weights folder they read has changed since; the sweep re-runs them)"
+            if prov.get("stale")
+            else ""
+        )
+    ]
     for key, title in (("git_commits", "git commits"), ("machines", "machines"), ("num_samples", "samples per FID")):
         counts = prov[key]
         if counts:
-            lines.append(f"- {title}: " + ", ".join(f"`{k}`" + (f" ({v} cells)" if len(counts) > 1 else "")
-                                                   for k, v in counts.items()))
+            lines.append(
+                f"- {title}: "
+                + ", ".join(f"`{k}`" + (f" ({v} cells)" if len(counts) > 1 else "") for k, v in counts.items())
+            )
     lines.append("- written by `python -m add_bench.tables` from `cells.json` and `../cells/<id>/metrics.json`")
     return lines
 
 
 def failure_lines(df: pd.DataFrame) -> list[str]:
     failed = df[df["status"].isin(["failed", "stale"])].drop_duplicates("id")
-    return [f"- {r.name}, seed {r.seed} (cell `{r.id}`): {r.status}: {short_error(r.error, 200)}" for r in failed.itertuples()]
+    return [
+        f"- {r.name}, seed {r.seed} (cell `{r.id}`): {r.status}: {short_error(r.error, 200)}"
+        for r in failed.itertuples()
+    ]
 
 
 def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int | None, agreement: dict) -> str:
     align = alignment_of(df)
     num = df["num_samples"].dropna()
     n = f"-{int(num.iloc[0])}" if len(num) else ""
-    where = ("each row at its own step count (as in the paper's Table 2; NFE counts the network evaluations per "
-             "sample, CFG doubling them; seconds per 1000 samples were measured while each cell was evaluated, on "
-             "the machine that ran it: see Provenance, and compare NFE across machines)") if steps is None else \
-        f"{steps} sampling step{'s' * (steps != 1)} (as in the paper's Table 1)"
-    lines = [f"# {table_title(manifest)}", "",
-             f"Ablation `{manifest.get('ablation', '?')}`, {where}; `*` = default row. Ours: mean ± 95% CI over "
-             "seeds (t-distribution); `(n=1)` = a single seed; `n seeds` = finished / planned.", "",
-             f"Metrics (ours): {CONVENTIONS.get(align, CONVENTIONS['align_prob']).format(n=n, collapse=COLLAPSE_RECALL)}", "",
-             manifest.get("paper_note") or PAPER_NOTE.format(table=manifest.get("table", "1")), "",
-             to_markdown(head_df) if len(head_df) else "_cells.json lists no cells._", ""]
+    where = (
+        (
+            "each row at its own step count (as in the paper's Table 2; NFE counts the network evaluations per "
+            "sample, CFG doubling them; seconds per 1000 samples were measured while each cell was evaluated, on "
+            "the machine that ran it: see Provenance, and compare NFE across machines)"
+        )
+        if steps is None
+        else f"{steps} sampling step{'s' * (steps != 1)} (as in the paper's Table 1)"
+    )
+    lines = [
+        f"# {table_title(manifest)}",
+        "",
+        f"Ablation `{manifest.get('ablation', '?')}`, {where}; `*` = default row. Ours: mean ± 95% CI over "
+        "seeds (t-distribution); `(n=1)` = a single seed; `n seeds` = finished / planned.",
+        "",
+        f"Metrics (ours): {CONVENTIONS.get(align, CONVENTIONS['align_prob']).format(n=n, collapse=COLLAPSE_RECALL)}",
+        "",
+        manifest.get("paper_note") or PAPER_NOTE.format(table=manifest.get("table", "1")),
+        "",
+        to_markdown(head_df) if len(head_df) else "_cells.json lists no cells._",
+        "",
+    ]
     tau = agreement.get("kendall_tau_fid")
     if tau is not None:
         agree = [p["agree"] for p in agreement["pairs"] if p["metric"] == "fid" and p["agree"] is not None]
-        lines += [f"Ranking by FID vs the paper: Kendall τ = {tau:.2f} over {agreement['n_fid']} cells; "
-                  f"{sum(agree)} of {len(agree)} pairwise directions agree.", ""]
+        lines += [
+            f"Ranking by FID vs the paper: Kendall τ = {tau:.2f} over {agreement['n_fid']} cells; "
+            f"{sum(agree)} of {len(agree)} pairwise directions agree.",
+            "",
+        ]
     if failure_lines(df):
         lines += ["Failed or stale cells:", *failure_lines(df), ""]
-    lines += ["Every step count: `table_steps.md`. Plots: `fid_vs_alignment.png`, `fid_vs_steps.png`; "
-              "each row's samples: `samples.png`.", "",
-              "## Provenance", "", *provenance_lines(provenance_summary(df)), ""]
+    lines += [
+        "Every step count: `table_steps.md`. Plots: `fid_vs_alignment.png`, `fid_vs_steps.png`; "
+        "each row's samples: `samples.png`.",
+        "",
+        "## Provenance",
+        "",
+        *provenance_lines(provenance_summary(df)),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """Pipe table; the marker and setting columns left-aligned (settings such as "1" stay text), numbers right."""
-    align = ["left" if c in ("", "setting") or table[c].astype(str).str.contains("[a-z]").any() else "right"
-             for c in table.columns]
+    align = [
+        "left" if c in ("", "setting") or table[c].astype(str).str.contains("[a-z]").any() else "right"
+        for c in table.columns
+    ]
     return table.to_markdown(index=False, colalign=align, disable_numparse=True)
 
 
@@ -461,9 +600,13 @@ def table_title(manifest: dict) -> str:
 def latex(head_df: pd.DataFrame, manifest: dict) -> str:
     """booktabs LaTeX of the displayed main table (special characters escaped, Unicode mapped to math)."""
     styler = head_df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-    tex = styler.to_latex(hrules=True, column_format="l" * head_df.shape[1], position="t",
-                          caption=f"{table_title(manifest)}: ours (mean $\\pm$ 95\\% CI) beside the paper's numbers",
-                          label=f"tab:{manifest.get('ablation', 'ablation')}")
+    tex = styler.to_latex(
+        hrules=True,
+        column_format="l" * head_df.shape[1],
+        position="t",
+        caption=f"{table_title(manifest)}: ours (mean $\\pm$ 95\\% CI) beside the paper's numbers",
+        label=f"tab:{manifest.get('ablation', 'ablation')}",
+    )
     for char, replacement in LATEX_UNICODE.items():
         tex = tex.replace(char, replacement)
     return tex
@@ -493,8 +636,16 @@ def save_figure(fig, path: Path) -> Path:
 
 def annotate_points(ax, xs, ys, names, colors, defaults, xerr=None, yerr=None) -> None:
     for i, (x, y, name) in enumerate(zip(xs, ys, names)):
-        ax.errorbar(x, y, xerr=None if xerr is None else xerr[i], yerr=None if yerr is None else yerr[i],
-                    fmt="*" if defaults[i] else "o", ms=11 if defaults[i] else 6, color=colors[name], capsize=3)
+        ax.errorbar(
+            x,
+            y,
+            xerr=None if xerr is None else xerr[i],
+            yerr=None if yerr is None else yerr[i],
+            fmt="*" if defaults[i] else "o",
+            ms=11 if defaults[i] else 6,
+            color=colors[name],
+            capsize=3,
+        )
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
 
 
@@ -508,21 +659,33 @@ def plot_fid_vs_alignment(head: pd.DataFrame, manifest: dict, align_name: str, p
     fig = new_figure((11, 4.2))
     ours_ax, paper_ax = fig.subplots(1, 2)
     ours = head[(head["fid_n"] > 0) & (head["align_n"] > 0)]
-    annotate_points(ours_ax, ours["align_mean"], ours["fid_mean"], list(ours["name"]), colors, list(ours["default"]),
-                    list(ours["align_ci95"]), list(ours["fid_ci95"]))
+    annotate_points(
+        ours_ax,
+        ours["align_mean"],
+        ours["fid_mean"],
+        list(ours["name"]),
+        colors,
+        list(ours["default"]),
+        list(ours["align_ci95"]),
+        list(ours["fid_ci95"]),
+    )
     if ours.empty:
         empty_panel(ours_ax, "no finished cells yet")
     missing = [f"{r.name}: {r.status}" for r in head.itertuples() if r.fid_n == 0]
     if missing:
         ours_ax.text(0.02, 0.02, "; ".join(missing), transform=ours_ax.transAxes, fontsize=7, color="grey")
     paper = head.dropna(subset=["paper_fid", "paper_cs"])
-    annotate_points(paper_ax, paper["paper_cs"], paper["paper_fid"], list(paper["name"]), colors, list(paper["default"]))
+    annotate_points(
+        paper_ax, paper["paper_cs"], paper["paper_fid"], list(paper["name"]), colors, list(paper["default"])
+    )
     if paper.empty:
         empty_panel(paper_ax, "no paper numbers for these cells")
     steps = sorted(int(x) for x in head["steps"].unique()) or [HEADLINE_STEPS]
     at = f"{steps[0]} step{'s' * (steps[0] != 1)}" if len(steps) == 1 else "each row at its steps"
     ours_ax.set(xlabel=f"{align_name} ↑", ylabel="FID ↓", title=f"ours ({at}, mean ± 95% CI)")
-    paper_ax.set(xlabel="CLIP score ↑", ylabel="COCO FID-5k ↓", title=f"paper (ADD-M, Table {manifest.get('table', '?')})")
+    paper_ax.set(
+        xlabel="CLIP score ↑", ylabel="COCO FID-5k ↓", title=f"paper (ADD-M, Table {manifest.get('table', '?')})"
+    )
     fig.suptitle(f"{table_title(manifest)}: * = default; compare directions, not values", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -536,15 +699,24 @@ def plot_fid_vs_steps(agg: pd.DataFrame, manifest: dict, path: Path) -> Path:
     done = agg[agg["fid_n"] > 0]
     for (_, name), g in done.groupby(["order", "name"], sort=True):
         star = bool(g["default"].iloc[0])
-        ax.errorbar(g["steps"], g["fid_mean"], yerr=g["fid_ci95"], marker="*" if star else "o", ms=10 if star else 6,
-                    capsize=3,
-                    color=colors[name], label=f"{name}{' *' if star else ''}")
+        ax.errorbar(
+            g["steps"],
+            g["fid_mean"],
+            yerr=g["fid_ci95"],
+            marker="*" if star else "o",
+            ms=10 if star else 6,
+            capsize=3,
+            color=colors[name],
+            label=f"{name}{' *' if star else ''}",
+        )
     if done.empty:
         empty_panel(ax, "no finished cells yet")
     else:
         ax.legend(fontsize=8)
     ticks = sorted(agg["steps"].unique())
-    ax.set(xscale="log", xlabel="student sampling steps", ylabel="FID ↓", title=f"{table_title(manifest)}: FID vs steps")
+    ax.set(
+        xscale="log", xlabel="student sampling steps", ylabel="FID ↓", title=f"{table_title(manifest)}: FID vs steps"
+    )
     ax.set_xticks(ticks, [str(s) for s in ticks])
     ax.minorticks_off()
     fig.tight_layout()
@@ -578,15 +750,16 @@ def plot_samples(head: pd.DataFrame, df: pd.DataFrame, manifest: dict, cells_dir
         done = df[(df["name"] == r.name) & (df["status"] == "done")].sort_values("seed")
         grid = first_grid(list(dict.fromkeys(done["id"])), cells_dir, int(r.steps))
         seed = "" if done.empty else f", seed {int(done['seed'].iloc[0])}"
-        ax.set_title(f"{r.label}{' *' if r.default else ''}\n{int(r.steps)} step{'s' if r.steps != 1 else ''}{seed}",
-                     fontsize=8)
+        ax.set_title(
+            f"{r.label}{' *' if r.default else ''}\n{int(r.steps)} step{'s' if r.steps != 1 else ''}{seed}", fontsize=8
+        )
         if grid is None:
             empty_panel(ax, "no samples yet")
         else:
             ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes[len(head):]:
+    for ax in axes[len(head) :]:
         ax.set_axis_off()
     fig.suptitle(f"{table_title(manifest)}: samples (one class per grid row)", fontsize=10)
     return save_figure(fig, path)
@@ -609,21 +782,46 @@ def summary(manifest: dict, df: pd.DataFrame, agg: pd.DataFrame, steps: int, agr
     cells = []
     for (_, name), g in agg.groupby(["order", "name"], sort=True):
         first = g.iloc[0]
-        cells.append({
-            "name": name, "label": first.label, "default": bool(first.default), "status": first.status,
-            "row_steps": None if first.row_steps != first.row_steps else int(first.row_steps),
-            "error": first.error, "n_seeds": int(first.n_seeds),
-            "ids": list(dict.fromkeys(df.loc[df["name"] == name, "id"])),
-            "paper": {"fid": first.paper_fid, "cs": first.paper_cs},
-            "steps": {str(r.steps): {m: {"mean": getattr(r, f"{m}_mean"), "ci95": getattr(r, f"{m}_ci95"),
-                                         "n": int(getattr(r, f"{m}_n"))}
-                                     for m in ("fid", "align", *(k for k, _, _ in DIVERSITY_METRICS))}
-                      | {"nfe": r.nfe, "sec_per_1000": r.sec_per_1000} for r in g.itertuples()}})
+        cells.append(
+            {
+                "name": name,
+                "label": first.label,
+                "default": bool(first.default),
+                "status": first.status,
+                "row_steps": None if first.row_steps != first.row_steps else int(first.row_steps),
+                "error": first.error,
+                "n_seeds": int(first.n_seeds),
+                "ids": list(dict.fromkeys(df.loc[df["name"] == name, "id"])),
+                "paper": {"fid": first.paper_fid, "cs": first.paper_cs},
+                "steps": {
+                    str(r.steps): {
+                        m: {
+                            "mean": getattr(r, f"{m}_mean"),
+                            "ci95": getattr(r, f"{m}_ci95"),
+                            "n": int(getattr(r, f"{m}_n")),
+                        }
+                        for m in ("fid", "align", *(k for k, _, _ in DIVERSITY_METRICS))
+                    }
+                    | {"nfe": r.nfe, "sec_per_1000": r.sec_per_1000}
+                    for r in g.itertuples()
+                },
+            }
+        )
     align = alignment_of(df)
-    return jsonable({"ablation": manifest.get("ablation"), "table": manifest.get("table"), "title": manifest.get("title"),
-                     "headline_steps": steps, "alignment_key": align, "alignment_name": ALIGNMENT_NAMES[align],
-                     "paper_metric_names": manifest.get("paper_metric_names") or {"fid": "FID", "cs": "CLIP score"},
-                     "cells": cells, "agreement": agreement, "provenance": provenance_summary(df)})
+    return jsonable(
+        {
+            "ablation": manifest.get("ablation"),
+            "table": manifest.get("table"),
+            "title": manifest.get("title"),
+            "headline_steps": steps,
+            "alignment_key": align,
+            "alignment_name": ALIGNMENT_NAMES[align],
+            "paper_metric_names": manifest.get("paper_metric_names") or {"fid": "FID", "cs": "CLIP score"},
+            "cells": cells,
+            "agreement": agreement,
+            "provenance": provenance_summary(df),
+        }
+    )
 
 
 def diversity_columns() -> list[str]:
@@ -631,8 +829,25 @@ def diversity_columns() -> list[str]:
 
 
 def headline_csv(head: pd.DataFrame, align: str) -> str:
-    cols = ["default", "name", "label", "steps", "status", "error", "n_seeds", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "div_mean", "div_ci95", *diversity_columns(), "paper_fid", "paper_cs"]
+    cols = [
+        "default",
+        "name",
+        "label",
+        "steps",
+        "status",
+        "error",
+        "n_seeds",
+        "fid_n",
+        "fid_mean",
+        "fid_ci95",
+        "align_mean",
+        "align_ci95",
+        "div_mean",
+        "div_ci95",
+        *diversity_columns(),
+        "paper_fid",
+        "paper_cs",
+    ]
     if per_row_steps(head):  # a method comparison: the cost of each row too
         cols += ["nfe", "sec_per_1000", "paper_time"]
     collapsed = (head["recall_mean"] < COLLAPSE_RECALL).where(head["recall_n"] > 0)  # NaN: not measured
@@ -640,8 +855,24 @@ def headline_csv(head: pd.DataFrame, align: str) -> str:
 
 
 def steps_csv(agg: pd.DataFrame, align: str) -> str:
-    cols = ["name", "label", "default", "steps", "status", "n_seeds", "nfe", "fid_n", "fid_mean", "fid_ci95",
-            "align_mean", "align_ci95", "div_mean", "div_ci95", *diversity_columns(), "sec_per_1000"]
+    cols = [
+        "name",
+        "label",
+        "default",
+        "steps",
+        "status",
+        "n_seeds",
+        "nfe",
+        "fid_n",
+        "fid_mean",
+        "fid_ci95",
+        "align_mean",
+        "align_ci95",
+        "div_mean",
+        "div_ci95",
+        *diversity_columns(),
+        "sec_per_1000",
+    ]
     return agg[cols].assign(align_key=align).to_csv(index=False, float_format="%.6g")
 
 
@@ -663,16 +894,16 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
         "table.tex": latex(head_df, manifest),
         "table.csv": headline_csv(head, align),
         "table_steps.md": f"# {table_title(manifest)}: every step count\n\nMean ± 95% CI over seeds; `*` = default row. "
-                          "See `table.md` for metric conventions and provenance.\n\n"
-                          + to_markdown(steps_df) + "\n",
+        "See `table.md` for metric conventions and provenance.\n\n" + to_markdown(steps_df) + "\n",
         "table_steps.csv": steps_csv(per_cell, align),
     }
     written = {}
     for name, text in texts.items():
         atomic_write_text(out / name, text)
         written[name] = out / name
-    written["fid_vs_alignment.png"] = plot_fid_vs_alignment(head, manifest, ALIGNMENT_NAMES[align],
-                                                            out / "fid_vs_alignment.png")
+    written["fid_vs_alignment.png"] = plot_fid_vs_alignment(
+        head, manifest, ALIGNMENT_NAMES[align], out / "fid_vs_alignment.png"
+    )
     written["fid_vs_steps.png"] = plot_fid_vs_steps(per_cell, manifest, out / "fid_vs_steps.png")
     written["samples.png"] = plot_samples(head, df, manifest, out.parent / "cells", out / "samples.png")
     atomic_write_json(out / "summary.json", summary(manifest, df, agg, steps, agreement))
@@ -697,16 +928,20 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num
     grid = np.zeros((num_classes * h, per_class * w, *images.shape[3:]), dtype=images.dtype)
     for c in range(num_classes):
         for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            grid[c * h:(c + 1) * h, j * w:(j + 1) * w] = images[i]
+            grid[c * h : (c + 1) * h, j * w : (j + 1) * w] = images[i]
     return grid
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.tables", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ablation_dirs", nargs="*", type=Path, help="ablation folders <root>/<ablation> with a cells.json")
-    p.add_argument("--report", action="store_true",
-                   help="write the findings document from every ablation under --results (add_bench.findings)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write the findings document from every ablation under --results (add_bench.findings)",
+    )
     p.add_argument("--results", type=Path, default=Path("results"), help="results root read by --report")
     p.add_argument("--report-out", type=Path, default=Path("docs/findings.md"), help="where --report writes")
     a = p.parse_args(argv)

@@ -20,6 +20,7 @@ Stable Diffusion folder with the student's UNet. A student and a teacher from di
 1e: SD2.1 student, SDXL teacher) meet in pixel space: the teacher encodes the student's decoded sample
 with its own VAE, is conditioned by its own text encoder(s), and its x0 prediction is decoded again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,12 +106,16 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.loss.adversarial and not cfg.loss.distillation:
         raise ConfigError("loss.adversarial=false and loss.distillation=false: at least one loss term is needed")
     if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
-        raise ConfigError(f"teacher.t_min={cfg.teacher.t_min}, teacher.t_max={cfg.teacher.t_max}: need 0 ≤ t_min < t_max ≤ 999")
+        raise ConfigError(
+            f"teacher.t_min={cfg.teacher.t_min}, teacher.t_max={cfg.teacher.t_max}: need 0 ≤ t_min < t_max ≤ 999"
+        )
     bad = [t for t in cfg.student.timesteps if not 0 <= t <= 999]
     if bad or not cfg.student.timesteps:
         raise ConfigError(f"student.timesteps={list(cfg.student.timesteps)}: need a non-empty list of values in 0..999")
     if cfg.loss.weighting == "nfsd" and cfg.teacher.steps != 1:
-        raise ConfigError(f"teacher.steps={cfg.teacher.steps} with loss.weighting=nfsd: NFSD is a one-evaluation score; use teacher.steps=1")
+        raise ConfigError(
+            f"teacher.steps={cfg.teacher.steps} with loss.weighting=nfsd: NFSD is a one-evaluation score; use teacher.steps=1"
+        )
     for s in cfg.eval_steps:
         check_positive(s, "eval_steps")
 
@@ -125,17 +130,25 @@ def build_networks(cfg: TrainConfig) -> Networks:
     t_card, s_card = read_card(t_folder), read_card(s_folder)
     schedule = schedule_from_card(t_card)
     if s_card["schedule"] != t_card["schedule"]:
-        raise ConfigError(f"student.network={cfg.student.network} and teacher.network={cfg.teacher.network} "
-                          "use different noise schedules")
+        raise ConfigError(
+            f"student.network={cfg.student.network} and teacher.network={cfg.teacher.network} "
+            "use different noise schedules"
+        )
     teacher = load_into(build_unet(t_card["unet"]), t_folder).eval().requires_grad_(False)
     student = build_unet(s_card["unet"])  # seeded by torch.manual_seed: random init is reproducible
     if cfg.student.init == "pretrained":
         load_into(student, s_folder)
     student.train()
     feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
-    return Networks(Denoiser(student, student_schedule(schedule, cfg), NUM_CLASSES),
-                    checkpoint.EMA(student, cfg.optim.ema_decay),
-                    Denoiser(teacher, schedule, NUM_CLASSES), feature_network, c_img_network, c_text, disc)
+    return Networks(
+        Denoiser(student, student_schedule(schedule, cfg), NUM_CLASSES),
+        checkpoint.EMA(student, cfg.optim.ema_decay),
+        Denoiser(teacher, schedule, NUM_CLASSES),
+        feature_network,
+        c_img_network,
+        c_text,
+        disc,
+    )
 
 
 def student_schedule(teacher_schedule: Schedule, cfg: TrainConfig) -> Schedule:
@@ -143,9 +156,11 @@ def student_schedule(teacher_schedule: Schedule, cfg: TrainConfig) -> Schedule:
     ``student.zero_terminal_snr`` (x_s at the top student step is pure noise, as at inference)."""
     force = cfg.student.zero_terminal_snr or teacher_schedule.cfg.force_zero_terminal_snr
     if force and teacher_schedule.prediction_type == "epsilon":
-        raise ConfigError(f"student.zero_terminal_snr=true with an ε-prediction teacher ({cfg.teacher.network}): "
-                          "x0 is undefined at α = 0; accepted: student.zero_terminal_snr=false, or a "
-                          "v_prediction / sample teacher")
+        raise ConfigError(
+            f"student.zero_terminal_snr=true with an ε-prediction teacher ({cfg.teacher.network}): "
+            "x0 is undefined at α = 0; accepted: student.zero_terminal_snr=false, or a "
+            "v_prediction / sample teacher"
+        )
     return Schedule(dataclasses.replace(teacher_schedule.cfg, force_zero_terminal_snr=force))
 
 
@@ -153,7 +168,9 @@ def class_discriminator_side(cfg: TrainConfig):
     """``discriminator_side`` of a class-conditional model: c_text is the (classes, E) table of the class
     prompts' embeddings from ``discriminator.c_text_network``."""
     d = cfg.discriminator
-    return discriminator_side(cfg, (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None)
+    return discriminator_side(
+        cfg, (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None
+    )
 
 
 def discriminator_side(cfg: TrainConfig, make_c_text):
@@ -168,8 +185,9 @@ def discriminator_side(cfg: TrainConfig, make_c_text):
         c_img_network = feature_network if same else build_feature_network(d.c_img_network, d.c_img_weights)
     c_text = make_c_text() if make_c_text is not None else None
     c_img_dim = c_img_network.cls_embedding(torch.zeros(1, 1, 28, 28)).shape[1] if c_img_network is not None else 0
-    disc = Discriminator(feature_network.dims, c_text.shape[1] if c_text is not None else 0, c_img_dim,
-                         d.c_text, d.c_img, d.cmap_dim)
+    disc = Discriminator(
+        feature_network.dims, c_text.shape[1] if c_text is not None else 0, c_img_dim, d.c_text, d.c_img, d.cmap_dim
+    )
     return feature_network, c_img_network, c_text, disc
 
 
@@ -182,15 +200,19 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     from add_bench.networks.sd import load_stable_diffusion
 
     if cfg.loss.weighting == "nfsd" and cfg.loss.nfsd_negative != "null":
-        raise ConfigError(f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
-                          "Diffusion teacher accepted: null")
+        raise ConfigError(
+            f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
+            "Diffusion teacher accepted: null"
+        )
     t_sd = load_stable_diffusion(t_folder)
     s_sd, teacher_sd = t_sd, None
     if s_folder.resolve() != t_folder.resolve():
         if cfg.loss.distillation and cfg.loss.space != "pixel":
-            raise ConfigError(f"student.network={s_folder} and teacher.network={t_folder} are different models: "
-                              f"they meet in pixel space, so loss.space={cfg.loss.space!r} is not possible; "
-                              "accepted: loss.space=pixel")
+            raise ConfigError(
+                f"student.network={s_folder} and teacher.network={t_folder} are different models: "
+                f"they meet in pixel space, so loss.space={cfg.loss.space!r} is not possible; "
+                "accepted: loss.space=pixel"
+            )
         s_sd, teacher_sd = load_stable_diffusion(s_folder), t_sd
     base = s_sd.unet
     student = copy.deepcopy(base) if cfg.student.init == "pretrained" else type(base).from_config(base.config)
@@ -198,10 +220,20 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     d = cfg.discriminator
     text_encoder = build_text_encoder(d.c_text_network, d.c_text_weights) if d.c_text else None
     feature_network, c_img_network, _, disc = discriminator_side(
-        cfg, (lambda: text_encoder(["a photo"])) if text_encoder is not None else None)
-    return Networks(s_sd.denoiser(student), checkpoint.EMA(student, cfg.optim.ema_decay), t_sd.denoiser(),
-                    feature_network, c_img_network, None, disc, sd=s_sd, text_encoder=text_encoder,
-                    teacher_sd=teacher_sd)
+        cfg, (lambda: text_encoder(["a photo"])) if text_encoder is not None else None
+    )
+    return Networks(
+        s_sd.denoiser(student),
+        checkpoint.EMA(student, cfg.optim.ema_decay),
+        t_sd.denoiser(),
+        feature_network,
+        c_img_network,
+        None,
+        disc,
+        sd=s_sd,
+        text_encoder=text_encoder,
+        teacher_sd=teacher_sd,
+    )
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -213,8 +245,9 @@ def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Te
     return torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=gen)
 
 
-def distillation_term(nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None,
-                      teacher_cond=None) -> torch.Tensor:
+def distillation_term(
+    nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None, teacher_cond=None
+) -> torch.Tensor:
     """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample. For a latent
     model with ``loss.space=pixel`` both x̂θ and x̂ψ are decoded first (``img_student``: x̂θ decoded).
     A teacher with its own VAE (``nets.teacher_sd``) sees sg(x̂θ) re-encoded into its latent space, is
@@ -271,9 +304,20 @@ def conditioning(nets: Networks, pixels: torch.Tensor, labels: torch.Tensor, c_t
     return c_text, c_img
 
 
-def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, step: int,
-             pixels: torch.Tensor | None = None, c_text: torch.Tensor | None = None,
-             teacher_cond: torch.Tensor | None = None, log_step: bool = False) -> dict[str, float]:
+def add_step(
+    nets: Networks,
+    cfg: TrainConfig,
+    x0,
+    labels,
+    gen,
+    opt_s,
+    opt_d,
+    step: int,
+    pixels: torch.Tensor | None = None,
+    c_text: torch.Tensor | None = None,
+    teacher_cond: torch.Tensor | None = None,
+    log_step: bool = False,
+) -> dict[str, float]:
     """One ADD iteration: a generator (student) update, then a discriminator update.
 
     ``log_step``: this step's row is written to the log, so it also carries the student's gradient norm
@@ -325,8 +369,9 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
 
     # ---- discriminator update: Eq. 3 (the fake features are those of this step's x̂θ, detached)
     if cfg.loss.adversarial:
-        _, fake_logits, d_log = discriminator_step(nets.feature_network, nets.discriminator, cfg, pixels,
-                                                   fake_features, c_text, c_img, gen, opt_d, step)
+        _, fake_logits, d_log = discriminator_step(
+            nets.feature_network, nets.discriminator, cfg, pixels, fake_features, c_text, c_img, gen, opt_d, step
+        )
         log.update(d_log)
         # how well D spots x̂θ per student timestep: at s = 999 the student sees no x0, at small s it
         # mostly copies x0, so the pooled d_acc alone hides whether the 1-step samples are caught
@@ -336,8 +381,18 @@ def add_step(nets: Networks, cfg: TrainConfig, x0, labels, gen, opt_s, opt_d, st
     return log
 
 
-def discriminator_step(feature_network, discriminator: Discriminator, cfg: TrainConfig, pixels, fake_features,
-                       c_text, c_img, gen, opt_d, step: int):
+def discriminator_step(
+    feature_network,
+    discriminator: Discriminator,
+    cfg: TrainConfig,
+    pixels,
+    fake_features,
+    c_text,
+    c_img,
+    gen,
+    opt_d,
+    step: int,
+):
     """One update of the heads D_φ,k by Eq. 3: hinge on F(aug(x0)) against ``fake_features`` (detached here),
     plus γ·R1 on the real features every ``discriminator.r1_every`` steps (lazy R1: γ scaled by the interval).
     Real and fake share the conditioning (c_text, c_img). Returns (real logits, fake logits, log entries)."""
@@ -358,9 +413,17 @@ def discriminator_step(feature_network, discriminator: Discriminator, cfg: Train
     opt_d.step()
     real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
     fake_mean = torch.stack([f.mean() for f in fake_logits]).mean().item()
-    log.update(loss_d=loss_hinge.item(), loss_r1=loss_r1.item(), d_real=real_mean, d_fake=fake_mean,
-               d_acc=0.5 * (torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
-                            + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()))
+    log.update(
+        loss_d=loss_hinge.item(),
+        loss_r1=loss_r1.item(),
+        d_real=real_mean,
+        d_fake=fake_mean,
+        d_acc=0.5
+        * (
+            torch.cat([r.flatten() for r in real_logits]).gt(0).float().mean().item()
+            + torch.cat([f.flatten() for f in fake_logits]).lt(0).float().mean().item()
+        ),
+    )
     return real_logits, fake_logits, log
 
 
@@ -369,8 +432,9 @@ def r1_due(cfg: TrainConfig, step: int) -> bool:
     return step % cfg.discriminator.r1_every == 0
 
 
-def term_gradient_norms(student: torch.nn.Module, loss_adv: torch.Tensor | None,
-                        weighted_distill: torch.Tensor | None) -> dict[str, float]:
+def term_gradient_norms(
+    student: torch.nn.Module, loss_adv: torch.Tensor | None, weighted_distill: torch.Tensor | None
+) -> dict[str, float]:
     """The student's gradient norm from L_adv^G alone and from λ·L_distill alone (0 for an absent term),
     and their ratio adv/distill (left out when the distillation gradient is 0: λ = 0 or no L_distill).
     Each gradient is taken with the graph kept and without touching ``.grad``, so the combined backward
@@ -401,21 +465,26 @@ def clip(module: torch.nn.Module, max_norm: float) -> float:
 
 def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(loss):
-        raise TrainingDiverged(f"{what} is {loss.item()} at step {step}; the last good checkpoint is kept; "
-                               "lower optim.student_lr / optim.discriminator_lr or enable gradient clipping")
+        raise TrainingDiverged(
+            f"{what} is {loss.item()} at step {step}; the last good checkpoint is kept; "
+            "lower optim.student_lr / optim.discriminator_lr or enable gradient clipping"
+        )
 
 
 # ------------------------------------------------------------------------------------ the loop
 def optimisers(nets: Networks, cfg: TrainConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam for the student and for the discriminator heads, from ``cfg.optim``."""
-    return (adam(nets.student.unet.parameters(), cfg.optim.student_lr, cfg),
-            adam(nets.discriminator.parameters(), cfg.optim.discriminator_lr, cfg))
+    return (
+        adam(nets.student.unet.parameters(), cfg.optim.student_lr, cfg),
+        adam(nets.discriminator.parameters(), cfg.optim.discriminator_lr, cfg),
+    )
 
 
 def adam(params, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam with ``cfg.optim``'s betas and weight decay, at this network's learning rate."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(float(b) for b in cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay)
+    return torch.optim.Adam(
+        params, lr=lr, betas=tuple(float(b) for b in cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
 
 
 def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
@@ -435,11 +504,17 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     nets = build_networks(cfg).to(device)
     data = training_data(cfg, nets)
     opt_s, opt_d = optimisers(nets, cfg)
-    objects = {"student": nets.student.unet, "ema": nets.ema, "discriminator": nets.discriminator,
-               "opt_student": opt_s, "opt_discriminator": opt_d}
+    objects = {
+        "student": nets.student.unet,
+        "ema": nets.ema,
+        "discriminator": nets.discriminator,
+        "opt_student": opt_s,
+        "opt_discriminator": opt_d,
+    }
     run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True,
-               disable=not (progress and procs.is_writer))
+    bar = tqdm(
+        total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True, disable=not (progress and procs.is_writer)
+    )
     o = cfg.optim
     last_r1: dict[str, float] = {}
     while not run.done:
@@ -448,14 +523,17 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
                 g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x0, cond, extra = to_device(data.batch(idx, gen), device)
-        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, log_step=is_log_step(cfg, run.step + 1),
-                       **extra)
+        row = add_step(
+            nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, log_step=is_log_step(cfg, run.step + 1), **extra
+        )
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         if "loss_r1" in row and r1_due(cfg, run.step):
             last_r1 = {"loss_r1": row["loss_r1"], "r1_step": run.step + 1}
         run.step += 1
         bar.update(1)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row})
+        bar.set_postfix(
+            {k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row}
+        )
         if procs.world > 1 and (run.step % cfg.ckpt_every == 0 or run.done):
             distributed.check_in_sync(run.step, student=nets.student.unet, discriminator=nets.discriminator)
         if is_log_step(cfg, run.step):
@@ -550,9 +628,15 @@ def export_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, ste
         return export_sd_student(nets, cfg, out, wall, step)
     s_card = read_card(resolve_weights(cfg.student.network))
     card = {
-        "kind": "student", "name": out.parent.name, "unet": s_card["unet"], "schedule": to_dict(nets.student.schedule.cfg),
-        "null_label": NUM_CLASSES, "student_timesteps": list(cfg.student.timesteps),  # the ADD sampler's τ
-        "weights": "EMA, fp32", "steps": step, "train_wall_time_s": round(wall, 1),
+        "kind": "student",
+        "name": out.parent.name,
+        "unet": s_card["unet"],
+        "schedule": to_dict(nets.student.schedule.cfg),
+        "null_label": NUM_CLASSES,
+        "student_timesteps": list(cfg.student.timesteps),  # the ADD sampler's τ
+        "weights": "EMA, fp32",
+        "steps": step,
+        "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),
     }
     save_weights(out, nets.ema.module, card, fp16=False)
@@ -581,19 +665,28 @@ def export_sd_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, 
             shutil.copytree(item, tmp / item.name)
         else:
             shutil.copy2(item, tmp / item.name)
-    atomic_write_json(tmp / "card.json", {
-        "kind": "student", "name": out.parent.name, "teacher": str((nets.teacher_sd or nets.sd).folder.resolve()),
-        "student_base": str(src), "weights": "EMA, fp32", "steps": step,
-        "train_wall_time_s": round(wall, 1),
-        "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train")})
+    atomic_write_json(
+        tmp / "card.json",
+        {
+            "kind": "student",
+            "name": out.parent.name,
+            "teacher": str((nets.teacher_sd or nets.sd).folder.resolve()),
+            "student_base": str(src),
+            "weights": "EMA, fp32",
+            "steps": step,
+            "train_wall_time_s": round(wall, 1),
+            "provenance": provenance(cfg, cfg.seed, wall, command="python -m add_bench.train"),
+        },
+    )
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m add_bench.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("args", nargs="*", help="an optional YAML config, then key=value overrides")
     p.add_argument("--workdir", default=None, help="work folder (default runs/train)")
     p.add_argument("--budget-minutes", type=float, default=0)

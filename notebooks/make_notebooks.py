@@ -5,6 +5,7 @@
 Each notebook reads the results root from ``ADD_BENCH_RESULTS`` (default: the repository's ``results/``)
 and runs to the end when there is nothing there yet, printing what to run first.
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,7 +45,9 @@ For every ablation folder under the results root (`<root>/<ablation>/cells.json`
 (`add_bench.tables.write_tables`), shows them, and then asks across ablations: **do our cells rank in the
 same order as the paper's?** Our numbers (FID and alignment on Fashion-MNIST-scale models, or FID / CLIP
 score on the cluster scale) are not comparable in value to the paper's COCO numbers, only in direction."""),
-    new_code_cell(SETUP + '''
+    new_code_cell(
+        SETUP
+        + """
 
 from add_bench.tables import ablation_dirs, write_tables
 
@@ -52,9 +55,10 @@ FOLDERS = ablation_dirs(ROOT)
 if not FOLDERS:
     print(f"no results under {ROOT} yet; run python -m add_bench.sweep ablations/table1.yaml --out {ROOT}")
 else:
-    print("ablations:", ", ".join(f.name for f in FOLDERS))'''),
+    print("ablations:", ", ".join(f.name for f in FOLDERS))"""
+    ),
     new_markdown_cell("## Each ablation: table (1 step) and plots"),
-    new_code_cell('''\
+    new_code_cell("""\
 from IPython.display import Image, Markdown, display
 
 summaries = {}
@@ -63,14 +67,14 @@ for folder in FOLDERS:
     display(Markdown((folder / "table.md").read_text()))
     for png in ("fid_vs_alignment.png", "fid_vs_steps.png"):
         display(Image(filename=str(folder / png)))
-    summaries[folder.name] = json.loads((folder / "summary.json").read_text())'''),
+    summaries[folder.name] = json.loads((folder / "summary.json").read_text())"""),
     new_markdown_cell("""\
 ## Ours vs the paper: same ranking?
 
 Per ablation, over the cells that have both our number and the paper's (at the headline step count):
 Kendall τ between our FID and the paper's FID (1 = same order, −1 = reversed), the same for our alignment
 vs the paper's CLIP score, and every pair of cells with the direction in the paper and in ours."""),
-    new_code_cell('''\
+    new_code_cell("""\
 import pandas as pd
 
 
@@ -87,7 +91,7 @@ if summaries:
     pairs = pd.DataFrame([{"ablation": n, **p} for n, s in summaries.items() for p in s["agreement"]["pairs"]])
     display(pairs if len(pairs) else "no pair of finished cells with paper numbers yet")
 else:
-    print("nothing to compare yet")'''),
+    print("nothing to compare yet")"""),
     new_code_cell('''\
 import matplotlib.pyplot as plt
 
@@ -135,7 +139,9 @@ FID against the number of network evaluations (NFE) for the DDIM teacher baselin
 the ablation folders (one curve per distinct default cell; ADD sampling costs one NFE per step). The
 paper's Table 2 is given below for reference: its numbers are the paper's (SD1.5-scale models, COCO),
 not ours."""),
-    new_code_cell(SETUP + '''
+    new_code_cell(
+        SETUP
+        + """
 
 import pandas as pd
 from IPython.display import display
@@ -147,7 +153,8 @@ teacher = pd.read_csv(teacher_csv) if teacher_csv.is_file() else None
 if teacher is None:
     print(f"no teacher baseline at {teacher_csv} yet; run python -m add_bench.baseline --out {ROOT / 'teacher'}")
 else:
-    display(teacher)'''),
+    display(teacher)"""
+    ),
     new_code_cell('''\
 def student_curves(root: Path) -> dict[str, pd.DataFrame]:
     """Aggregated step curves of the default cells, one per distinct set of cell ids (ablations share it)."""
@@ -179,7 +186,7 @@ for name, agg in students.items():
 `python -m add_bench.sweep ablations/methods.yaml` runs the teacher with DDIM and DPM-Solver, progressive
 distillation (guided) and ADD with the same teacher, data, evaluation network and seeds; each row at its own
 step count, with its network evaluations per sample (NFE) and sampling seconds per 1000 samples on the CPU."""),
-    new_code_cell('''\
+    new_code_cell("""\
 methods_csv = ROOT / "methods" / "table.csv"
 methods = pd.read_csv(methods_csv) if methods_csv.is_file() else None
 if methods is None:
@@ -188,7 +195,7 @@ else:
     shown = [c for c in ("label", "steps", "nfe", "sec_per_1000", "fid_mean", "fid_ci95", "align_mean", "align_ci95",
                          "recall_mean", "coverage_mean", "collapsed", "n_seeds", "status", "paper_fid", "paper_cs",
                          "paper_time") if c in methods]  # recall, coverage: absent from tables written before them
-    display(methods[shown])'''),
+    display(methods[shown])"""),
     new_markdown_cell("## FID vs NFE"),
     new_code_cell('''\
 import matplotlib.pyplot as plt
@@ -253,7 +260,9 @@ SAMPLES = [
 
 For each ablation, one sample grid per cell (first seed with `samples.npz`) and step count: one row per
 class, 10 samples each, as written by the sweep (`<root>/cells/<id>/samples.npz`)."""),
-    new_code_cell(SETUP + '''
+    new_code_cell(
+        SETUP
+        + """
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -262,7 +271,8 @@ from add_bench.tables import ablation_dirs, read_manifest, sample_grid
 
 FOLDERS = ablation_dirs(ROOT)
 if not FOLDERS:
-    print(f"no results under {ROOT} yet; run python -m add_bench.sweep ablations/table1.yaml --out {ROOT}")'''),
+    print(f"no results under {ROOT} yet; run python -m add_bench.sweep ablations/table1.yaml --out {ROOT}")"""
+    ),
     new_code_cell('''\
 def cells_with_samples(folder: Path, manifest: dict) -> dict[str, tuple[dict, Path]]:
     """Cell name → (manifest entry, samples.npz) of its first seed that has samples."""

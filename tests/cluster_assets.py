@@ -8,6 +8,7 @@
 * ``save_fake_inception``: a torchscript file with clean-fid's Inception interface;
 * ``save_tiny_open_clip``: random open_clip ViT-S-32 weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,24 +41,48 @@ def tiny_tokenizer(folder: Path, max_length: int):
 def tiny_text_config(n_vocab: int, max_length: int, hidden: int = 32):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=max_length, projection_dim=32,
-                          bos_token_id=n_vocab - 2, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
+    return CLIPTextConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        projection_dim=32,
+        bos_token_id=n_vocab - 2,
+        eos_token_id=n_vocab - 1,
+        pad_token_id=n_vocab - 1,
+    )
 
 
 def tiny_vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                         norm_num_groups=8, sample_size=16, scaling_factor=scaling_factor)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+    )
 
 
 def tiny_scheduler(prediction_type: str):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def save_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int = 0, max_length: int = 16) -> Path:
@@ -70,17 +95,37 @@ def save_tiny_sd(folder: Path, prediction_type: str = "v_prediction", seed: int 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer.get_vocab()), max_length))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=tiny_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
 
 
-def save_tiny_sdxl(folder: Path, prediction_type: str = "epsilon", seed: int = 0, max_length: int = 16,
-                   force_zeros_for_empty_prompt: bool = True) -> Path:
+def save_tiny_sdxl(
+    folder: Path,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    max_length: int = 16,
+    force_zeros_for_empty_prompt: bool = True,
+) -> Path:
     """SDXL base layout: two text encoders (32-d hidden each; the second with a 32-d pooled projection),
     a UNet with ``addition_embed_type='text_time'`` (pooled 32 + 6 size ids × 8), cross-attention on
     the 64-d concatenation, SDXL's VAE scaling factor."""
@@ -94,15 +139,32 @@ def save_tiny_sdxl(folder: Path, prediction_type: str = "epsilon", seed: int = 0
     text_encoder = CLIPTextModel(tiny_text_config(n, max_length))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(n, max_length))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
-        transformer_layers_per_block=(1, 2))
-    StableDiffusionXLPipeline(vae=tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                              tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                              scheduler=tiny_scheduler(prediction_type),
-                              force_zeros_for_empty_prompt=force_zeros_for_empty_prompt).save_pretrained(folder)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        transformer_layers_per_block=(1, 2),
+    )
+    StableDiffusionXLPipeline(
+        vae=tiny_vae(0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(prediction_type),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+    ).save_pretrained(folder)
     return folder
 
 

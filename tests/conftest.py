@@ -1,4 +1,5 @@
 """Shared fixtures: tiny Fashion-MNIST-format IDX files written by the tests (no network, no real data)."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,10 +27,12 @@ def make_fake_fashion_mnist(folder: Path, n_train: int = 300, n_test: int = 100,
     for split, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % 10
         yy, xx = np.mgrid[:28, :28]
-        images = np.stack([
-            255 * np.exp(-(((yy - 6 - 1.5 * c) ** 2) + (xx - 14) ** 2) / 30.0) + rng.normal(0, 10, (28, 28))
-            for c in labels
-        ]).clip(0, 255)
+        images = np.stack(
+            [
+                255 * np.exp(-(((yy - 6 - 1.5 * c) ** 2) + (xx - 14) ** 2) / 30.0) + rng.normal(0, 10, (28, 28))
+                for c in labels
+            ]
+        ).clip(0, 255)
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
     return folder
@@ -38,7 +41,6 @@ def make_fake_fashion_mnist(folder: Path, n_train: int = 300, n_test: int = 100,
 @pytest.fixture(scope="session")
 def fake_data(tmp_path_factory) -> Path:
     return make_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
-
 
 
 @pytest.fixture(scope="session")
@@ -55,33 +57,58 @@ def tiny_assets(tmp_path_factory, fake_data) -> dict[str, str]:
     root = tmp_path_factory.mktemp("assets")
     torch.manual_seed(0)
     teacher = root / "teacher_tiny"
-    save_weights(teacher, build_unet("tiny"), {
-        "kind": "teacher", "unet": unet_config("tiny"), "schedule": to_dict(ScheduleConfig()), "null_label": 10},
-        fp16=False)
+    save_weights(
+        teacher,
+        build_unet("tiny"),
+        {"kind": "teacher", "unet": unet_config("tiny"), "schedule": to_dict(ScheduleConfig()), "null_label": 10},
+        fp16=False,
+    )
     arch = dict(FEATURE_NETWORKS["clip_s"].arch)
     clip = root / "clip_tiny"
     vocab = prompt_vocab(PROMPTS)
-    save_weights(clip, ClipS(arch, vocab, 16), {"kind": "featnet", "objective": "clip", "arch": arch,
-                                                "vocab": vocab, "clip_embed_dim": 16}, fp16=False)
+    save_weights(
+        clip,
+        ClipS(arch, vocab, 16),
+        {"kind": "featnet", "objective": "clip", "arch": arch, "vocab": vocab, "clip_embed_dim": 16},
+        fp16=False,
+    )
     from add_bench.networks.evalnet import EmbedNet, EvalNet
 
     evalnet = root / "evalnet_tiny"
     save_weights(evalnet, EvalNet().eval(), {"kind": "evalnet"}, fp16=False)
     evalnet_ssl = root / "evalnet_ssl_tiny"
     save_weights(evalnet_ssl, EmbedNet(4).eval(), {"kind": "evalnet_ssl", "width": 4}, fp16=False)
-    return {"teacher": str(teacher), "clip": str(clip), "data": str(fake_data), "evalnet": str(evalnet),
-            "evalnet_ssl": str(evalnet_ssl)}
+    return {
+        "teacher": str(teacher),
+        "clip": str(clip),
+        "data": str(fake_data),
+        "evalnet": str(evalnet),
+        "evalnet_ssl": str(evalnet_ssl),
+    }
 
 
 def tiny_train_overrides(assets: dict[str, str], **extra) -> list[str]:
     base = {
-        "steps": 4, "batch_size": 8, "ckpt_every": 2, "log_every": 1, "threads": 1,
-        "student.network": assets["teacher"], "teacher.network": assets["teacher"],
-        "feature_network.name": "random", "discriminator.c_img_network": "random",
+        "steps": 4,
+        "batch_size": 8,
+        "ckpt_every": 2,
+        "log_every": 1,
+        "threads": 1,
+        "student.network": assets["teacher"],
+        "teacher.network": assets["teacher"],
+        "feature_network.name": "random",
+        "discriminator.c_img_network": "random",
         "discriminator.c_text_weights": assets["clip"],
-        "data.root": assets["data"], "data.val_size": 50, "data.download": False,
-        "optim.warmup_steps": 2, "eval.num_samples": 60, "eval.batch_size": 30,
-        "eval.evalnet": assets["evalnet"], "eval.evalnet_ssl": assets["evalnet_ssl"], "eval.data.root": assets["data"], "eval.data.download": False,
+        "data.root": assets["data"],
+        "data.val_size": 50,
+        "data.download": False,
+        "optim.warmup_steps": 2,
+        "eval.num_samples": 60,
+        "eval.batch_size": 30,
+        "eval.evalnet": assets["evalnet"],
+        "eval.evalnet_ssl": assets["evalnet_ssl"],
+        "eval.data.root": assets["data"],
+        "eval.data.download": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,4 +1,5 @@
 """The teacher baseline command: rows cached per setting, the table covers every teacher measured so far."""
+
 import json
 import shutil
 
@@ -11,9 +12,18 @@ from add_bench.config import EvalConfig, load
 
 
 def eval_cfg(assets):
-    return load(EvalConfig, overrides=[f"evalnet={assets['evalnet']}", f"evalnet_ssl={assets['evalnet_ssl']}",
-                                       f"data.root={assets['data']}", "data.val_size=50", "data.download=false",
-                                       "num_samples=60", "batch_size=30"])
+    return load(
+        EvalConfig,
+        overrides=[
+            f"evalnet={assets['evalnet']}",
+            f"evalnet_ssl={assets['evalnet_ssl']}",
+            f"data.root={assets['data']}",
+            "data.val_size=50",
+            "data.download=false",
+            "num_samples=60",
+            "batch_size=30",
+        ],
+    )
 
 
 def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkeypatch):
@@ -56,9 +66,19 @@ def test_a_stored_search_whose_best_lies_on_the_edge_is_extended(tiny_assets, tm
     cfg, a = eval_cfg(tiny_assets), tiny_assets["teacher"]
     path = tmp_path / "search.json"
     earlier = {"wall_time_s": 5.0, "git_commit": "0" * 40}
-    path.write_text(json.dumps({"teacher": a, "steps": 50, "num_samples": 10, "seed": cfg.seed + 1,
-                                "val_fid": {"1.5": 0.0, "2.0": 1.0, "3.0": 2.0}, "best_cfg_scale": 1.5,
-                                "provenance": earlier}))
+    path.write_text(
+        json.dumps(
+            {
+                "teacher": a,
+                "steps": 50,
+                "num_samples": 10,
+                "seed": cfg.seed + 1,
+                "val_fid": {"1.5": 0.0, "2.0": 1.0, "3.0": 2.0},
+                "best_cfg_scale": 1.5,
+                "provenance": earlier,
+            }
+        )
+    )
     search = baseline.stored_cfg_search(path, a, cfg, 10)
     # only 1.25 is measured (1.5's FID of 0 cannot be beaten, and 1.5 is then inside the grid)
     assert list(search["val_fid"]) == ["1.5", "2.0", "3.0", "1.25"]

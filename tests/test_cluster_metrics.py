@@ -1,5 +1,6 @@
 """Cluster-scale metrics load weights from a local path (hubs are offline): tested with random-weight
 stand-ins saved in the real formats (a torchscript Inception with clean-fid's interface; open_clip)."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """COCO 2017 captions reader (cluster scale) on a tiny COCO-layout folder the test writes."""
+
 import numpy as np
 import pytest
 from cluster_assets import write_coco

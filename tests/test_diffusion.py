@@ -111,15 +111,19 @@ def test_ddim_step_matches_diffusers_step_by_step(schedule, denoiser, steps):
         ours = ddim_step(pred.x0, pred.eps, a_next, s_next)
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
         x = ref
-    torch.testing.assert_close(sample_ddim(denoiser, torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(steps)),
-                                           labels, steps), x)
+    torch.testing.assert_close(
+        sample_ddim(denoiser, torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(steps)), labels, steps),
+        x,
+    )
 
 
 def test_cfg_combines_cond_and_uncond(schedule, denoiser):
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor(500), torch.tensor([3, 4])
     cond = denoiser.model_output(x, t, y)
     unc = denoiser.model_output(x, t, torch.tensor([10, 10]))
-    torch.testing.assert_close(denoiser.model_output(x, t, y, cfg_scale=3.0), unc + 3.0 * (cond - unc), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        denoiser.model_output(x, t, y, cfg_scale=3.0), unc + 3.0 * (cond - unc), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_add_sampler_renoises_at_student_timesteps(schedule):

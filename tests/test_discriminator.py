@@ -1,5 +1,6 @@
 """Discriminator heads (spectral norm, local batch norm, residual, projection conditioning, R1 on the
 head inputs) and DiffAugment (identity, reproducible, differentiable, the shifts it claims)."""
+
 import math
 
 import pytest
@@ -76,8 +77,9 @@ def test_projection_conditioning_is_sum_of_out_times_cmap_over_sqrt_64():
     assert torch.allclose(head(x, c), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_text,use_img,c_dim", [(False, False, 0), (True, False, 16), (False, True, 24),
-                                                     (True, True, 40)])
+@pytest.mark.parametrize(
+    "use_text,use_img,c_dim", [(False, False, 0), (True, False, 16), (False, True, 24), (True, True, 40)]
+)
 def test_conditioning_switches_set_the_cmapper_inputs(use_text, use_img, c_dim):
     d = Discriminator([32, 48], c_text_dim=16, c_img_dim=24, use_c_text=use_text, use_c_img=use_img)
     assert d.c_dim == c_dim
@@ -111,7 +113,10 @@ def test_r1_penalty_on_head_inputs_backpropagates_into_the_heads():
 def test_diffaugment_policy_empty_is_identity_and_unknown_fails():
     x = randn(4, 1, 28, 28)
     assert torch.equal(diff_augment(x, ""), x)
-    with pytest.raises(ConfigError, match=r"diffaug policy='flip': unknown; accepted: color, cutout, cutout_edge, translation, translation_edge"):
+    with pytest.raises(
+        ConfigError,
+        match=r"diffaug policy='flip': unknown; accepted: color, cutout, cutout_edge, translation, translation_edge",
+    ):
         diff_augment(x, "color,flip")
 
 
@@ -132,8 +137,12 @@ def test_translation_shifts_each_image_by_at_most_an_eighth():
     pad = torch.nn.functional.pad(x, (4, 4, 4, 4))  # 28 · 0.125 = 3.5 → shifts in -4..4, zero fill
     shifts = []
     for i in range(8):
-        match = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
-                 if torch.equal(out[i], pad[i, :, 4 + dy:32 + dy, 4 + dx:32 + dx])]
+        match = [
+            (dy, dx)
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.equal(out[i], pad[i, :, 4 + dy : 32 + dy, 4 + dx : 32 + dx])
+        ]
         assert len(match) == 1
         shifts.append(match[0])
     assert len(set(shifts)) > 1
@@ -155,8 +164,12 @@ def test_edge_fills_use_the_image_edge_not_mid_gray():
     edge = AUGMENTS["translation_edge"](x, torch.Generator().manual_seed(0))  # the same shifts
     pad = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate")
     for i in range(8):
-        match = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
-                 if torch.equal(edge[i], pad[i, :, 4 + dy:32 + dy, 4 + dx:32 + dx])]
+        match = [
+            (dy, dx)
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+            if torch.equal(edge[i], pad[i, :, 4 + dy : 32 + dy, 4 + dx : 32 + dx])
+        ]
         assert len(match) == 1
     moved = (zero == 0) & (edge != 0)
     assert moved.any()  # somewhere the zero fill and the edge fill differ

@@ -1,4 +1,5 @@
 """The discriminator probe: fresh heads trained against a frozen generator's samples."""
+
 from __future__ import annotations
 
 import json
@@ -33,17 +34,35 @@ def test_paired_real_images_share_the_class_and_are_distinct():
 
 def test_probe_command_writes_curves_and_tables(tiny_assets, tmp_path, capsys):
     out = tmp_path / "probe"
-    args = [tiny_assets["teacher"], "--samples", "120", "--held-out", "40", "--steps", "30", "--eval-every", "10",
-            "--out", str(out), "--variant", "discriminator.augment=color,translation,cutout",
-            "--variant", "discriminator.augment=''",
-            *tiny_train_overrides(tiny_assets, batch_size=16, threads=1)]
+    args = [
+        tiny_assets["teacher"],
+        "--samples",
+        "120",
+        "--held-out",
+        "40",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--out",
+        str(out),
+        "--variant",
+        "discriminator.augment=color,translation,cutout",
+        "--variant",
+        "discriminator.augment=''",
+        *tiny_train_overrides(tiny_assets, batch_size=16, threads=1),
+    ]
     assert dp.main(args) == 0
     result = json.loads((out / "probe.json").read_text())
     assert result["sampler"] == "ddim" and result["train_pairs"] == 80
-    assert [r["variant"] for r in result["runs"]] == ["discriminator.augment=color,translation,cutout",
-                                                      "discriminator.augment=''"]
-    assert [r["resolved"] for r in result["runs"]] == [{"discriminator.augment": "color,translation,cutout"},
-                                                       {"discriminator.augment": ""}]
+    assert [r["variant"] for r in result["runs"]] == [
+        "discriminator.augment=color,translation,cutout",
+        "discriminator.augment=''",
+    ]
+    assert [r["resolved"] for r in result["runs"]] == [
+        {"discriminator.augment": "color,translation,cutout"},
+        {"discriminator.augment": ""},
+    ]
     for run in result["runs"]:
         assert [c["step"] for c in run["curve"]] == [0, 10, 20, 30]
         assert len(run["linear_probe_acc_per_level"]) == len(run["curve"][0]["acc_per_head"])

@@ -1,5 +1,6 @@
 """Data-parallel ADD over processes (add_bench.distributed), for real: two CPU processes joined by gloo,
 as torchrun or SLURM tasks would start them on GPUs (NCCL). Tiny embedded cells."""
+
 import json
 import os
 import socket
@@ -12,8 +13,17 @@ import torch.multiprocessing as mp
 from add_bench import checkpoint, distributed
 from add_bench.errors import ConfigError
 
-TINY = ["steps=4", "batch_size=8", "ckpt_every=2", "log_every=1", "threads=1", "device=cpu",
-        "optim.warmup_steps=1", "feature_network.name=random", "discriminator.c_img_network=random"]
+TINY = [
+    "steps=4",
+    "batch_size=8",
+    "ckpt_every=2",
+    "log_every=1",
+    "threads=1",
+    "device=cpu",
+    "optim.warmup_steps=1",
+    "feature_network.name=random",
+    "discriminator.c_img_network=random",
+]
 
 
 def free_port() -> int:
@@ -23,8 +33,9 @@ def free_port() -> int:
 
 
 def _process(rank: int, world: int, port: int, target: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         globals()[target](rank, *args)
     finally:

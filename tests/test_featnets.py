@@ -1,6 +1,7 @@
 """Feature networks: token features with the CLS token added, frozen weights with input gradients,
 local-file loading of the cluster networks (timm / open_clip) through the same code as in use,
 clear errors, and the embedded pre-training (exact resume, export, loading back)."""
+
 import json
 import math
 
@@ -109,8 +110,9 @@ def test_timm_vit_from_local_file_matches_the_original(tmp_path):
     pre = ((pre + 1) / 2 - mean[:, None, None]) / std[:, None, None]
     with torch.no_grad():
         cls = orig(pre)
-        last, inter = orig.forward_intermediates(pre, indices=[2, 5, 8, 11], return_prefix_tokens=True,
-                                                 output_fmt="NLC")
+        last, inter = orig.forward_intermediates(
+            pre, indices=[2, 5, 8, 11], return_prefix_tokens=True, output_fmt="NLC"
+        )
     assert torch.allclose(f.cls_embedding(x), cls, atol=1e-4)
     for got, (patch, prefix) in zip(feats[1:], inter):  # timm's 0-based block index i = our layer i + 1
         assert torch.allclose(got, (patch + prefix[:, :1]).transpose(1, 2), atol=1e-4)
@@ -162,15 +164,33 @@ def test_augmentation_and_objective_pieces():
     scale = torch.tensor(math.log(100))
     assert clip_loss(emb, emb, y, scale) < clip_loss(emb, emb, y.roll(1), scale)
     feats = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
-    assert knn_accuracy(feats, torch.tensor([0, 0, 1, 1]), torch.tensor([[1.0, 0.05], [0.05, 1.0]]),
-                        torch.tensor([0, 1]), k=2) == 1.0
+    assert (
+        knn_accuracy(
+            feats, torch.tensor([0, 0, 1, 1]), torch.tensor([[1.0, 0.05], [0.05, 1.0]]), torch.tensor([0, 1]), k=2
+        )
+        == 1.0
+    )
 
 
 def tiny(name, data, steps, **kw):
-    return load_featnet_config(name, overrides=[
-        f"steps={steps}", "batch_size=8", "warmup_steps=2", "ckpt_every=2", "log_every=1", "threads=1",
-        "knn_train=60", "local_crops=2", "freeze_last_layer_steps=1", f"data.root={data}", "data.val_size=50",
-        "data.download=false", *[f"{k}={v}" for k, v in kw.items()]])
+    return load_featnet_config(
+        name,
+        overrides=[
+            f"steps={steps}",
+            "batch_size=8",
+            "warmup_steps=2",
+            "ckpt_every=2",
+            "log_every=1",
+            "threads=1",
+            "knn_train=60",
+            "local_crops=2",
+            "freeze_last_layer_steps=1",
+            f"data.root={data}",
+            "data.val_size=50",
+            "data.download=false",
+            *[f"{k}={v}" for k, v in kw.items()],
+        ],
+    )
 
 
 @pytest.mark.parametrize("name", ["dino_s", "clip_s"])

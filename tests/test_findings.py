@@ -1,4 +1,5 @@
 """docs/findings.md is generated from results/ (add_bench.findings) and must be current."""
+
 import pandas as pd
 
 from add_bench import findings
@@ -6,8 +7,17 @@ from add_bench.provenance import REPO_ROOT
 
 
 def row(mean, ci, n, label="x", default=False, paper=None):
-    return pd.Series({"fid_mean": mean, "fid_ci95": ci, "fid_n": n, "label": label, "default": default,
-                      "paper_fid": paper, "status": "done"})
+    return pd.Series(
+        {
+            "fid_mean": mean,
+            "fid_ci95": ci,
+            "fid_n": n,
+            "label": label,
+            "default": default,
+            "paper_fid": paper,
+            "status": "done",
+        }
+    )
 
 
 def test_intervals_apart_needs_two_seeds_and_no_overlap():
@@ -17,11 +27,18 @@ def test_intervals_apart_needs_two_seeds_and_no_overlap():
 
 
 def test_rows_are_judged_against_the_default_row_and_the_papers_direction():
-    head = pd.DataFrame([row(15.0, 0.5, 3, "default", True, 20.0), row(20.0, 0.5, 3, "worse", paper=25.0),
-                         row(15.2, 2.0, 3, "same", paper=18.0)])
+    head = pd.DataFrame(
+        [
+            row(15.0, 0.5, 3, "default", True, 20.0),
+            row(20.0, 0.5, 3, "worse", paper=25.0),
+            row(15.2, 2.0, 3, "same", paper=18.0),
+        ]
+    )
     ab = findings.Ablation("a", {}, pd.DataFrame(), pd.DataFrame(), head, "align. prob")
     lines = findings.against_default(ab)
-    assert lines[0].startswith("- worse: FID 20.00 ± 0.50 against 15.00 ± 0.50: worse than the default, intervals apart; paper: worse")
+    assert lines[0].startswith(
+        "- worse: FID 20.00 ± 0.50 against 15.00 ± 0.50: worse than the default, intervals apart; paper: worse"
+    )
     assert lines[1].endswith("within seed noise of the default; paper: better")
 
 
@@ -31,6 +48,7 @@ def test_committed_findings_equal_what_the_report_command_writes(tmp_path, capsy
     out = tmp_path / "findings.md"
     assert main(["--report", "--results", str(REPO_ROOT / "results"), "--report-out", str(out)]) == 0
     assert out.read_text() == (REPO_ROOT / "docs" / "findings.md").read_text(), (
-        "docs/findings.md is out of date: run `python -m add_bench.tables --report`")
+        "docs/findings.md is out of date: run `python -m add_bench.tables --report`"
+    )
     assert main(["--report", "--results", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err

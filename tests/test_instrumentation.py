@@ -1,5 +1,6 @@
 """What the ADD log shows: the lazy R1 term on every row, the student's gradient norm from each term of
 Eq. 1 (L_adv^G, λ·L_distill) on logged steps without changing the update, and the training.png plot."""
+
 import json
 import math
 
@@ -52,10 +53,13 @@ def test_term_gradient_norms_leave_the_update_unchanged(tiny_assets):
     assert not any(k in plain for k in TERM_KEYS)  # steps that are not logged pay nothing
 
 
-@pytest.mark.parametrize("overrides, present, absent", [
-    ({"loss.distillation": False}, "grad_norm_student_adv", "grad_norm_student_distill"),
-    ({"loss.adversarial": False}, "grad_norm_student_distill", "grad_norm_student_adv"),
-])
+@pytest.mark.parametrize(
+    "overrides, present, absent",
+    [
+        ({"loss.distillation": False}, "grad_norm_student_adv", "grad_norm_student_distill"),
+        ({"loss.adversarial": False}, "grad_norm_student_distill", "grad_norm_student_adv"),
+    ],
+)
 def test_a_single_term_carries_the_whole_student_gradient(tiny_assets, overrides, present, absent):
     row, _ = one_step(tiny_assets, log_step=True, **overrides)
     assert row[present] == pytest.approx(row["grad_norm_student"], rel=1e-5)  # the combined norm, before clipping
@@ -90,7 +94,8 @@ def test_logged_rows_carry_lazy_r1_and_training_png_and_updates_match_sparse_log
     last = log_rows(tmp_path / "sparse")
     assert list(last) == [5]
     assert {k: v for k, v in last[5].items() if k != "wall_time_s"} == {
-        k: v for k, v in rows[5].items() if k != "wall_time_s"}
+        k: v for k, v in rows[5].items() if k != "wall_time_s"
+    }
 
 
 def test_a_failing_plot_warns_and_returns_none(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """The paper's equations, checked on values that can be computed by hand."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Table 2's methods: progressive distillation (equations, stages, resume), the teacher sampled as is,
 and a method-comparison sweep whose rows each report their own step count."""
+
 import json
 
 import pytest
@@ -41,11 +42,16 @@ def test_truncated_snr_weighting():
 
 
 def test_stage_plan_and_nested_timesteps(tiny_assets):
-    cfg = cfg_for(tiny_assets, **{"progressive.start_steps": 8, "progressive.guided_steps": 5,
-                                  "progressive.steps_per_stage": 3})
+    cfg = cfg_for(
+        tiny_assets, **{"progressive.start_steps": 8, "progressive.guided_steps": 5, "progressive.steps_per_stage": 3}
+    )
     plan = progressive.stages(cfg)
     assert [(s.name, s.student_steps, s.start, s.end) for s in plan] == [
-        ("guided", 8, 0, 5), ("halving", 4, 5, 8), ("halving", 2, 8, 11), ("halving", 1, 11, 14)]
+        ("guided", 8, 0, 5),
+        ("halving", 4, 5, 8),
+        ("halving", 2, 8, 11),
+        ("halving", 1, 11, 14),
+    ]
     schedule = Schedule(ScheduleConfig())
     t, mid, nxt = progressive.stage_timesteps(schedule, plan[1])
     assert t.tolist() == [999, 749, 499, 249] and mid.tolist() == [874, 624, 374, 124]
@@ -54,11 +60,14 @@ def test_stage_plan_and_nested_timesteps(tiny_assets):
     assert (t.tolist(), mid.tolist(), nxt.tolist()) == ([999], [499], [-1])
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"progressive.start_steps": 6}, "progressive.start_steps=6: must be a power of two"),
-    ({"eval_steps": [1, 3]}, r"eval_steps=\[1, 3\]: method=progressive has students for \[1, 2, 4, 8\]"),
-    ({"progressive.guided_steps": -1}, "progressive.guided_steps=-1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"progressive.start_steps": 6}, "progressive.start_steps=6: must be a power of two"),
+        ({"eval_steps": [1, 3]}, r"eval_steps=\[1, 3\]: method=progressive has students for \[1, 2, 4, 8\]"),
+        ({"progressive.guided_steps": -1}, "progressive.guided_steps=-1"),
+    ],
+)
 def test_progressive_config_errors(tiny_assets, override, message):
     from add_bench.methods import validate
 
@@ -67,10 +76,16 @@ def test_progressive_config_errors(tiny_assets, override, message):
         validate(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"method": "consistency"}, "method='consistency': unknown; accepted: add, progressive, teacher"),
-    ({"method": "teacher", "sampling.sampler": "euler"}, "sampling.sampler='euler': unknown; accepted: add, ddim, dpm_solver"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"method": "consistency"}, "method='consistency': unknown; accepted: add, progressive, teacher"),
+        (
+            {"method": "teacher", "sampling.sampler": "euler"},
+            "sampling.sampler='euler': unknown; accepted: add, ddim, dpm_solver",
+        ),
+    ],
+)
 def test_method_errors_name_the_key(tiny_assets, override, message):
     from add_bench.methods import validate
 
@@ -79,9 +94,19 @@ def test_method_errors_name_the_key(tiny_assets, override, message):
 
 
 def pd_cfg(assets):
-    return cfg_for(assets, method="progressive", batch_size=4, ckpt_every=1, eval_steps=[1, 2, 4],
-                   **{"progressive.start_steps": 4, "progressive.guided_steps": 2, "progressive.steps_per_stage": 2,
-                      "progressive.warmup_steps": 1})
+    return cfg_for(
+        assets,
+        method="progressive",
+        batch_size=4,
+        ckpt_every=1,
+        eval_steps=[1, 2, 4],
+        **{
+            "progressive.start_steps": 4,
+            "progressive.guided_steps": 2,
+            "progressive.steps_per_stage": 2,
+            "progressive.warmup_steps": 1,
+        },
+    )
 
 
 def test_progressive_run_exports_a_student_per_stage_and_each_learns_from_the_last(tiny_assets, tmp_path):
@@ -118,14 +143,36 @@ def test_a_method_comparison_sweep(tiny_assets, env):  # noqa: F811 (pytest fixt
     """Teacher rows (DDIM with CFG, DPM-Solver), progressive distillation and ADD in one ablation file,
     each row at its own step count; rows that share a config are one cell."""
     preset = tiny_preset(tiny_assets, env)
-    pd = {"method": "progressive", "eval_steps": [1, 2, 4], "progressive.start_steps": 4,
-          "progressive.guided_steps": 2, "progressive.steps_per_stage": 2, "progressive.warmup_steps": 1}
+    pd = {
+        "method": "progressive",
+        "eval_steps": [1, 2, 4],
+        "progressive.start_steps": 4,
+        "progressive.guided_steps": 2,
+        "progressive.steps_per_stage": 2,
+        "progressive.warmup_steps": 1,
+    }
     dpm = {"method": "teacher", "sampling.sampler": "dpm_solver", "eval_steps": [2, 4]}
     cells = [
-        {"name": "ddim", "label": "DDIM, CFG 2", "steps": 4,
-         "set": {"method": "teacher", "sampling.cfg_scale": 2.0, "eval_steps": [4]}},
-        {"name": "dpm4", "label": "DPM-Solver", "steps": 4, "paper": {"fid": 20.1, "cs": 0.318, "time": 0.88}, "set": dpm},
-        {"name": "dpm2", "label": "DPM-Solver", "steps": 2, "paper": {"fid": 31.7, "cs": 0.320, "time": 0.34}, "set": dpm},
+        {
+            "name": "ddim",
+            "label": "DDIM, CFG 2",
+            "steps": 4,
+            "set": {"method": "teacher", "sampling.cfg_scale": 2.0, "eval_steps": [4]},
+        },
+        {
+            "name": "dpm4",
+            "label": "DPM-Solver",
+            "steps": 4,
+            "paper": {"fid": 20.1, "cs": 0.318, "time": 0.88},
+            "set": dpm,
+        },
+        {
+            "name": "dpm2",
+            "label": "DPM-Solver",
+            "steps": 2,
+            "paper": {"fid": 31.7, "cs": 0.320, "time": 0.34},
+            "set": dpm,
+        },
         {"name": "pd1", "label": "PD", "steps": 1, "set": pd},
         {"name": "pd4", "label": "PD guided stage", "steps": 4, "set": pd},
         {"name": "add", "label": "ADD", "steps": 1, "default": True, "paper": {"fid": 19.7, "cs": 0.326, "time": 0.09}},
@@ -157,6 +204,8 @@ def test_a_method_comparison_sweep(tiny_assets, env):  # noqa: F811 (pytest fixt
 
 def test_a_row_step_count_must_be_evaluated(tiny_assets, env):  # noqa: F811 (pytest fixture)
     preset = tiny_preset(tiny_assets, env)
-    path = ablation_file(env, preset, cells=[{"name": "dpm", "steps": 8, "set": {"method": "teacher", "eval_steps": [4]}}])
+    path = ablation_file(
+        env, preset, cells=[{"name": "dpm", "steps": 8, "set": {"method": "teacher", "eval_steps": [4]}}]
+    )
     with pytest.raises(ConfigError, match=r"cells\[0\] \(dpm\): steps=8 is not among the cell's eval_steps=\[4\]"):
         sweep.load_ablations(path)

@@ -1,4 +1,5 @@
 """The metric sanity ladder, small: real Fashion-MNIST images and the shipped evaluation networks."""
+
 import json
 
 import pytest
@@ -7,7 +8,9 @@ from add_bench import metric_sanity, metrics
 from add_bench.config import EvalConfig, load
 from add_bench.data.fashion_mnist import DEBIAN_DIR
 
-pytestmark = pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh)")
+pytestmark = pytest.mark.skipif(
+    not DEBIAN_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,9 @@ def small_ladder(tmp_path_factory):
 def test_the_ladder_is_ordered_on_the_headline_metrics(small_ladder):
     _, result = small_ladder
     rows = {r["generator"]: r for r in result["rows"]}
-    chain = [rows["held-out real (val split)"]] + [rows[f"{n} real image{'s' * (n > 1)} per class, repeated"]
-                                                   for n in (20, 5, 2, 1)]
+    chain = [rows["held-out real (val split)"]] + [
+        rows[f"{n} real image{'s' * (n > 1)} per class, repeated"] for n in (20, 5, 2, 1)
+    ]
     coverage = [r["coverage@evalnet_ssl"] for r in chain]
     intra = [r["intra_fid@evalnet_ssl"] for r in chain]
     recall = [r["recall@evalnet_ssl"] for r in chain]

@@ -183,7 +183,7 @@ def test_fid_and_alignment_share_one_pass_of_the_evaluation_network(tiny_assets)
     feats, probs = scorer.features(images), scorer.probabilities(images)
     assert len(calls) == 3  # one pass: 3 batches of at most 7, shared by both
     with torch.no_grad():  # the same numbers as running the network for each, batch by batch
-        ref = [scorer.net(to_model_range(images[i:i + 7])).softmax(1).numpy() for i in range(0, 20, 7)]
+        ref = [scorer.net(to_model_range(images[i : i + 7])).softmax(1).numpy() for i in range(0, 20, 7)]
     assert np.array_equal(probs, np.concatenate(ref))
     assert feats.shape == (20, 128)
     before = len(calls)

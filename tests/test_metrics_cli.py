@@ -1,4 +1,5 @@
 """``python -m add_bench.metrics SAMPLES.npz``: scores an exported sample file; bad input fails in one line."""
+
 import json
 
 import numpy as np
@@ -8,8 +9,12 @@ from add_bench import metrics
 
 
 def cli_overrides(assets) -> list[str]:
-    return [f"evalnet={assets['evalnet']}", f"evalnet_ssl={assets['evalnet_ssl']}", f"data.root={assets['data']}",
-            "data.download=false"]
+    return [
+        f"evalnet={assets['evalnet']}",
+        f"evalnet_ssl={assets['evalnet_ssl']}",
+        f"data.root={assets['data']}",
+        "data.download=false",
+    ]
 
 
 def write_samples(path, images, labels):
@@ -28,19 +33,26 @@ def test_scores_an_exported_sample_file(tiny_assets, tmp_path, monkeypatch):
     out = tmp_path / "m.json"
     assert metrics.main([path, "--out", str(out), *cli_overrides(tiny_assets)]) == 0
     result = json.loads(out.read_text())
-    assert {"fid", "align_prob", "recall", "coverage", "precision", "density", "intra_fid", "recall_uncond"} <= set(result["row"])
+    assert {"fid", "align_prob", "recall", "coverage", "precision", "density", "intra_fid", "recall_uncond"} <= set(
+        result["row"]
+    )
     assert result["metric_features"]["recall"].startswith("evalnet_ssl")
     assert result["metric_features"]["fid"].startswith("evalnet:")
     assert result["provenance"]["command"].startswith("python -m add_bench.metrics")
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("shape", "images of shape (60, 32, 32); accepted: (N, 28, 28) uint8"),
-    ("nan", "NaN"),
-    ("few", "class 0 has 3 sample(s); k-NN metrics with k=5 need at least 6"),
-    ("metric", "metric 'recal': unknown; accepted: fid, alignment, diversity, prdc, intra_fid"),
-])
-def test_bad_input_is_one_clear_line_exit_2_and_nothing_written(tiny_assets, tmp_path, monkeypatch, capsys, case, needle):
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("shape", "images of shape (60, 32, 32); accepted: (N, 28, 28) uint8"),
+        ("nan", "NaN"),
+        ("few", "class 0 has 3 sample(s); k-NN metrics with k=5 need at least 6"),
+        ("metric", "metric 'recal': unknown; accepted: fid, alignment, diversity, prdc, intra_fid"),
+    ],
+)
+def test_bad_input_is_one_clear_line_exit_2_and_nothing_written(
+    tiny_assets, tmp_path, monkeypatch, capsys, case, needle
+):
     monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
     images, labels = good_images(60)
     args = []

@@ -1,4 +1,5 @@
 """The result notebooks run headless (nbclient) on an empty results root and on a fake sweep root."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,9 @@ def run_notebook(name: str, root, monkeypatch, kernel: str):
     monkeypatch.setenv("ADD_BENCH_RESULTS", str(root))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=120, kernel_name=kernel,
-                            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=120, kernel_name=kernel, resources={"metadata": {"path": str(NOTEBOOKS_DIR)}}
+    ).execute()
     outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
@@ -58,7 +60,8 @@ def test_notebooks_match_generator():
     for name in NAMES:
         on_disk = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
         assert json.loads(nbformat.writes(on_disk)) == json.loads(nbformat.writes(generator.build(name))), (
-            f"notebooks/{name}.ipynb is stale: run python notebooks/make_notebooks.py")
+            f"notebooks/{name}.ipynb is stale: run python notebooks/make_notebooks.py"
+        )
         assert not any(c.get("outputs") for c in on_disk.cells), f"{name}.ipynb is committed with outputs"
 
 

@@ -1,4 +1,5 @@
 """Checkpoint save/resume continues bit-exactly; bad checkpoints and configs fail with one clear line."""
+
 import pytest
 import torch
 
@@ -10,10 +11,23 @@ from add_bench.pretrain import main, pretrain_teacher
 
 
 def tiny_cfg(data, steps, **kw):
-    return load(TeacherPretrainConfig, overrides=[
-        "size=tiny", f"steps={steps}", "batch_size=8", "warmup_steps=2", "ckpt_every=3", "log_every=1",
-        "ema_warmup_steps=2", "threads=1", f"data.root={data}", "data.val_size=50", "data.download=false",
-        *[f"{k}={v}" for k, v in kw.items()]])
+    return load(
+        TeacherPretrainConfig,
+        overrides=[
+            "size=tiny",
+            f"steps={steps}",
+            "batch_size=8",
+            "warmup_steps=2",
+            "ckpt_every=3",
+            "log_every=1",
+            "ema_warmup_steps=2",
+            "threads=1",
+            f"data.root={data}",
+            "data.val_size=50",
+            "data.download=false",
+            *[f"{k}={v}" for k, v in kw.items()],
+        ],
+    )
 
 
 def test_resume_is_bit_exact(fake_data, tmp_path):
@@ -31,19 +45,34 @@ def test_resume_is_bit_exact(fake_data, tmp_path):
     for k, v in ca["objects"]["unet"].items():
         assert torch.equal(v, cb["objects"]["unet"][k]), k
     net = load_unet(full / "w")  # shipped weights load through the card
-    assert net(torch.randn(1, 1, 28, 28), torch.tensor([5]), class_labels=torch.tensor([10])).sample.shape == (1, 1, 28, 28)
+    assert net(torch.randn(1, 1, 28, 28), torch.tensor([5]), class_labels=torch.tensor([10])).sample.shape == (
+        1,
+        1,
+        28,
+        28,
+    )
 
 
 def test_card_records_the_command_with_its_overrides(fake_data, tmp_path):
     import json
 
-    overrides = ["size=tiny", "steps=2", "batch_size=4", "warmup_steps=1", "ema_warmup_steps=1", "threads=1",
-                 f"data.root={fake_data}", "data.val_size=50", "data.download=false"]
+    overrides = [
+        "size=tiny",
+        "steps=2",
+        "batch_size=4",
+        "warmup_steps=1",
+        "ema_warmup_steps=1",
+        "threads=1",
+        f"data.root={fake_data}",
+        "data.val_size=50",
+        "data.download=false",
+    ]
     assert main(["teacher", *overrides, "--name", "t x", f"--workdir={tmp_path}/w", f"--out={tmp_path}/o"]) == 0
     card = json.loads((tmp_path / "o" / "card.json").read_text())
     # the exact command line (shell-quoted) that re-makes these weights, overrides included
     assert card["provenance"]["command"] == (
-        "python -m add_bench.pretrain teacher " + " ".join(overrides) + " --name 't x'")
+        "python -m add_bench.pretrain teacher " + " ".join(overrides) + " --name 't x'"
+    )
     assert card["steps"] == 2 and card["provenance"]["config"]["steps"] == 2
 
 
@@ -76,6 +105,7 @@ def test_unknown_config_key_and_wrong_type():
         load(TeacherPretrainConfig, overrides=["steps=abc"])
     with pytest.raises(ConfigError, match=r"size='huge': unknown; accepted: large, small, tiny"):
         from add_bench.networks.unets import build_unet
+
         build_unet("huge")
 
 

@@ -1,4 +1,5 @@
 """Provenance names the code a process runs: the commit read at import, not HEAD when a result is written."""
+
 from add_bench import provenance as prov
 
 

@@ -1,5 +1,6 @@
 """Cluster scale: Stable Diffusion folders load through the suite's code and sample like diffusers' own
 pipeline (tiny random-weight models in the real on-disk layout; hubs are offline)."""
+
 import json
 import shutil
 
@@ -29,7 +30,12 @@ def test_schedule_from_the_folder_with_add_overrides(sd, v_folder):
     from diffusers import DDIMScheduler
 
     cfg = sd.schedule.cfg
-    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type) == ("scaled_linear", 0.00085, 0.012, "v_prediction")
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+        "v_prediction",
+    )
     assert sd.schedule.alphas_cumprod[-1] == 0 and sd.schedule.timesteps(4) == [999, 749, 499, 249]
     ref = DDIMScheduler.from_pretrained(v_folder, subfolder="scheduler", rescale_betas_zero_snr=True)
     torch.testing.assert_close(sd.schedule.alphas_cumprod.float(), ref.alphas_cumprod.float())
@@ -60,13 +66,22 @@ def test_ddim_equals_the_diffusers_pipeline(sd, v_folder, steps, cfg_scale):
     latents and prompt embeddings (guidance on the empty prompt)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(v_folder, local_files_only=True,
-                                                   scheduler=make_scheduler(sd.schedule.cfg))
+    pipe = StableDiffusionPipeline.from_pretrained(
+        v_folder, local_files_only=True, scheduler=make_scheduler(sd.schedule.cfg)
+    )
     noise = torch.randn((2, *sd.latent_shape(16)), generator=torch.Generator().manual_seed(0))
     cond = sd.encode_prompts(PROMPTS)
     ours = sample_ddim(sd.denoiser(), noise, cond, steps, cfg_scale)
-    ref = pipe(prompt_embeds=cond, negative_prompt_embeds=sd.denoiser().null_condition(cond), latents=noise.clone(),
-               num_inference_steps=steps, guidance_scale=cfg_scale, height=16, width=16, output_type="latent").images
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=sd.denoiser().null_condition(cond),
+        latents=noise.clone(),
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -97,7 +112,9 @@ def test_latents_and_pixels(sd):
 
 
 def test_bad_folders_name_the_file(tmp_path, v_folder):
-    with pytest.raises(CheckpointError, match=r"no_model: not a diffusers Stable Diffusion folder .*sd21 \(stabilityai"):
+    with pytest.raises(
+        CheckpointError, match=r"no_model: not a diffusers Stable Diffusion folder .*sd21 \(stabilityai"
+    ):
         load_stable_diffusion(tmp_path / "no_model")
     broken = tmp_path / "broken"
     shutil.copytree(v_folder, broken)
@@ -112,8 +129,13 @@ def test_bad_folders_name_the_file(tmp_path, v_folder):
 
 
 def test_schedule_config_reads_diffusers_keys():
-    cfg = schedule_config(json.loads('{"beta_schedule": "linear", "beta_start": 0.001, "beta_end": 0.03, '
-                                     '"prediction_type": "v_prediction", "num_train_timesteps": 500}'), True)
+    cfg = schedule_config(
+        json.loads(
+            '{"beta_schedule": "linear", "beta_start": 0.001, "beta_end": 0.03, '
+            '"prediction_type": "v_prediction", "num_train_timesteps": 500}'
+        ),
+        True,
+    )
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps) == ("linear", 0.001, 0.03, 500)
     assert cfg.rescale_betas_zero_snr and cfg.timestep_spacing == "trailing"
 
@@ -131,12 +153,33 @@ def test_evaluate_a_stable_diffusion_folder_with_cluster_metrics(v_folder, tmp_p
     coco_root = write_coco(tmp_path / "coco")
     monkeypatch.setenv("ADD_BENCH_INCEPTION", str(save_fake_inception(tmp_path / "inception")))
     monkeypatch.setenv("ADD_BENCH_CLIP", str(save_tiny_open_clip(tmp_path / "clip.pt")))
-    overrides = ["metrics=cluster", f"coco.root={coco_root}", "coco.resolution=16", "num_samples=4",
-                 "batch_size=3", "cluster.clip_model=ViT-S-32"]
+    overrides = [
+        "metrics=cluster",
+        f"coco.root={coco_root}",
+        "coco.resolution=16",
+        "num_samples=4",
+        "batch_size=3",
+        "cluster.clip_model=ViT-S-32",
+    ]
     out = tmp_path / "metrics.json"
     # one step count: each FID costs a 2048×2048 matrix square root (seconds on a CPU)
-    assert ev.main([str(v_folder), "--steps", "2", "--cfg-scale", "3", "--out", str(out),
-                    "--export-samples", str(tmp_path / "s.npz"), *overrides]) == 0
+    assert (
+        ev.main(
+            [
+                str(v_folder),
+                "--steps",
+                "2",
+                "--cfg-scale",
+                "3",
+                "--out",
+                str(out),
+                "--export-samples",
+                str(tmp_path / "s.npz"),
+                *overrides,
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["kind"] == "teacher" and len(result["rows"]) == 1
     row = result["rows"][0]
@@ -160,6 +203,19 @@ def test_evaluate_a_stable_diffusion_folder_needs_cluster_metrics_and_weights(v_
     assert ev.main([str(v_folder), "--steps", "1", "--out", str(tmp_path / "m.json")]) == 2
     assert "a Stable Diffusion model is scored with metrics=cluster" in capsys.readouterr().err
     monkeypatch.delenv("ADD_BENCH_INCEPTION", raising=False)
-    assert ev.main([str(v_folder), "--steps", "1", "--out", str(tmp_path / "m.json"), "metrics=cluster",
-                    "num_samples=4", f"coco.root={write_coco(tmp_path / 'coco')}"]) == 2
+    assert (
+        ev.main(
+            [
+                str(v_folder),
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "m.json"),
+                "metrics=cluster",
+                "num_samples=4",
+                f"coco.root={write_coco(tmp_path / 'coco')}",
+            ]
+        )
+        == 2
+    )
     assert "eval.cluster.inception is unset and $ADD_BENCH_INCEPTION is empty" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """ADD on a Stable Diffusion teacher (cluster scale), on tiny random-weight models in the real formats:
 latent student, discriminator and c_img on decoded pixels, open_clip c_text per caption, pixel-space
 distillation, exact resume, and a student exported as a loadable Stable Diffusion folder."""
+
 import json
 
 import pytest
@@ -17,17 +18,32 @@ from add_bench.losses import c_exp, distillation_loss, teacher_target
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_train")
-    return {"sd": save_tiny_sd(root / "sd"), "sdxl": save_tiny_sdxl(root / "sdxl"),
-            "coco": write_coco(root / "coco", split="train2017"),
-            "clip": save_tiny_open_clip(root / "clip.pt")}
+    return {
+        "sd": save_tiny_sd(root / "sd"),
+        "sdxl": save_tiny_sdxl(root / "sdxl"),
+        "coco": write_coco(root / "coco", split="train2017"),
+        "clip": save_tiny_open_clip(root / "clip.pt"),
+    }
 
 
 def sd_cfg(a, **extra):
-    base = {"steps": 3, "batch_size": 4, "ckpt_every": 2, "log_every": 1, "threads": 1,
-            "student.network": a["sd"], "teacher.network": a["sd"], "teacher.cfg_scale": 1.5,
-            "feature_network.name": "random", "discriminator.c_img_network": "random",
-            "discriminator.c_text_network": "openclip_vits32", "discriminator.c_text_weights": a["clip"],
-            "coco.root": a["coco"], "coco.resolution": 16, "optim.warmup_steps": 1}
+    base = {
+        "steps": 3,
+        "batch_size": 4,
+        "ckpt_every": 2,
+        "log_every": 1,
+        "threads": 1,
+        "student.network": a["sd"],
+        "teacher.network": a["sd"],
+        "teacher.cfg_scale": 1.5,
+        "feature_network.name": "random",
+        "discriminator.c_img_network": "random",
+        "discriminator.c_text_network": "openclip_vits32",
+        "discriminator.c_text_weights": a["clip"],
+        "coco.root": a["coco"],
+        "coco.resolution": 16,
+        "optim.warmup_steps": 1,
+    }
     base.update(extra)
     return load(TrainConfig, overrides=[f"{k}={v}" for k, v in base.items()])
 
@@ -57,8 +73,13 @@ def test_gradients_reach_the_student_through_the_decoder_and_nothing_frozen_move
     row = train_mod.add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, 0, **extra)
     assert row["loss_distill"] > 0 and "loss_d" in row
     assert grads["student"] and sum(g.abs().sum() for g in grads["student"]) > 0
-    frozen = {"teacher": nets.teacher.unet, "vae": nets.sd.vae, "text encoder": nets.sd.text_encoder,
-              "feature network": nets.feature_network, "c_text tower": nets.text_encoder}
+    frozen = {
+        "teacher": nets.teacher.unet,
+        "vae": nets.sd.vae,
+        "text encoder": nets.sd.text_encoder,
+        "feature network": nets.feature_network,
+        "c_text tower": nets.text_encoder,
+    }
     for name, module in frozen.items():
         assert all(not p.requires_grad and p.grad is None for p in module.parameters()), name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.discriminator.parameters())
@@ -104,20 +125,35 @@ def test_trains_resumes_exactly_and_exports_a_stable_diffusion_folder(assets, tm
     student, teacher = load_stable_diffusion(full), load_stable_diffusion(assets["sd"])
     s_w, t_w = student.unet.state_dict(), teacher.unet.state_dict()
     assert any(not torch.equal(s_w[k], t_w[k]) for k in t_w)  # trained
-    assert (part / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (full / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    g = generate_text(student, student.denoiser(), "add", 2, ["a cat", "a dog"], torch.arange(2).numpy(),
-                      resolution=16, progress=False)
+    assert (part / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        full / "unet" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    g = generate_text(
+        student,
+        student.denoiser(),
+        "add",
+        2,
+        ["a cat", "a dog"],
+        torch.arange(2).numpy(),
+        resolution=16,
+        progress=False,
+    )
     assert g.samples.images.shape == (2, 16, 16, 3) and g.nfe == 2
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"loss.weighting": "nfsd"}, r"loss.nfsd_negative='other_class' needs class labels; .* accepted: null"),
-    ({"loss.space": "voxel"}, r"loss.space='voxel': unknown; accepted: latent, pixel"),
-    ({"discriminator.c_text_network": "clip_s"}, r"c_text_network='clip_s' embeds the 10 Fashion-MNIST prompts only"),
-    ({"discriminator.c_text_weights": "/nowhere/clip.pt"}, r"/nowhere/clip.pt: ViT-S-32 text tower .* not found"),
-    ({"coco.resolution": 15}, r"resolution=15: must be a multiple of the VAE's scale 2"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"loss.weighting": "nfsd"}, r"loss.nfsd_negative='other_class' needs class labels; .* accepted: null"),
+        ({"loss.space": "voxel"}, r"loss.space='voxel': unknown; accepted: latent, pixel"),
+        (
+            {"discriminator.c_text_network": "clip_s"},
+            r"c_text_network='clip_s' embeds the 10 Fashion-MNIST prompts only",
+        ),
+        ({"discriminator.c_text_weights": "/nowhere/clip.pt"}, r"/nowhere/clip.pt: ViT-S-32 text tower .* not found"),
+        ({"coco.resolution": 15}, r"resolution=15: must be a multiple of the VAE's scale 2"),
+    ],
+)
 def test_config_errors(assets, override, message):
     with pytest.raises(AddBenchError, match=message):
         cfg = sd_cfg(assets, **override)
@@ -137,8 +173,7 @@ def test_a_teacher_from_another_model_meets_the_student_in_pixel_space(assets):
     torch.testing.assert_close(extra["teacher_cond"], nets.teacher_sd.encode_prompts(extra_prompts(nets, cfg)))
     x = torch.randn(4, 4, 8, 8, requires_grad=True)
     img = nets.to_pixels(x)
-    loss = train_mod.distillation_term(nets, cfg, x, cond, torch.Generator().manual_seed(5), img,
-                                       extra["teacher_cond"])
+    loss = train_mod.distillation_term(nets, cfg, x, cond, torch.Generator().manual_seed(5), img, extra["teacher_cond"])
     g = torch.Generator().manual_seed(5)  # replay the draws of t and ε'
     t = train_mod.sample_teacher_t(cfg, 4, g)
     with torch.no_grad():
@@ -149,8 +184,11 @@ def test_a_teacher_from_another_model_meets_the_student_in_pixel_space(assets):
     torch.testing.assert_close(loss, distillation_loss(img, nets.teacher_sd.to_pixels(target), c_t))
     loss.backward()
     assert x.grad.abs().sum() > 0
-    with pytest.raises(ConfigError, match=r"are different models: they meet in pixel space, so "
-                                          r"loss.space='latent' is not possible; accepted: loss.space=pixel"):
+    with pytest.raises(
+        ConfigError,
+        match=r"are different models: they meet in pixel space, so "
+        r"loss.space='latent' is not possible; accepted: loss.space=pixel",
+    ):
         train_mod.build_networks(sd_cfg(assets, **{"teacher.network": assets["sdxl"], "loss.space": "latent"}))
 
 
@@ -177,8 +215,16 @@ def test_sdxl_trains_and_exports(assets, tmp_path, student, teacher):
     assert exported.is_xl == (student == "sdxl")
     for part in exported.frozen_parts:
         assert (out / part).resolve() == (assets[student] / part).resolve()
-    g = generate_text(exported, exported.denoiser(), "add", 2, ["a cat", "a dog"], torch.arange(2).numpy(),
-                      resolution=16, progress=False)
+    g = generate_text(
+        exported,
+        exported.denoiser(),
+        "add",
+        2,
+        ["a cat", "a dog"],
+        torch.arange(2).numpy(),
+        resolution=16,
+        progress=False,
+    )
     assert g.samples.images.shape == (2, 16, 16, 3)
 
 
@@ -192,19 +238,42 @@ def test_a_sweep_on_a_stable_diffusion_preset(assets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
     write_coco(assets["coco"], split="val2017")
-    preset = {"steps": 2, "batch_size": 2, "teacher": {"network": str(assets["sd"])},
-              "student": {"network": str(assets["sd"])}, "feature_network": {"name": "random"},
-              "discriminator": {"c_img_network": "random", "c_text_network": "openclip_vits32",
-                                "c_text_weights": str(assets["clip"])},
-              "coco": {"root": str(assets["coco"]), "resolution": 16},
-              "eval": {"metrics": "cluster", "num_samples": 4, "batch_size": 4,
-                       "coco": {"root": str(assets["coco"]), "resolution": 16},
-                       "cluster": {"inception": str(save_fake_inception(tmp_path / "inception")),
-                                   "clip_model": "ViT-S-32", "clip_weights": str(assets["clip"])}}}
+    preset = {
+        "steps": 2,
+        "batch_size": 2,
+        "teacher": {"network": str(assets["sd"])},
+        "student": {"network": str(assets["sd"])},
+        "feature_network": {"name": "random"},
+        "discriminator": {
+            "c_img_network": "random",
+            "c_text_network": "openclip_vits32",
+            "c_text_weights": str(assets["clip"]),
+        },
+        "coco": {"root": str(assets["coco"]), "resolution": 16},
+        "eval": {
+            "metrics": "cluster",
+            "num_samples": 4,
+            "batch_size": 4,
+            "coco": {"root": str(assets["coco"]), "resolution": 16},
+            "cluster": {
+                "inception": str(save_fake_inception(tmp_path / "inception")),
+                "clip_model": "ViT-S-32",
+                "clip_weights": str(assets["clip"]),
+            },
+        },
+    }
     (tmp_path / "sd_tiny.yaml").write_text(yaml.safe_dump(preset))
-    (tmp_path / "abl.yaml").write_text(yaml.safe_dump({
-        "name": "sd_mini", "table": "1d", "base": str(tmp_path / "sd_tiny.yaml"), "eval_steps": [1],
-        "cells": [{"name": "exp", "label": "exp", "default": True, "paper": {"fid": 20.6, "cs": 0.319}}]}))
+    (tmp_path / "abl.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "sd_mini",
+                "table": "1d",
+                "base": str(tmp_path / "sd_tiny.yaml"),
+                "eval_steps": [1],
+                "cells": [{"name": "exp", "label": "exp", "default": True, "paper": {"fid": 20.6, "cs": 0.319}}],
+            }
+        )
+    )
     assert sweep.main([str(tmp_path / "abl.yaml"), "--out", str(tmp_path / "out"), "threads=1"]) == 0
     cell = json.loads((tmp_path / "out" / "sd_mini" / "cells.json").read_text())["cells"][0]["id"]
     result = json.loads((tmp_path / "out" / "cells" / cell / "metrics.json").read_text())

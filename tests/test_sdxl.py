@@ -1,6 +1,7 @@
 """Cluster scale, SDXL: a base folder (two text encoders, pooled embedding, size conditioning) loads
 through the suite's code and samples exactly like diffusers' own StableDiffusionXLPipeline (tiny
 random-weight model in the real on-disk layout)."""
+
 import json
 import shutil
 
@@ -29,8 +30,9 @@ def xl(xl_folder):
 def pipe(xl, xl_folder):
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(xl_folder, local_files_only=True,
-                                                     scheduler=make_scheduler(xl.schedule.cfg))
+    return StableDiffusionXLPipeline.from_pretrained(
+        xl_folder, local_files_only=True, scheduler=make_scheduler(xl.schedule.cfg)
+    )
 
 
 def test_the_packed_condition_round_trips():
@@ -52,8 +54,9 @@ def test_loads_as_xl_with_its_own_schedule(xl):
 
 
 def test_prompt_embeddings_match_the_diffusers_pipeline(xl, pipe):
-    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+        PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
     ours = xl.encode_prompts(PROMPTS)
     e, p = unpack_xl_condition(ours, xl.denoiser().pooled_dim)
     torch.testing.assert_close(e, embeds)
@@ -73,9 +76,18 @@ def test_ddim_equals_the_diffusers_pipeline(xl, pipe, steps, cfg_scale):
     ours = sample_ddim(d, noise, cond, steps, cfg_scale)
     e, p = unpack_xl_condition(cond, d.pooled_dim)
     ne, np_ = unpack_xl_condition(d.null_condition(cond), d.pooled_dim)
-    ref = pipe(prompt_embeds=e, pooled_prompt_embeds=p, negative_prompt_embeds=ne, negative_pooled_prompt_embeds=np_,
-               latents=noise.clone(), num_inference_steps=steps, guidance_scale=cfg_scale, height=16, width=16,
-               output_type="latent").images
+    ref = pipe(
+        prompt_embeds=e,
+        pooled_prompt_embeds=p,
+        negative_prompt_embeds=ne,
+        negative_pooled_prompt_embeds=np_,
+        latents=noise.clone(),
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 

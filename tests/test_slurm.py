@@ -11,6 +11,7 @@ The SLURM tests are skipped, with the reason, when not root or when the cluster 
 Cell functions are module-level and pickled *by value* (cloudpickle), because the array tasks run
 ``python -m submitit.core._submit`` where this test module is not importable.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,17 +33,31 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 # ------------------------------------------------------------------------------ cell functions
 def tiny_cell(cell_id: str, workdir: str) -> dict:
     """Sleeps a little (so the submit call can be seen not to wait), then writes result.json."""
     time.sleep(4)
-    result = {"cell": cell_id, "square": len(cell_id) ** 2, "pid": os.getpid(),
-              "job_id": os.environ.get("SLURM_JOB_ID"), "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
-              "cpus": os.environ.get("SLURM_CPUS_PER_TASK")}
+    result = {
+        "cell": cell_id,
+        "square": len(cell_id) ** 2,
+        "pid": os.getpid(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "cpus": os.environ.get("SLURM_CPUS_PER_TASK"),
+    }
     tmp = Path(workdir) / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, Path(workdir) / "result.json")
@@ -54,16 +69,28 @@ def resumable_cell(cell_id: str, workdir: str) -> dict:
     A later run finds the marker and finishes. Every run appends a line to runs.txt."""
     wd = Path(workdir)
     with open(wd / "runs.txt", "a") as f:
-        f.write(json.dumps({"t": time.time(), "job": os.environ.get("SLURM_JOB_ID"),
-                            "restarts": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "t": time.time(),
+                    "job": os.environ.get("SLURM_JOB_ID"),
+                    "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                }
+            )
+            + "\n"
+        )
     runs = len((wd / "runs.txt").read_text().splitlines())
     if not (wd / "ckpt.json").exists():
         (wd / "ckpt.json").write_text(json.dumps({"step": 1}))
         for _ in range(400):  # ~200 s, much more than timeout_min=1
             time.sleep(0.5)
         return {"cell": cell_id, "resumed": False, "runs": runs}  # only if never interrupted
-    result = {"cell": cell_id, "resumed": True, "runs": runs,
-              "step": json.loads((wd / "ckpt.json").read_text())["step"]}
+    result = {
+        "cell": cell_id,
+        "resumed": True,
+        "runs": runs,
+        "step": json.loads((wd / "ckpt.json").read_text())["step"],
+    }
     (wd / "result.json").write_text(json.dumps(result))
     return result
 
@@ -72,8 +99,13 @@ def good_cell(cell_id: str, workdir: str) -> dict:
     import torch
 
     (Path(workdir) / "done").write_text("ok")
-    return {"cell": cell_id, "ok": True, "threads": torch.get_num_threads(), "pid": os.getpid(),
-            "bar_line": os.environ.get("TQDM_POSITION")}
+    return {
+        "cell": cell_id,
+        "ok": True,
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+        "bar_line": os.environ.get("TQDM_POSITION"),
+    }
 
 
 def bad_cell(cell_id: str, workdir: str) -> dict:
@@ -98,8 +130,9 @@ def _wait_for(paths: list[Path], timeout_s: float, folder: Path) -> float:
     while not all(p.exists() for p in paths):
         if time.monotonic() - start > timeout_s:
             states = status_slurm(folder)
-            pytest.fail(f"not all of {[str(p) for p in paths]} within {timeout_s:.0f}s; states {states}\n"
-                        + _logs(folder))
+            pytest.fail(
+                f"not all of {[str(p) for p in paths]} within {timeout_s:.0f}s; states {states}\n" + _logs(folder)
+            )
         time.sleep(1)
     return time.monotonic() - start
 
@@ -162,8 +195,7 @@ def test_submit_array_returns_at_once_and_runs(slurm_cluster, tmp_path, cancel_a
         assert r["cell"] == f"cell{i}" and r["square"] == 25
         assert r["array_task"] == str(i) and r["cpus"] == "1"
     deadline = time.monotonic() + 30  # the result file is written a moment before the task ends
-    while (states := status_slurm(folder)) and set(states.values()) != {"COMPLETED"} \
-            and time.monotonic() < deadline:
+    while (states := status_slurm(folder)) and set(states.values()) != {"COMPLETED"} and time.monotonic() < deadline:
         time.sleep(1)
     assert set(states.values()) == {"COMPLETED"}, states
 
@@ -182,9 +214,11 @@ def test_timeout_requeues_and_cell_resumes(slurm_cluster, tmp_path, cancel_after
     deadline = start + 210
     while not (wd / "result.json").exists():
         if time.monotonic() > deadline:
-            pytest.fail(f"no result after {time.monotonic() - start:.0f}s; states seen {seen_states}; runs:\n"
-                        + ((wd / "runs.txt").read_text() if (wd / "runs.txt").exists() else "none\n")
-                        + _logs(folder))
+            pytest.fail(
+                f"no result after {time.monotonic() - start:.0f}s; states seen {seen_states}; runs:\n"
+                + ((wd / "runs.txt").read_text() if (wd / "runs.txt").exists() else "none\n")
+                + _logs(folder)
+            )
         state = status_slurm(folder)["slow"]
         seen_states.add(state)
         if state in FINAL_STATES - {"COMPLETED"}:
@@ -278,10 +312,11 @@ def test_local_workers_end_with_the_sweep_process(tmp_path):
     """A sweep killed with SIGKILL (no handler can run) leaves no worker training on, orphaned."""
     import signal
 
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_slurm import sleepy_cell; "
-              "from add_bench.launchers import run_local; "
-              f"run_local([('a', sleepy_cell), ('b', sleepy_cell)], workers=2, folder={str(tmp_path)!r})"
-              )
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_slurm import sleepy_cell; "
+        "from add_bench.launchers import run_local; "
+        f"run_local([('a', sleepy_cell), ('b', sleepy_cell)], workers=2, folder={str(tmp_path)!r})"
+    )
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.time() + 120
@@ -322,8 +357,9 @@ def training_steps_per_second(preset, workdir, steps: int = 30) -> float:
     from add_bench import train as train_mod
     from add_bench.config import TrainConfig, load
 
-    train_mod.train(load(TrainConfig, preset, [f"steps={steps}", "log_every=1", "ckpt_every=1000"]), workdir,
-                    progress=False)
+    train_mod.train(
+        load(TrainConfig, preset, [f"steps={steps}", "log_every=1", "ckpt_every=1000"]), workdir, progress=False
+    )
     rows = [json.loads(l) for l in (workdir / "log.jsonl").read_text().splitlines()]
     return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["wall_time_s"] - rows[0]["wall_time_s"])
 
@@ -344,14 +380,41 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     # gets 1) cannot finish in the first run, and each run still trains long enough to make progress.
     slow_steps = max(180, int(120 * training_steps_per_second(preset, tmp_path / "calibration")))
     abl = tmp_path / "mini.yaml"
-    abl.write_text(yaml.safe_dump({"name": "mini", "table": "1d", "base": str(preset), "seeds": [0], "eval_steps": [1],
-                                   "cells": [{"name": "fast", "default": True},
-                                             {"name": "slow", "set": {"steps": slow_steps, "ckpt_every": 5,
-                                                                      "log_every": 1}}]}))
+    abl.write_text(
+        yaml.safe_dump(
+            {
+                "name": "mini",
+                "table": "1d",
+                "base": str(preset),
+                "seeds": [0],
+                "eval_steps": [1],
+                "cells": [
+                    {"name": "fast", "default": True},
+                    {"name": "slow", "set": {"steps": slow_steps, "ckpt_every": 5, "log_every": 1}},
+                ],
+            }
+        )
+    )
     out = tmp_path / "out"
     start = time.monotonic()
-    assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm", "--slurm", "timeout_min=2",
-                       "signal_delay_s=15", "cpus_per_task=1", "mem_gb=1", "max_num_timeout=30"]) == 0
+    assert (
+        sweep.main(
+            [
+                str(abl),
+                "--out",
+                str(out),
+                "--launcher",
+                "slurm",
+                "--slurm",
+                "timeout_min=2",
+                "signal_delay_s=15",
+                "cpus_per_task=1",
+                "mem_gb=1",
+                "max_num_timeout=30",
+            ]
+        )
+        == 0
+    )
     assert time.monotonic() - start < 30  # returned with the job ids, did not wait for the cells
     jobs = json.loads((out / "cells" / "slurm_jobs.json").read_text())
     cancel_after.extend(jobs.values())
@@ -361,8 +424,12 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     deadline = time.monotonic() + 900  # a slow machine (0.6 s per ADD step) needs 3-4 runs of 2 minutes
     while not all(sweep.cell_status(out / "cells" / i) == "done" for i in cells.values()):
         if time.monotonic() > deadline or any((out / "cells" / i / "error.json").exists() for i in cells.values()):
-            pytest.fail("sweep cells did not finish: " + json.dumps(
-                {n: sweep.cell_status(out / "cells" / i) for n, i in cells.items()}) + "\n" + _logs(out / "cells"))
+            pytest.fail(
+                "sweep cells did not finish: "
+                + json.dumps({n: sweep.cell_status(out / "cells" / i) for n, i in cells.items()})
+                + "\n"
+                + _logs(out / "cells")
+            )
         time.sleep(3)
     slow = out / "cells" / cells["slow"]
     steps = [json.loads(l)["step"] for l in (slow / "log.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
 """ruff (lint and format) is clean over the repository: the settings are in pyproject.toml."""
+
 import subprocess
 import sys
 

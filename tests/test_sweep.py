@@ -1,4 +1,5 @@
 """The sweep runner: expansion, shared cells, resume after SIGKILL, failures, locks, bad input."""
+
 import json
 import os
 import random
@@ -40,8 +41,19 @@ def ablation_file(folder: Path, preset: Path, name="mini", cells=None) -> Path:
         {"name": "sds", "label": "sds", "paper": {"fid": 22.3, "cs": 0.325}, "set": {"loss.weighting": "sds"}},
     ]
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "table": "1d", "title": "mini", "base": str(preset),
-                                    "seeds": [0], "eval_steps": [1, 2], "cells": cells}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "table": "1d",
+                "title": "mini",
+                "base": str(preset),
+                "seeds": [0],
+                "eval_steps": [1, 2],
+                "cells": cells,
+            }
+        )
+    )
     return path
 
 
@@ -49,14 +61,19 @@ def ablation_file(folder: Path, preset: Path, name="mini", cells=None) -> Path:
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
     from add_bench import metrics
+
     monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "cache" / "fid_stats")
     return tmp_path
 
 
 def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_cell():
     """A probe is read beside Table 1 only if its default row is Table 1's default cell, seed for seed."""
-    default = {c.seed: c.id for a in sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["seeds=[0,1,2]"])
-               for c in a.cells if c.default}
+    default = {
+        c.seed: c.id
+        for a in sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["seeds=[0,1,2]"])
+        for c in a.cells
+        if c.default
+    }
     files = sorted((REPO / "ablations").rglob("*.yaml"))
     assert {"training_length.yaml", "teacher_quality.yaml"} <= {f.name for f in files}
     for path in files:
@@ -68,8 +85,15 @@ def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_
 def test_every_ablation_file_expands_and_the_default_cell_is_shared():
     abls = sweep.load_ablations(REPO / "ablations" / "table1.yaml")
     names = {a.name for a in abls}
-    assert names == {"feature_network", "conditioning", "student_init", "loss_terms", "loss_weighting",
-                     "teacher_type", "teacher_steps"}
+    assert names == {
+        "feature_network",
+        "conditioning",
+        "student_init",
+        "loss_terms",
+        "loss_weighting",
+        "teacher_type",
+        "teacher_steps",
+    }
     defaults = {c.id for a in abls for c in a.cells if c.default}
     assert len(defaults) == 1  # the default row is one cell in all seven
     assert all(any(c.default for c in a.cells) for a in abls)
@@ -108,8 +132,17 @@ def test_added_keys_count_only_away_from_their_original_value():
         assert sweep.load_ablations(path, [override])[0].cells[0].id != base, override
 
 
-CLUSTER_ENV = ("ADD_BENCH_SD21", "ADD_BENCH_SDXL", "ADD_BENCH_COCO", "ADD_BENCH_DINOV1_S", "ADD_BENCH_DINOV2_S",
-               "ADD_BENCH_DINOV2_L", "ADD_BENCH_CLIP_L", "ADD_BENCH_INCEPTION", "ADD_BENCH_CLIP")
+CLUSTER_ENV = (
+    "ADD_BENCH_SD21",
+    "ADD_BENCH_SDXL",
+    "ADD_BENCH_COCO",
+    "ADD_BENCH_DINOV1_S",
+    "ADD_BENCH_DINOV2_S",
+    "ADD_BENCH_DINOV2_L",
+    "ADD_BENCH_CLIP_L",
+    "ADD_BENCH_INCEPTION",
+    "ADD_BENCH_CLIP",
+)
 
 
 def test_table1_on_the_sd21_preset(monkeypatch):
@@ -123,10 +156,12 @@ def test_table1_on_the_sd21_preset(monkeypatch):
     fn = abls["feature_network"]
     assert [c.label for c in fn.cells] == ["ViT-S DINOv1", "ViT-S DINOv2", "ViT-L DINOv2", "ViT-L CLIP"]
     nets = {c.name: (c.config.feature_network.name, c.config.feature_network.weights) for c in fn.cells}
-    assert nets == {"dinov1_s": ("dinov1_vits16", "/models/add_bench_dinov1_s"),
-                    "dino_s": ("dinov2_vits14", "/models/add_bench_dinov2_s"),
-                    "dino_l": ("dinov2_vitl14", "/models/add_bench_dinov2_l"),
-                    "clip_s": ("openclip_vitl14", "/models/add_bench_clip_l")}
+    assert nets == {
+        "dinov1_s": ("dinov1_vits16", "/models/add_bench_dinov1_s"),
+        "dino_s": ("dinov2_vits14", "/models/add_bench_dinov2_s"),
+        "dino_l": ("dinov2_vitl14", "/models/add_bench_dinov2_l"),
+        "clip_s": ("openclip_vitl14", "/models/add_bench_clip_l"),
+    }
     default = next(c for c in fn.cells if c.default).config
     assert default.teacher.network == default.student.network == "/models/add_bench_sd21"
     assert default.eval.metrics == "cluster" and default.loss.nfsd_negative == "null"
@@ -135,22 +170,40 @@ def test_table1_on_the_sd21_preset(monkeypatch):
     assert "${" not in OmegaConf.to_yaml(default)
     assert len({c.id for a in abls.values() for c in a.cells if c.default}) == 1
     tt = {c.name: c for c in abls["teacher_type"].cells}
-    assert tt["large_large"].label == "SDXL / SDXL" and tt["large_large"].config.student.network == "/models/add_bench_sdxl"
+    assert (
+        tt["large_large"].label == "SDXL / SDXL"
+        and tt["large_large"].config.student.network == "/models/add_bench_sdxl"
+    )
     monkeypatch.delenv("ADD_BENCH_SD21")
     with pytest.raises(ConfigError, match=r"cells\[0\] \(exp\) on base sd21: .*ADD_BENCH_SD21"):
         sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
-    ("name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n", r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'"),
-    ("name: x\ncells:\n  - {name: a, set: {steps: many}}\n", r"cells\[0\] \(a\): .*config key 'steps'"),
-    ("name: x\ncells:\n  - {name: a, set: {feature_network.name: vgg16}}\n", r"feature_network.name='vgg16': unknown; accepted:"),
-    ("name: x\ncells:\n  - {name: a, set: {loss.weighting: l2}}\n", r"loss.weighting='l2': unknown; accepted: exp, nfsd, sds"),
-    ("name: x\ncells:\n  - {name: a, colour: red}\n", r"cells\[0\] \(a\): unknown key\(s\) colour"),
-    ("name: x\ncells:\n  - {name: a, by_base: {embedded: {paper: {}}}}\n", r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set"),
-    ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\ncells: [\n", r"x.yaml: line \d+, column \d+: malformed YAML"),
+        (
+            "name: x\ncells:\n  - {name: a, set: {loss.weightin: exp}}\n",
+            r"cells\[0\] \(a\): .*unknown config key 'loss.weightin'",
+        ),
+        ("name: x\ncells:\n  - {name: a, set: {steps: many}}\n", r"cells\[0\] \(a\): .*config key 'steps'"),
+        (
+            "name: x\ncells:\n  - {name: a, set: {feature_network.name: vgg16}}\n",
+            r"feature_network.name='vgg16': unknown; accepted:",
+        ),
+        (
+            "name: x\ncells:\n  - {name: a, set: {loss.weighting: l2}}\n",
+            r"loss.weighting='l2': unknown; accepted: exp, nfsd, sds",
+        ),
+        ("name: x\ncells:\n  - {name: a, colour: red}\n", r"cells\[0\] \(a\): unknown key\(s\) colour"),
+        (
+            "name: x\ncells:\n  - {name: a, by_base: {embedded: {paper: {}}}}\n",
+            r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set",
+        ),
+        ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
+    ],
+)
 def test_bad_ablation_files(tmp_path, text, message):
     f = tmp_path / "x.yaml"
     f.write_text(text)
@@ -165,8 +218,15 @@ def test_bad_command_line_override(tmp_path):
 
 def run_cli(args, env_extra, **kw):
     env = {**os.environ, **env_extra, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "add_bench.sweep", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "add_bench.sweep", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def cell_numbers(out: Path) -> dict:
@@ -180,8 +240,9 @@ def cell_numbers(out: Path) -> dict:
 def progress(out: Path) -> int:
     """Work the sweep has kept: logged training steps (trimmed back to the checkpoint on resume) + finished cells."""
     cells = out / "cells"
-    return (sum(len(p.read_text().splitlines()) for p in cells.glob("*/log.jsonl"))
-            + len(list(cells.glob("*/metrics.json"))))
+    return sum(len(p.read_text().splitlines()) for p in cells.glob("*/log.jsonl")) + len(
+        list(cells.glob("*/metrics.json"))
+    )
 
 
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_assets, env):
@@ -217,10 +278,14 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tiny_assets,
 
 def test_failing_cell_is_recorded_and_others_finish(tiny_assets, env):
     preset = tiny_preset(tiny_assets, env)
-    abl = ablation_file(env, preset, cells=[
-        {"name": "ok", "default": True},
-        {"name": "broken", "set": {"teacher.network": str(env / "no_such_teacher")}},
-    ])
+    abl = ablation_file(
+        env,
+        preset,
+        cells=[
+            {"name": "ok", "default": True},
+            {"name": "broken", "set": {"teacher.network": str(env / "no_such_teacher")}},
+        ],
+    )
     ablations = sweep.load_ablations(abl)
     sweep.run_sweep(ablations, env / "out")
     ok, broken = (ablations[0].cells[i].id for i in (0, 1))
@@ -233,7 +298,9 @@ def test_failing_cell_is_recorded_and_others_finish(tiny_assets, env):
 
 def test_cells_option_runs_only_the_named_rows(tiny_assets, env, capsys):
     preset = tiny_preset(tiny_assets, env)
-    abl = ablation_file(env, preset, cells=[{"name": "a", "default": True}, {"name": "b", "set": {"loss.lambda_distill": 1.0}}])
+    abl = ablation_file(
+        env, preset, cells=[{"name": "a", "default": True}, {"name": "b", "set": {"loss.lambda_distill": 1.0}}]
+    )
     assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b", "--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert re.search(r"\ba\s+0\s+\w+\s+skipped", plan) and re.search(r"\bb\s+0\s+\w+\s+new", plan)
@@ -295,8 +362,12 @@ def test_dry_run_lists_cells_status_and_cost(tiny_assets, env, capsys):
 
 def test_collect_writes_manifests_and_tables_without_running(tmp_path):
     """--collect: manifests (repo-relative source) and tables from whatever exists, nothing trained."""
-    assert sweep.main([str(REPO / "ablations" / "loss_weighting.yaml"), "--collect", "--out", str(tmp_path),
-                       "seeds=[0,1]"]) == 0
+    assert (
+        sweep.main(
+            [str(REPO / "ablations" / "loss_weighting.yaml"), "--collect", "--out", str(tmp_path), "seeds=[0,1]"]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "loss_weighting" / "cells.json").read_text())
     assert manifest["source"] == "ablations/loss_weighting.yaml"
     assert [c["seed"] for c in manifest["cells"]] == [0, 1] * 3
@@ -322,7 +393,13 @@ def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny
     wd = out / "cells" / ablations[0].cells[0].id
     first = json.loads((wd / "metrics.json").read_text())
     # the random feature network and c_img are seeded, not read from a folder
-    assert set(first["inputs"]) == {"teacher", "student", "c_text network", "evaluation network", "evaluation embedding"}
+    assert set(first["inputs"]) == {
+        "teacher",
+        "student",
+        "c_text network",
+        "evaluation network",
+        "evaluation embedding",
+    }
     old_blob = blob_id(teacher / "model.safetensors")
     assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob}
     assert sweep.cell_status(wd) == "done"
@@ -357,11 +434,16 @@ def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_
     from add_bench import methods, provenance
 
     def only_teacher_small(config: str) -> bool:  # teacher and student both exactly teacher_small
-        networks = [line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("network:")]
+        networks = [
+            line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("network:")
+        ]
         return networks == ["teacher_small", "teacher_small"]
 
-    src = next(m.parent for m in sorted((REPO / "results" / "cells").glob("*/metrics.json"))
-               if "inputs" not in json.loads(m.read_text()) and only_teacher_small((m.parent / "config.yaml").read_text()))
+    src = next(
+        m.parent
+        for m in sorted((REPO / "results" / "cells").glob("*/metrics.json"))
+        if "inputs" not in json.loads(m.read_text()) and only_teacher_small((m.parent / "config.yaml").read_text())
+    )
     cell = tmp_path / src.name
     cell.mkdir()
     shutil.copy(src / "config.yaml", cell)
@@ -375,11 +457,16 @@ def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_
     assert methods.changed_inputs(cell) == []  # the shipped weights as committed at HEAD
 
     real = provenance.blob_at_commit
-    monkeypatch.setattr(provenance, "blob_at_commit",  # as if teacher_small had been retrained since
-                        lambda commit, path: "0" * 40 if "teacher_small" in path else real(commit, path))
+    monkeypatch.setattr(
+        provenance,
+        "blob_at_commit",  # as if teacher_small had been retrained since
+        lambda commit, path: "0" * 40 if "teacher_small" in path else real(commit, path),
+    )
     write("f" * 40)
-    assert methods.changed_inputs(cell) == ["teacher (add_bench/weights/teacher_small)",
-                                            "student (add_bench/weights/teacher_small)"]
+    assert methods.changed_inputs(cell) == [
+        "teacher (add_bench/weights/teacher_small)",
+        "student (add_bench/weights/teacher_small)",
+    ]
     monkeypatch.setattr(provenance, "blob_at_commit", lambda commit, path: None)  # unknown: not called stale
     write("e" * 40)
     assert methods.changed_inputs(cell) == []
@@ -391,13 +478,17 @@ def test_command_line_sweep_values_and_combinations():
     assert split_values("exp,sds") == ["exp", "sds"]
     assert split_values("[999,499],[999]") == ["[999,499]", "[999]"]
     assert split_values("'a,b',c") == ["'a,b'", "c"]
-    data, rest = command_line_ablation(["loss.weighting=exp,sds", "student.timesteps=[999,499],[999]", "steps=10",
-                                        "seeds=[0,1]"])
+    data, rest = command_line_ablation(
+        ["loss.weighting=exp,sds", "student.timesteps=[999,499],[999]", "steps=10", "seeds=[0,1]"]
+    )
     assert rest == ["steps=10", "seeds=[0,1]"]  # one value, and sweep-level keys: applied to every row
     assert data["name"] == "loss.weighting+student.timesteps"
     assert [c["set"] for c in data["cells"]] == [
-        {"loss.weighting": "exp", "student.timesteps": [999, 499]}, {"loss.weighting": "exp", "student.timesteps": [999]},
-        {"loss.weighting": "sds", "student.timesteps": [999, 499]}, {"loss.weighting": "sds", "student.timesteps": [999]}]
+        {"loss.weighting": "exp", "student.timesteps": [999, 499]},
+        {"loss.weighting": "exp", "student.timesteps": [999]},
+        {"loss.weighting": "sds", "student.timesteps": [999, 499]},
+        {"loss.weighting": "sds", "student.timesteps": [999]},
+    ]
     with pytest.raises(ConfigError, match="key with several values"):
         command_line_ablation(["steps=10"])
 

@@ -1,4 +1,5 @@
 """add_bench.tables on a fake sweep root with known numbers (see fake_sweep.py)."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def test_ci95_hand_computed():
 def test_load_and_aggregate(root):
     df = load_results(root / "loss_weighting")
     assert len(df) == 3 * 2 * 3  # cells × seeds × step counts (unfinished cells keep one row per planned step)
-    assert df.groupby("name", sort=False)["status"].first().to_dict() == {"exp": "done", "sds": "pending",
-                                                                          "nfsd": "failed"}
+    assert df.groupby("name", sort=False)["status"].first().to_dict() == {
+        "exp": "done",
+        "sds": "pending",
+        "nfsd": "failed",
+    }
     agg = aggregate(df).set_index(["name", "steps"])
     one = agg.loc[("exp", 1)]
     assert (one.fid_mean, one.fid_n, one.n_seeds) == (pytest.approx(11.0), 2, 2)
@@ -56,8 +60,17 @@ def test_load_and_aggregate(root):
 def test_write_tables(root):
     folder = root / "loss_weighting"
     written = write_tables(folder)
-    names = {"table.md", "table.tex", "table.csv", "table_steps.md", "table_steps.csv", "fid_vs_alignment.png",
-             "fid_vs_steps.png", "samples.png", "summary.json"}
+    names = {
+        "table.md",
+        "table.tex",
+        "table.csv",
+        "table_steps.md",
+        "table_steps.csv",
+        "fid_vs_alignment.png",
+        "fid_vs_steps.png",
+        "samples.png",
+        "summary.json",
+    }
     assert set(written) == names and all((folder / n).is_file() for n in names)
     assert not list(folder.glob(".*tmp"))  # nothing left from the atomic writes
     md = (folder / "table.md").read_text()
@@ -124,8 +137,13 @@ def test_missing_manifest(tmp_path, capsys):
 
 
 def test_cli_exit_code(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "add_bench.tables", str(tmp_path)], cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "add_bench.tables", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and str(tmp_path) in lines[0] and lines[0].startswith("error: ")
 
@@ -158,10 +176,18 @@ def test_method_table_rows_at_their_own_step_counts(tmp_path):
 def test_rows_sharing_a_cell_merge_their_labels_in_the_every_step_table():
     from add_bench.tables import one_row_per_cell
 
-    df = pd.DataFrame({"name": ["pd1", "pd4", "cfg", "add", "pd1", "pd4", "cfg"],
-                       "id": ["p0", "p0", "p0", "a0", "p1", "p1", "p1"]})  # two seeds of the progressive cell
-    agg = pd.DataFrame({"order": [0, 1, 2, 3], "name": ["pd1", "pd4", "cfg", "add"], "steps": [1, 1, 1, 1],
-                        "label": ["PD", "PD", "CFG-aware", "ADD"], "default": [False, False, False, True]})
+    df = pd.DataFrame(
+        {"name": ["pd1", "pd4", "cfg", "add", "pd1", "pd4", "cfg"], "id": ["p0", "p0", "p0", "a0", "p1", "p1", "p1"]}
+    )  # two seeds of the progressive cell
+    agg = pd.DataFrame(
+        {
+            "order": [0, 1, 2, 3],
+            "name": ["pd1", "pd4", "cfg", "add"],
+            "steps": [1, 1, 1, 1],
+            "label": ["PD", "PD", "CFG-aware", "ADD"],
+            "default": [False, False, False, True],
+        }
+    )
     out = one_row_per_cell(df, agg)
     assert list(out["name"]) == ["pd1", "add"] and list(out["label"]) == ["PD / CFG-aware", "ADD"]
     assert list(out["default"]) == [False, True]
@@ -189,10 +215,30 @@ def test_sample_panels_show_each_rows_grid_or_say_it_has_none(tmp_path):
 def test_method_rows_show_whole_nfe_and_their_own_steps():
     from add_bench.tables import headline_table
 
-    head = pd.DataFrame([{"default": False, "label": "DPM-Solver", "steps": 25, "row_steps": 25, "nfe": 50.0,
-                          "sec_per_1000": 120.0, "fid_mean": 0.68, "fid_ci95": 0.0, "fid_n": 1, "align_mean": 0.94,
-                          "align_ci95": 0.0, "align_n": 1, "paper_fid": 20.1, "paper_cs": 0.318, "paper_time": 0.88,
-                          "n_seeds": 1, "status": "done", "error": None}])
+    head = pd.DataFrame(
+        [
+            {
+                "default": False,
+                "label": "DPM-Solver",
+                "steps": 25,
+                "row_steps": 25,
+                "nfe": 50.0,
+                "sec_per_1000": 120.0,
+                "fid_mean": 0.68,
+                "fid_ci95": 0.0,
+                "fid_n": 1,
+                "align_mean": 0.94,
+                "align_ci95": 0.0,
+                "align_n": 1,
+                "paper_fid": 20.1,
+                "paper_cs": 0.318,
+                "paper_time": 0.88,
+                "n_seeds": 1,
+                "status": "done",
+                "error": None,
+            }
+        ]
+    )
     row = headline_table(head, "align. prob", {}).iloc[0]
     assert (row["steps"], row["NFE"], row["s / 1000 samples (ours, CPU)"]) == ("25", "50", "120")
     assert row["paper s / image (A100)"] == "0.88" and row["ours FID ↓"] == "0.68 (n=1)"

@@ -1,4 +1,5 @@
 """The ADD trainer: frozen networks, gradient paths, student timesteps, resume, divergence, config errors."""
+
 import json
 import subprocess
 import sys
@@ -24,8 +25,10 @@ def batch(assets, n=8):
 
 
 def optimisers(nets):
-    return (torch.optim.Adam(nets.student.unet.parameters(), 1e-4, betas=(0.0, 0.99)),
-            torch.optim.Adam(nets.discriminator.parameters(), 1e-4, betas=(0.0, 0.99)))
+    return (
+        torch.optim.Adam(nets.student.unet.parameters(), 1e-4, betas=(0.0, 0.99)),
+        torch.optim.Adam(nets.discriminator.parameters(), 1e-4, betas=(0.0, 0.99)),
+    )
 
 
 def test_frozen_networks_get_no_gradient_and_generator_loss_reaches_student(tiny_assets):
@@ -143,8 +146,10 @@ def test_lazy_r1_is_taken_every_kth_step_weighted_by_k(tiny_assets):
         nets = train_mod.build_networks(cfg)
         opt_s, opt_d = optimisers(nets)
         x0, y = batch(tiny_assets)
-        rows[every] = [train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(step), opt_s, opt_d, step)
-                       for step in range(4)]
+        rows[every] = [
+            train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(step), opt_s, opt_d, step)
+            for step in range(4)
+        ]
     # same networks, same draws: step 0 carries k·γ·R1, steps 1 and 2 none, step 3 the next k·γ·R1
     assert rows[1][0]["loss_r1"] > 0
     assert rows[3][0]["loss_r1"] == pytest.approx(3 * rows[1][0]["loss_r1"], rel=1e-5)
@@ -167,14 +172,20 @@ def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
 
 
-@pytest.mark.parametrize("schedule, factors", [
-    ("constant", [0.5, 1, 1, 1, 1]),  # warm-up (step+1)/2, then the base rate
-    # cosine after a 2-step warm-up, to 0 at step 5: ½(1 + cos(π·(step − 2)/3)) for steps 2, 3, 4
-    ("cosine", [0.5, 1, 1, 0.75, 0.25]),
-])
+@pytest.mark.parametrize(
+    "schedule, factors",
+    [
+        ("constant", [0.5, 1, 1, 1, 1]),  # warm-up (step+1)/2, then the base rate
+        # cosine after a 2-step warm-up, to 0 at step 5: ½(1 + cos(π·(step − 2)/3)) for steps 2, 3, 4
+        ("cosine", [0.5, 1, 1, 0.75, 0.25]),
+    ],
+)
 def test_learning_rate_schedule_is_logged_per_step(tiny_assets, tmp_path, schedule, factors):
-    cfg = cfg_for(tiny_assets, steps=5, **{"optim.lr_schedule": schedule, "optim.student_lr": 1e-3,
-                                           "optim.discriminator_lr": 4e-3})
+    cfg = cfg_for(
+        tiny_assets,
+        steps=5,
+        **{"optim.lr_schedule": schedule, "optim.student_lr": 1e-3, "optim.discriminator_lr": 4e-3},
+    )
     train_mod.train(cfg, tmp_path, progress=False)
     rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["lr_student"] for r in rows] == pytest.approx([1e-3 * f for f in factors])
@@ -197,25 +208,30 @@ def test_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_assets, 
     assert checkpoint.load(tmp_path / "run")["step"] == 2
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.weighting=l1", r"loss.weighting='l1': unknown; accepted: exp, nfsd, sds"),
-    ("feature_network.name=vgg", r"feature_network.name='vgg': unknown; accepted: .*dino_s"),
-    ("student.init=imagenet", r"student.init='imagenet': unknown; accepted: pretrained, random"),
-    ("teacher.steps=0", r"teacher.steps=0: must be a positive integer"),
-    ("discriminator.r1_every=0", r"discriminator.r1_every=0: must be a positive integer"),
-    ("optim.lr_schedule=linear", r"optim.lr_schedule='linear': unknown; accepted: constant, cosine"),
-    ("loss.lambda_distill=abc", r"config key 'loss.lambda_distill'"),
-    ("loss.lamda=2", r"unknown config key 'loss.lamda'; accepted keys under loss: .*lambda_distill"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.weighting=l1", r"loss.weighting='l1': unknown; accepted: exp, nfsd, sds"),
+        ("feature_network.name=vgg", r"feature_network.name='vgg': unknown; accepted: .*dino_s"),
+        ("student.init=imagenet", r"student.init='imagenet': unknown; accepted: pretrained, random"),
+        ("teacher.steps=0", r"teacher.steps=0: must be a positive integer"),
+        ("discriminator.r1_every=0", r"discriminator.r1_every=0: must be a positive integer"),
+        ("optim.lr_schedule=linear", r"optim.lr_schedule='linear': unknown; accepted: constant, cosine"),
+        ("loss.lambda_distill=abc", r"config key 'loss.lambda_distill'"),
+        ("loss.lamda=2", r"unknown config key 'loss.lamda'; accepted keys under loss: .*lambda_distill"),
+    ],
+)
 def test_config_errors_name_the_key(tiny_assets, override, message):
     with pytest.raises(ConfigError, match=message):
         train_mod.build_networks(load(TrainConfig, overrides=tiny_train_overrides(tiny_assets) + [override]))
 
 
 def test_training_never_imports_the_evaluation_network():
-    code = ("import sys, add_bench.train, add_bench.losses, add_bench.progressive; "
-            "bad = [m for m in sys.modules if m in ('add_bench.networks.evalnet', 'add_bench.metrics')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, add_bench.train, add_bench.losses, add_bench.progressive; "
+        "bad = [m for m in sys.modules if m in ('add_bench.networks.evalnet', 'add_bench.metrics')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
@@ -227,13 +243,31 @@ def test_bench_reports_parts_and_ratio(tiny_assets, capsys, tmp_path):
     out = capsys.readouterr().out
     stored = json.loads((tmp_path / "b.json").read_text())
     assert stored["provenance"]["command"] == " ".join(["python -m add_bench.bench", *args])  # how to re-measure
-    for part in ("student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "discriminator_heads_fwd_bwd",
-                 "add_step", "sum_of_parts", "ratio_step_to_parts"):
+    for part in (
+        "student_fwd_bwd",
+        "teacher_target",
+        "feature_network_fake_fwd_bwd",
+        "discriminator_heads_fwd_bwd",
+        "add_step",
+        "sum_of_parts",
+        "ratio_step_to_parts",
+    ):
         assert part in out
     values = {l.split()[0]: float(l.split()[1]) for l in out.strip().splitlines()}
-    assert values["sum_of_parts"] == pytest.approx(sum(values[k] for k in (
-        "student_fwd_bwd", "teacher_target", "feature_network_fake_fwd_bwd", "feature_network_real_fwd",
-        "discriminator_heads_fwd_bwd")) + values.get("r1_extra_per_step", 0.0), rel=1e-3)
+    assert values["sum_of_parts"] == pytest.approx(
+        sum(
+            values[k]
+            for k in (
+                "student_fwd_bwd",
+                "teacher_target",
+                "feature_network_fake_fwd_bwd",
+                "feature_network_real_fwd",
+                "discriminator_heads_fwd_bwd",
+            )
+        )
+        + values.get("r1_extra_per_step", 0.0),
+        rel=1e-3,
+    )
     assert values["ratio_step_to_parts"] == pytest.approx(values["add_step"] / values["sum_of_parts"], rel=1e-2)
 
 

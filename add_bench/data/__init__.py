@@ -1,4 +1,5 @@
 """Data sets: Fashion-MNIST (embedded benchmark)."""
+
 from add_bench.data.fashion_mnist import (  # noqa: F401
     CLASS_NAMES,
     NUM_CLASSES,

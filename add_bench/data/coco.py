@@ -6,6 +6,7 @@ The folder (``coco.root``, else ``$ADD_BENCH_COCO``) is COCO's own layout:
     <root>/<split>/<file_name>.jpg
 Images are centre-cropped to a square and resized (PIL bicubic) to the model's resolution.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from add_bench.errors import DataError
 
 ENV_VAR = "ADD_BENCH_COCO"
 SPLITS = ("train2017", "val2017")
-INSTALL_HINT = (f"download COCO 2017 (images + annotations_trainval2017.zip from cocodataset.org) and point "
-                f"coco.root / ${ENV_VAR} at the folder holding annotations/ and the image folders")
+INSTALL_HINT = (
+    f"download COCO 2017 (images + annotations_trainval2017.zip from cocodataset.org) and point "
+    f"coco.root / ${ENV_VAR} at the folder holding annotations/ and the image folders"
+)
 
 
 def find_root(root: str | None) -> Path:
@@ -96,14 +99,21 @@ def load_captions(root: str | None, split: str = "val2017") -> CocoCaptions:
         names = {int(im["id"]): im["file_name"] for im in data["images"]}
         pairs = [(int(a["image_id"]), str(a["caption"]).strip()) for a in data["annotations"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{ann}: not a COCO captions file ({type(e).__name__}: {e}); expected "
-                        "'images' [{id, file_name}] and 'annotations' [{image_id, caption}]") from None
+        raise DataError(
+            f"{ann}: not a COCO captions file ({type(e).__name__}: {e}); expected "
+            "'images' [{id, file_name}] and 'annotations' [{image_id, caption}]"
+        ) from None
     missing = sorted({i for i, _ in pairs if i not in names})
     if missing:
         raise DataError(f"{ann}: captions for image ids not listed under 'images' (e.g. {missing[0]})")
     pairs.sort()
-    return CocoCaptions(folder, split, [folder / split / names[i] for i, _ in pairs], [c for _, c in pairs],
-                        np.array([i for i, _ in pairs], dtype=np.int64))
+    return CocoCaptions(
+        folder,
+        split,
+        [folder / split / names[i] for i, _ in pairs],
+        [c for _, c in pairs],
+        np.array([i for i, _ in pairs], dtype=np.int64),
+    )
 
 
 def eval_set(cfg) -> tuple[CocoCaptions, np.ndarray]:

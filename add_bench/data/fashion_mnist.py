@@ -9,6 +9,7 @@ Where the files are looked for, in order:
 Splits: ``train`` is the 60k training set minus a fixed validation carve-out, ``val`` is that
 carve-out, ``test`` is the 10k test set, kept for evaluation (FID reference) only.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,16 @@ INSTALL_HINT = (
 )
 
 CLASS_NAMES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
@@ -145,8 +154,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x[:, 0].cpu().numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_split(split: str, root: str | None = None, val_size: int = 5000, split_seed: int = 0,
-               download: bool = True) -> Split:
+def load_split(
+    split: str, root: str | None = None, val_size: int = 5000, split_seed: int = 0, download: bool = True
+) -> Split:
     """Load ``train``, ``val`` or ``test``. ``val`` is a fixed, class-stratified carve-out of train."""
     if split not in ("train", "val", "test"):
         raise DataError(f"split={split!r}: accepted are 'train', 'val', 'test'")
@@ -172,9 +182,9 @@ def load_split(split: str, root: str | None = None, val_size: int = 5000, split_
 def _val_indices(labels: np.ndarray, val_size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     per_class = val_size // NUM_CLASSES
-    return np.sort(np.concatenate([
-        rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(NUM_CLASSES)
-    ]))
+    return np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(NUM_CLASSES)])
+    )
 
 
 def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -8,6 +8,7 @@ of x0) — Table 1b switches them on and off.
 The heads never detach their inputs: the R1 penalty is taken with respect to each head's input
 features F_k(x0), and the generator loss flows back through them into F and the student.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,14 +101,23 @@ class DiscHead(nn.Module):
 class Discriminator(nn.Module):
     """D_φ: one ``DiscHead`` per feature level of the feature network (dims = its channel counts)."""
 
-    def __init__(self, dims: Sequence[int], c_text_dim: int = 0, c_img_dim: int = 0,
-                 use_c_text: bool = True, use_c_img: bool = True, cmap_dim: int = 64):
+    def __init__(
+        self,
+        dims: Sequence[int],
+        c_text_dim: int = 0,
+        c_img_dim: int = 0,
+        use_c_text: bool = True,
+        use_c_img: bool = True,
+        cmap_dim: int = 64,
+    ):
         super().__init__()
         self.use_c_text, self.use_c_img = use_c_text, use_c_img
         self.c_dim = c_text_dim * use_c_text + c_img_dim * use_c_img
         if (use_c_text and c_text_dim <= 0) or (use_c_img and c_img_dim <= 0):
-            raise ConfigError(f"discriminator: c_text_dim={c_text_dim}, c_img_dim={c_img_dim}: an enabled "
-                              f"conditioning (use_c_text={use_c_text}, use_c_img={use_c_img}) needs a positive dim")
+            raise ConfigError(
+                f"discriminator: c_text_dim={c_text_dim}, c_img_dim={c_img_dim}: an enabled "
+                f"conditioning (use_c_text={use_c_text}, use_c_img={use_c_img}) needs a positive dim"
+            )
         self.heads = nn.ModuleList(DiscHead(d, self.c_dim, cmap_dim) for d in dims)
 
     def condition(self, c_text: torch.Tensor | None, c_img: torch.Tensor | None) -> torch.Tensor | None:
@@ -120,8 +130,9 @@ class Discriminator(nn.Module):
                 parts.append(c)
         return torch.cat(parts, dim=1) if parts else None
 
-    def forward(self, features: Sequence[torch.Tensor], c_text: torch.Tensor | None = None,
-                c_img: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(
+        self, features: Sequence[torch.Tensor], c_text: torch.Tensor | None = None, c_img: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """[F_k(x)] (N, D_k, L) → [D_φ,k(F_k(x))] (N, L), one logit map per head."""
         if len(features) != len(self.heads):
             raise ValueError(f"discriminator has {len(self.heads)} heads, got {len(features)} feature tensors")

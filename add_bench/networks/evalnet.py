@@ -10,6 +10,7 @@
 Both are used by ``add_bench.metrics`` only: no training objective may load them (a test checks the
 trainer's imports), and neither is a discriminator feature network.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ from add_bench.data import NUM_CLASSES
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class EvalNet(nn.Module):
@@ -32,9 +34,14 @@ class EvalNet(nn.Module):
     def __init__(self, num_classes: int = NUM_CLASSES, dropout: float = 0.2):
         super().__init__()
         self.trunk = nn.Sequential(
-            _block(1, 32), nn.MaxPool2d(2),
-            _block(32, 64), _block(64, 64), nn.MaxPool2d(2),
-            _block(64, self.feature_dim), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _block(1, 32),
+            nn.MaxPool2d(2),
+            _block(32, 64),
+            _block(64, 64),
+            nn.MaxPool2d(2),
+            _block(64, self.feature_dim),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
 
@@ -57,8 +64,14 @@ class EmbedNet(nn.Module):
     def __init__(self, width: int = 24):
         super().__init__()
         w = width
-        self.trunk = nn.Sequential(_block(1, w), _block(w, 2 * w, 2), _block(2 * w, 2 * w), _block(2 * w, 4 * w, 2),
-                                   nn.Flatten(), nn.Linear(4 * w * 7 * 7, self.feature_dim))
+        self.trunk = nn.Sequential(
+            _block(1, w),
+            _block(w, 2 * w, 2),
+            _block(2 * w, 2 * w),
+            _block(2 * w, 4 * w, 2),
+            nn.Flatten(),
+            nn.Linear(4 * w * 7 * 7, self.feature_dim),
+        )
         self.projection = nn.Sequential(nn.ReLU(), nn.Linear(self.feature_dim, self.feature_dim))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +89,12 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     for block in net.modules():
-        if isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[0], nn.Conv2d) \
-                and isinstance(block[1], nn.BatchNorm2d):
+        if (
+            isinstance(block, nn.Sequential)
+            and len(block) == 3
+            and isinstance(block[0], nn.Conv2d)
+            and isinstance(block[1], nn.BatchNorm2d)
+        ):
             block[0] = fuse_conv_bn_eval(block[0].eval(), block[1].eval())
             block[1] = nn.Identity()
     return net

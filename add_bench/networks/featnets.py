@@ -16,6 +16,7 @@ Two families:
   * the paper's networks (cluster): timm DINOv1 / DINOv2 ViTs and the open_clip ViT-L/14 image tower,
     loaded from a local weights file (``weights=...``) or, when None, from their hub.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,8 +61,9 @@ FEATURE_NETWORKS: dict[str, FeatNetSpec] = {
     "dinov1_vits16": FeatNetSpec("timm", "vit_small_patch16_224.dino", (0, 3, 6, 9, 12), img_size=224),
     "dinov2_vits14": FeatNetSpec("timm", "vit_small_patch14_dinov2.lvd142m", (0, 3, 6, 9, 12), img_size=224),
     "dinov2_vitl14": FeatNetSpec("timm", "vit_large_patch14_dinov2.lvd142m", (0, 6, 12, 18, 24), img_size=224),
-    "openclip_vitl14": FeatNetSpec("open_clip", "ViT-L-14", (0, 6, 12, 18, 24), img_size=224,
-                                   hub_tag="laion2b_s32b_b82k"),
+    "openclip_vitl14": FeatNetSpec(
+        "open_clip", "ViT-L-14", (0, 6, 12, 18, 24), img_size=224, hub_tag="laion2b_s32b_b82k"
+    ),
 }
 
 PRETRAIN_HINT = "python -m add_bench.pretrain featnet {name}"
@@ -78,8 +80,17 @@ class FeatureNetwork(nn.Module):
 
     num_prefix_tokens = 1  # CLS first, then any register tokens
 
-    def __init__(self, layers: Sequence[int], depth: int, width: int, cls_dim: int, in_chans: int, img_size: int,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        layers: Sequence[int],
+        depth: int,
+        width: int,
+        cls_dim: int,
+        in_chans: int,
+        img_size: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         self.layers = check_layers(layers, depth)
         self.depth, self.dims, self.cls_dim = depth, [width] * len(self.layers), cls_dim
@@ -99,15 +110,16 @@ class FeatureNetwork(nn.Module):
         if c != self.in_chans:
             x = x.expand(-1, self.in_chans, -1, -1) if c == 1 else x.mean(1, keepdim=True)
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.img_size, self.img_size), mode="bilinear", antialias=True, align_corners=False
+            )
         if self.mean is not None:
             x = ((x + 1) / 2 - self.mean) / self.std
         return x
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Tokens (N, P+L, D) → (N, D, L): CLS added to every patch token, prefix tokens dropped."""
-        return (h[:, self.num_prefix_tokens:] + h[:, :1]).transpose(1, 2)
+        return (h[:, self.num_prefix_tokens :] + h[:, :1]).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.embed(self.preprocess(x))
@@ -132,8 +144,10 @@ class FeatureNetwork(nn.Module):
 def check_layers(layers: Sequence[int], depth: int) -> list[int]:
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] > depth:
-        raise ConfigError(f"feature_network.layers={list(layers)}: need a non-empty list of ints in 0..{depth} "
-                          f"(0 = patch embedding, i = output of block i)")
+        raise ConfigError(
+            f"feature_network.layers={list(layers)}: need a non-empty list of ints in 0..{depth} "
+            f"(0 = patch embedding, i = output of block i)"
+        )
     return layers
 
 
@@ -141,8 +155,16 @@ class TimmFeatures(FeatureNetwork):
     """A timm ``VisionTransformer`` as feature network (embedded ViTs and the DINO ViTs)."""
 
     def __init__(self, vit: nn.Module, layers: Sequence[int], mean=None, std=None):
-        super().__init__(layers, len(vit.blocks), vit.embed_dim, vit.num_features, vit.patch_embed.proj.in_channels,
-                         vit.patch_embed.img_size[0], mean, std)
+        super().__init__(
+            layers,
+            len(vit.blocks),
+            vit.embed_dim,
+            vit.num_features,
+            vit.patch_embed.proj.in_channels,
+            vit.patch_embed.img_size[0],
+            mean,
+            std,
+        )
         self.body = vit
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.freeze()
@@ -162,8 +184,16 @@ class OpenClipFeatures(FeatureNetwork):
     """The image tower of an open_clip CLIP ViT; ``cls_embedding`` is the projected image embedding."""
 
     def __init__(self, visual: nn.Module, layers: Sequence[int], mean, std):
-        super().__init__(layers, len(visual.transformer.resblocks), visual.conv1.out_channels, visual.output_dim,
-                         3, visual.image_size[0], mean, std)
+        super().__init__(
+            layers,
+            len(visual.transformer.resblocks),
+            visual.conv1.out_channels,
+            visual.output_dim,
+            3,
+            visual.image_size[0],
+            mean,
+            std,
+        )
         self.body = visual
         self.freeze()
 
@@ -226,8 +256,10 @@ def load_embedded_vit(name: str, weights: str | Path | None = None) -> nn.Module
         return random_vit(spec.arch, spec.seed)
     folder = featnet_folder(name, weights)
     if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder / 'model.safetensors'}: no weights for feature network {name!r}; "
-                              f"train them with `{PRETRAIN_HINT.format(name=name)}`")
+        raise CheckpointError(
+            f"{folder / 'model.safetensors'}: no weights for feature network {name!r}; "
+            f"train them with `{PRETRAIN_HINT.format(name=name)}`"
+        )
     from add_bench.networks.unets import load_state, read_card
 
     card = read_card(folder)
@@ -260,8 +292,10 @@ def load_timm_vit(model_name: str, weights: str | Path | None, img_size: int | N
     except Exception as e:  # noqa: BLE001 - torch/safetensors/hub raise many types
         where = weights if weights is not None else f"the hub ({model_name})"
         hint = "" if weights is not None else "; offline, pass a local weights file (feature_network.weights)"
-        raise CheckpointError(f"{where}: cannot load {model_name} weights ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''}){hint}") from None
+        raise CheckpointError(
+            f"{where}: cannot load {model_name} weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}){hint}"
+        ) from None
 
 
 def load_open_clip_visual(model_name: str, weights: str | Path) -> tuple[nn.Module, Any, Any]:
@@ -278,8 +312,10 @@ def load_open_clip_visual(model_name: str, weights: str | Path) -> tuple[nn.Modu
         model = open_clip.create_model(model_name, pretrained=str(weights), require_pretrained=True)
     except Exception as e:  # noqa: BLE001
         hint = "; offline, pass a local weights file (feature_network.weights)" if is_tag else ""
-        raise CheckpointError(f"{weights}: cannot load open_clip {model_name} weights ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''}){hint}") from None
+        raise CheckpointError(
+            f"{weights}: cannot load open_clip {model_name} weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}){hint}"
+        ) from None
     visual = model.visual
     cfg = getattr(visual, "preprocess_cfg", None) or {}
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
@@ -335,8 +371,10 @@ def load_clip_s(weights: str | Path | None = None, name: str = "clip_s") -> Clip
 
     folder = featnet_folder(name, weights)
     if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder / 'model.safetensors'}: no weights for {name!r}; "
-                              f"train them with `{PRETRAIN_HINT.format(name=name)}`")
+        raise CheckpointError(
+            f"{folder / 'model.safetensors'}: no weights for {name!r}; "
+            f"train them with `{PRETRAIN_HINT.format(name=name)}`"
+        )
     card = read_card(folder)
     if card.get("objective") != "clip":
         raise CheckpointError(f"{folder / 'card.json'}: objective {card.get('objective')!r}, expected 'clip'")
@@ -363,14 +401,18 @@ class OpenClipText(nn.Module):
 
         source = weights if weights is not None else hub_tag
         if source is None:
-            raise CheckpointError(f"discriminator.c_text_weights is unset and {model_name} has no pretrained tag; "
-                                  "accepted: a local open_clip weights file")
+            raise CheckpointError(
+                f"discriminator.c_text_weights is unset and {model_name} has no pretrained tag; "
+                "accepted: a local open_clip weights file"
+            )
         check_file(weights, f"{model_name} text tower (discriminator.c_text_weights)")
         try:
             model = open_clip.create_model(model_name, pretrained=str(source), require_pretrained=True)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{source}: cannot load open_clip {model_name} weights ({type(e).__name__}); "
-                                  "offline, pass a local weights file (discriminator.c_text_weights)") from None
+            raise CheckpointError(
+                f"{source}: cannot load open_clip {model_name} weights ({type(e).__name__}); "
+                "offline, pass a local weights file (discriminator.c_text_weights)"
+            ) from None
         model.visual = None  # the image tower is not needed for c_text
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -385,8 +427,10 @@ def build_text_encoder(name: str, weights: str | Path | None = None) -> OpenClip
     """A cluster text tower for c_text by name (``TEXT_ENCODERS``); weights from a local file."""
     arch, hub_tag = choose(TEXT_ENCODERS, name, "discriminator.c_text_network")
     if arch == "embedded":
-        raise ConfigError(f"discriminator.c_text_network={name!r} embeds the 10 Fashion-MNIST prompts only; with a "
-                          f"Stable Diffusion teacher accepted: {', '.join(k for k in TEXT_ENCODERS if k != name)}")
+        raise ConfigError(
+            f"discriminator.c_text_network={name!r} embeds the 10 Fashion-MNIST prompts only; with a "
+            f"Stable Diffusion teacher accepted: {', '.join(k for k in TEXT_ENCODERS if k != name)}"
+        )
     return OpenClipText(arch, weights, hub_tag)
 
 

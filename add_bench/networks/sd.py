@@ -23,6 +23,7 @@ the tests build tiny random-weight folders in the same layout and load them thro
   distillation loss in pixel space for latent models, which also lets a teacher from another latent
   space (Table 1e: SD2.1 student, SDXL teacher) judge the student's decoded sample.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,17 @@ SD_MODELS: dict[str, str] = {
 }
 
 
-def schedule_config(scheduler_config: dict[str, Any], zero_terminal_snr: bool, where: str = "scheduler") -> ScheduleConfig:
+def schedule_config(
+    scheduler_config: dict[str, Any], zero_terminal_snr: bool, where: str = "scheduler"
+) -> ScheduleConfig:
     """The suite's schedule from a diffusers scheduler config: the model's betas and parameterisation,
     trailing timestep spacing (4 steps → 999, 749, 499, 249), and zero terminal SNR if asked for."""
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if zero_terminal_snr and prediction == "epsilon":
-        raise ConfigError(f"{where}: zero terminal SNR with prediction_type='epsilon' leaves x0 undefined at "
-                          "t = T−1 (α = 0); accepted: zero_terminal_snr=false, or a v_prediction / sample model")
+        raise ConfigError(
+            f"{where}: zero terminal SNR with prediction_type='epsilon' leaves x0 undefined at "
+            "t = T−1 (α = 0); accepted: zero_terminal_snr=false, or a v_prediction / sample model"
+        )
     return ScheduleConfig(
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         beta_schedule=scheduler_config.get("beta_schedule", "scaled_linear"),
@@ -92,7 +97,7 @@ def pack_xl_condition(embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tenso
     if pooled.shape[1] > d:
         raise ConfigError(f"SDXL pooled embedding of {pooled.shape[1]} dims does not fit a row of {d}")
     row = embeds.new_zeros(b, 1, d)
-    row[:, 0, :pooled.shape[1]] = pooled
+    row[:, 0, : pooled.shape[1]] = pooled
     return torch.cat([embeds, row], dim=1)
 
 
@@ -118,8 +123,9 @@ class XLTextDenoiser(TextDenoiser):
         embeds, pooled = unpack_xl_condition(cond, self.pooled_dim)
         h, w = (side * self.vae_scale for side in x_t.shape[-2:])
         time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], -1)
-        return self.unet(x_t, t, encoder_hidden_states=embeds,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return self.unet(
+            x_t, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
 
 
 @dataclass
@@ -161,13 +167,15 @@ class StableDiffusion:
         """c as diffusers' pipelines compute it: SD 1.x/2.x, the text encoder's last hidden state of the
         padded prompt tokens; SDXL, both encoders' penultimate hidden states concatenated, packed with
         the second encoder's pooled projection (:func:`pack_xl_condition`)."""
+
         def tokens(tokenizer, chunk):
-            return tokenizer(chunk, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                             return_tensors="pt").input_ids.to(self.text_encoder.device)
+            return tokenizer(
+                chunk, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids.to(self.text_encoder.device)
 
         out = []
         for i in range(0, len(prompts), batch_size):
-            chunk = list(prompts[i:i + batch_size])
+            chunk = list(prompts[i : i + batch_size])
             if not self.is_xl:
                 out.append(self.text_encoder(tokens(self.tokenizer, chunk))[0])
                 continue
@@ -195,8 +203,9 @@ class StableDiffusion:
             return XLTextDenoiser(unet, self.schedule, self.null_embedding(), self.vae_scale)
         return TextDenoiser(unet, self.schedule, self.null_embedding())
 
-    def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
-                   mode: bool = False) -> torch.Tensor:
+    def to_latents(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
         """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode."""
         posterior = self.vae.encode(pixels).latent_dist
         z = posterior.mode() if mode else posterior.sample(generator)
@@ -211,14 +220,17 @@ class StableDiffusion:
 def _load(cls, folder: Path, subfolder: str):
     path = folder / subfolder
     if not path.is_dir():
-        raise CheckpointError(f"{path}: missing; a Stable Diffusion folder needs {subfolder}/ "
-                              "(write one with StableDiffusionPipeline.save_pretrained)")
+        raise CheckpointError(
+            f"{path}: missing; a Stable Diffusion folder needs {subfolder}/ "
+            "(write one with StableDiffusionPipeline.save_pretrained)"
+        )
     try:
         kwargs = {"low_cpu_mem_usage": False} if cls.__module__.startswith("diffusers") else {}  # no accelerate here
         return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - corrupt or mismatched files: one clear line
-        raise CheckpointError(f"{path}: cannot load {cls.__name__} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{path}: cannot load {cls.__name__} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = None) -> StableDiffusion:
@@ -230,8 +242,10 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
         known = ", ".join(f"{k} ({hub_id})" for k, hub_id in SD_MODELS.items())
-        raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json); "
-                              f"download one of {known} and pass its local path")
+        raise CheckpointError(
+            f"{folder}: not a diffusers Stable Diffusion folder (no model_index.json); "
+            f"download one of {known} and pass its local path"
+        )
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise CheckpointError(f"{sched_file}: missing")
@@ -239,17 +253,21 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
     index = json.loads((folder / "model_index.json").read_text())
     xl = bool((index.get("text_encoder_2") or [None])[0])
     if xl and not (index.get("text_encoder") or [None])[0]:
-        raise ConfigError(f"{folder}: an SDXL folder without text_encoder (the refiner) cannot generate from "
-                          "noise; accepted: SD 1.x / 2.x / SDXL base folders")
+        raise ConfigError(
+            f"{folder}: an SDXL folder without text_encoder (the refiner) cannot generate from "
+            "noise; accepted: SD 1.x / 2.x / SDXL base folders"
+        )
     if zero_terminal_snr is None:
         zero_terminal_snr = sched.get("prediction_type", "epsilon") == "v_prediction"
     schedule = Schedule(schedule_config(sched, zero_terminal_snr, str(sched_file)))
     unet = _load(UNet2DConditionModel, folder, "unet")
     embed_type = getattr(unet.config, "addition_embed_type", None)
     if embed_type != ("text_time" if xl else None):
-        raise ConfigError(f"{folder}/unet: addition_embed_type={embed_type!r} with "
-                          f"{'two text encoders' if xl else 'one text encoder'}; accepted: None (SD 1.x / 2.x) "
-                          "or 'text_time' with text_encoder_2 (SDXL)")
+        raise ConfigError(
+            f"{folder}/unet: addition_embed_type={embed_type!r} with "
+            f"{'two text encoders' if xl else 'one text encoder'}; accepted: None (SD 1.x / 2.x) "
+            "or 'text_time' with text_encoder_2 (SDXL)"
+        )
     vae = _load(AutoencoderKL, folder, "vae")
     text_encoder = _load(CLIPTextModel, folder, "text_encoder")
     tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
@@ -258,8 +276,17 @@ def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = Non
     for m in (unet, vae, text_encoder, text_encoder_2):
         if m is not None:
             m.eval().requires_grad_(False)
-    return StableDiffusion(folder, unet, vae, text_encoder, tokenizer, schedule, text_encoder_2, tokenizer_2,
-                           zeros_for_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)))
+    return StableDiffusion(
+        folder,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        schedule,
+        text_encoder_2,
+        tokenizer_2,
+        zeros_for_empty_prompt=xl and bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
 
 
 def pixels_to_uint8(x: torch.Tensor) -> np.ndarray:

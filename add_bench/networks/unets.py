@@ -6,6 +6,7 @@ dropout in training, classifier-free guidance and NFSD's unconditional predictio
 Shipped weights are a folder with ``model.safetensors`` (EMA weights, fp16) and ``card.json``
 (the UNet config, how it was trained, its metrics).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,24 @@ from add_bench.errors import CheckpointError
 
 _COMMON = dict(
     num_class_embeds=NUM_CLASSES + 1,
-    time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0, attention_head_dim=None,
+    time_embedding_type="positional",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    attention_head_dim=None,
     dropout=0.0,
 )
 # The image (1×28×28) is pixel-unshuffled to 4×14×14 before the UNet (patch=2): on this CPU a UNet
 # at full 28×28 resolution costs ~200 MFLOP per image and makes a 50-step, 5k-sample FID an hour's
 # work; at 14×14 → 7×7 the small preset costs ~1.4 ms per image per step (see README).
-_TWO_LEVELS = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                   up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+_TWO_LEVELS = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(  # tests only
-        patch=2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        patch=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
     ),
     "small": dict(patch=2, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, **_TWO_LEVELS),
     # 1.5× the widths (1.58M parameters, ≈2.2× the small preset's step time); with two layers per block
@@ -46,8 +53,13 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 def unet_config(size: str, image_size: int = 28, channels: int = 1) -> dict[str, Any]:
     preset = dict(choose(UNET_PRESETS, size, "size"))
     patch = preset.get("patch", 1)
-    return {**_COMMON, **preset, "sample_size": image_size // patch,
-            "in_channels": channels * patch * patch, "out_channels": channels * patch * patch}
+    return {
+        **_COMMON,
+        **preset,
+        "sample_size": image_size // patch,
+        "in_channels": channels * patch * patch,
+        "out_channels": channels * patch * patch,
+    }
 
 
 class PatchUNet(torch.nn.Module):
@@ -87,8 +99,10 @@ def save_weights(folder: str | Path, module: torch.nn.Module, card: dict[str, An
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
-             for k, v in module.state_dict().items()}
+    state = {
+        k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in module.state_dict().items()
+    }
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     atomic_write_json(folder / "card.json", card)
