@@ -156,6 +156,9 @@ class StudentConfig:
     # α forced to 0 at t = T−1 on the student's schedule only: x_s at s = 999 is pure noise, as at
     # inference (the paper's zero terminal SNR for the student; the teacher keeps its own schedule)
     zero_terminal_snr: bool = True
+    # how s is drawn for a batch: uniform over T_student (the paper) | stratified (each τ equally often,
+    # in contiguous blocks: the discriminator's BatchNormLocal groups of fakes hold one timestep each)
+    timestep_draw: str = "uniform"
 
 
 @dataclass
@@ -194,9 +197,12 @@ class DiscriminatorConfig:
     cmap_dim: int = 64
     augment: str = "color,translation,cutout"  # DiffAugment policy ("" = none)
     r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
-    r1_every: int = (
-        16  # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step, as the paper)
-    )
+    # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step, as the paper)
+    r1_every: int = 16
+    steps: int = 1  # discriminator updates per student update (the paper: 1); extra ones see fresh fakes
+    # group size of a minibatch-standard-deviation channel appended in every head (StyleGAN; lets a
+    # head see that a batch of fakes is too alike); 0 = off (the paper)
+    minibatch_std: int = 0
 
 
 @dataclass
@@ -212,6 +218,12 @@ class LossConfig:
         "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
     )
     space: str = "pixel"  # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
+    # an extension, not the paper's: weight of a noise-anchored regression (DMD; the public LADD
+    # re-implementation) of the student's 1-step output from ε at the top student timestep onto the
+    # teacher's multi-step output from the same ε (losses.noise_anchored_regression); 0 = off
+    regression_weight: float = 0.0
+    regression_pairs: int = 2048  # (ε, class, teacher output) pairs, made once per cell in its work folder
+    regression_steps: int = 10  # DPM-Solver++ steps of the teacher (guided by teacher.cfg_scale) per pair
 
 
 @dataclass

@@ -79,6 +79,13 @@ def distillation_loss(
     return (c_t.flatten() * d).mean()
 
 
+def noise_anchored_regression(x_student: torch.Tensor, x_teacher_ode: torch.Tensor) -> torch.Tensor:
+    """An extension, not the paper's (DMD, Yin et al. 2024): E_ε[ ||x̂θ(ε, τN) − ODE_ψ(ε)||² ] averaged over
+    pixels, where ODE_ψ(ε) is the teacher's multi-step sample from the same noise ε (detached). It anchors
+    each noise to its own image, which the adversarial term alone does not."""
+    return (x_student - x_teacher_ode.detach()).pow(2).flatten(1).mean(1).mean()
+
+
 # ------------------------------------------------------------------ c(t): the distillation weighting
 def c_exp(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Exponential weighting c(t) = α_t (the paper's default in the ablations)."""

@@ -119,6 +119,12 @@ EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every")
 ADDED_KEYS: dict[str, Any] = {
     "eval.evalnet_ssl": "evalnet_ssl",
     "student.zero_terminal_snr": True,
+    "student.timestep_draw": "uniform",
+    "discriminator.steps": 1,
+    "discriminator.minibatch_std": 0,
+    "loss.regression_weight": 0.0,
+    "loss.regression_pairs": 2048,
+    "loss.regression_steps": 10,
     "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
     "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
     "coco": {"root": None, "split": "train2017", "resolution": 512},

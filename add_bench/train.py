@@ -46,6 +46,7 @@ from add_bench.losses import (
     generator_adversarial_loss,
     nfsd_delta,
     nfsd_target,
+    noise_anchored_regression,
     r1_penalty,
     teacher_target,
 )
@@ -71,6 +72,8 @@ class Networks:
     sd: Any = None  # latent models: the student's StableDiffusion (VAE, text encoder); None = pixel space
     text_encoder: Any = None  # latent models: captions → c_text (an open_clip text tower)
     teacher_sd: Any = None  # a teacher from another folder (own VAE, text encoders); None = shares ``sd``
+    pairs: Any = None  # loss.regression_weight > 0: the teacher's (ε, c) → sample pairs (TeacherPairs)
+    data_shape: tuple[int, ...] = (1, 28, 28)  # one x0 (pixel models: the embedded images)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
@@ -103,6 +106,20 @@ def validate(cfg: TrainConfig) -> None:
     choose(dict.fromkeys(("pixel", "latent")), cfg.loss.space, "loss.space")
     check_positive(cfg.teacher.steps, "teacher.steps")
     check_positive(cfg.discriminator.r1_every, "discriminator.r1_every")
+    check_positive(cfg.discriminator.steps, "discriminator.steps")
+    choose(dict.fromkeys(("uniform", "stratified")), cfg.student.timestep_draw, "student.timestep_draw")
+    if cfg.student.timestep_draw == "stratified" and cfg.batch_size % len(cfg.student.timesteps):
+        raise ConfigError(
+            f"student.timestep_draw=stratified with batch_size={cfg.batch_size} and "
+            f"{len(cfg.student.timesteps)} student timesteps: batch_size must be a multiple of the timestep count"
+        )
+    if cfg.discriminator.minibatch_std < 0:
+        raise ConfigError(f"discriminator.minibatch_std={cfg.discriminator.minibatch_std}: a group size ≥ 0 (0 = off)")
+    if cfg.loss.regression_weight < 0:
+        raise ConfigError(f"loss.regression_weight={cfg.loss.regression_weight}: must be ≥ 0 (0 = off)")
+    if cfg.loss.regression_weight > 0:
+        check_positive(cfg.loss.regression_pairs, "loss.regression_pairs")
+        check_positive(cfg.loss.regression_steps, "loss.regression_steps")
     if not cfg.loss.adversarial and not cfg.loss.distillation:
         raise ConfigError("loss.adversarial=false and loss.distillation=false: at least one loss term is needed")
     if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
@@ -186,7 +203,13 @@ def discriminator_side(cfg: TrainConfig, make_c_text):
     c_text = make_c_text() if make_c_text is not None else None
     c_img_dim = c_img_network.cls_embedding(torch.zeros(1, 1, 28, 28)).shape[1] if c_img_network is not None else 0
     disc = Discriminator(
-        feature_network.dims, c_text.shape[1] if c_text is not None else 0, c_img_dim, d.c_text, d.c_img, d.cmap_dim
+        feature_network.dims,
+        c_text.shape[1] if c_text is not None else 0,
+        c_img_dim,
+        d.c_text,
+        d.c_img,
+        d.cmap_dim,
+        d.minibatch_std,
     )
     return feature_network, c_img_network, c_text, disc
 
@@ -199,6 +222,11 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     from add_bench.networks.featnets import build_text_encoder
     from add_bench.networks.sd import load_stable_diffusion
 
+    if cfg.loss.regression_weight > 0:
+        raise ConfigError(
+            f"loss.regression_weight={cfg.loss.regression_weight} with a Stable Diffusion teacher: the noise-anchored "
+            "regression is implemented for the embedded class-conditional models; accepted: loss.regression_weight=0"
+        )
     if cfg.loss.weighting == "nfsd" and cfg.loss.nfsd_negative != "null":
         raise ConfigError(
             f"loss.nfsd_negative={cfg.loss.nfsd_negative!r} needs class labels; with a Stable "
@@ -329,8 +357,7 @@ def add_step(
     the teacher's own condition when it comes from another folder (``nets.teacher_sd``)."""
     pixels = x0 if pixels is None else pixels
     n = x0.shape[0]
-    grid = torch.tensor(list(cfg.student.timesteps))
-    s = grid[torch.randint(0, len(grid), (n,), generator=gen)].to(x0.device)
+    s = draw_student_timesteps(cfg, n, gen).to(x0.device)
     eps = randn(x0.shape, gen, x0)
     alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
     x_s = add_noise(x0, eps, alpha_s, sigma_s)
@@ -356,6 +383,10 @@ def add_step(
         weighted_distill = cfg.loss.lambda_distill * loss_distill
         loss_g = loss_g + weighted_distill
         log["loss_distill"] = loss_distill.item()
+    if cfg.loss.regression_weight > 0:
+        loss_regression = regression_term(nets, cfg, n, gen)
+        loss_g = loss_g + cfg.loss.regression_weight * loss_regression
+        log["loss_regression"] = loss_regression.item()
     check_finite(loss_g, "generator loss", step)
     if log_step:
         log.update(term_gradient_norms(nets.student.unet, loss_adv, weighted_distill))
@@ -378,7 +409,75 @@ def add_step(
         fake_ok = torch.cat([f.detach().lt(0).float() for f in fake_logits], dim=1).mean(1)  # (N,)
         for tau in sorted(set(s.tolist())):
             log[f"d_fake_acc_s{tau}"] = fake_ok[s == tau].mean().item()
+        for _ in range(cfg.discriminator.steps - 1):  # extra discriminator updates, each on fresh fakes
+            features = fresh_fake_features(nets, cfg, x0, labels, gen)
+            discriminator_step(
+                nets.feature_network, nets.discriminator, cfg, pixels, features, c_text, c_img, gen, opt_d, step
+            )
     return log
+
+
+def draw_student_timesteps(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+    """s for a batch of n: uniform over T_student (the paper), or ``stratified``: each τ equally often, in
+    contiguous blocks (the discriminator's BatchNormLocal groups of fakes then hold one timestep each)."""
+    grid = torch.tensor(list(cfg.student.timesteps))
+    if cfg.student.timestep_draw == "stratified":
+        return grid.repeat_interleave(n // len(grid))
+    return grid[torch.randint(0, len(grid), (n,), generator=gen)]
+
+
+@torch.no_grad()
+def fresh_fake_features(nets: Networks, cfg: TrainConfig, x0, labels, gen) -> list[torch.Tensor]:
+    """F(aug(x̂θ)) of the (just updated) student on new noise and timesteps, for an extra discriminator update."""
+    s = draw_student_timesteps(cfg, x0.shape[0], gen).to(x0.device)
+    alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
+    x_s = add_noise(x0, randn(x0.shape, gen, x0), alpha_s, sigma_s)
+    images = nets.to_pixels(nets.student(x_s, s, labels).x0)
+    return nets.feature_network(diff_augment(images, cfg.discriminator.augment, gen))
+
+
+@dataclass
+class TeacherPairs:
+    """Noise, class and the teacher's multi-step sample from that noise (:func:`teacher_pairs`)."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor
+    target: torch.Tensor
+
+
+def teacher_pairs(nets: Networks, cfg: TrainConfig, workdir: Path) -> TeacherPairs:
+    """``loss.regression_pairs`` pairs (ε, c) → the teacher's DPM-Solver++ sample in ``loss.regression_steps``
+    steps with CFG ``teacher.cfg_scale``, from their own seeded generator (the training draws are unchanged);
+    kept in the work folder so that a resumed cell reuses them."""
+    from add_bench.diffusion import get_sampler
+    from add_bench.provenance import atomic_path
+
+    path = workdir / "regression_pairs.pt"
+    if path.is_file():
+        return TeacherPairs(**torch.load(path))
+    lc, device = cfg.loss, nets.student.device
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    noise = torch.randn((lc.regression_pairs, *nets.data_shape), generator=gen)
+    labels = torch.arange(lc.regression_pairs) % NUM_CLASSES
+    sampler = get_sampler("dpm_solver")
+    chunks = []
+    for n, c in zip(noise.split(256), labels.split(256)):
+        chunks.append(sampler(nets.teacher, n.to(device), c.to(device), lc.regression_steps, cfg.teacher.cfg_scale))
+    pairs = {"noise": noise, "labels": labels, "target": torch.cat(chunks).cpu()}
+    with atomic_path(path) as tmp:
+        torch.save(pairs, tmp)
+    return TeacherPairs(**pairs)
+
+
+def regression_term(nets: Networks, cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The noise-anchored regression (an extension): the student's x̂θ(ε, τN) from n stored pairs' noise at the
+    top student timestep τN, against the teacher's sample from the same noise."""
+    pairs = nets.pairs
+    idx = torch.randint(0, len(pairs.noise), (n,), generator=gen)
+    device = nets.student.device
+    noise, labels = pairs.noise[idx].to(device), pairs.labels[idx].to(device)
+    top = torch.full((n,), max(cfg.student.timesteps), device=device)
+    return noise_anchored_regression(nets.student(noise, top, labels).x0, pairs.target[idx].to(device))
 
 
 def discriminator_step(
@@ -502,6 +601,8 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, procs))
     nets = build_networks(cfg).to(device)
+    if cfg.loss.regression_weight > 0:
+        nets.pairs = teacher_pairs(nets, cfg, workdir)
     data = training_data(cfg, nets)
     opt_s, opt_d = optimisers(nets, cfg)
     objects = {

@@ -79,14 +79,34 @@ class Residual(nn.Module):
         return (self.fn(x) + x) / math.sqrt(2)
 
 
-class DiscHead(nn.Module):
-    """D_φ,k: block(kernel 1) → residual block(kernel 9) → 1×1 conv; projection-conditioned if c_dim > 0."""
+class MinibatchStd(nn.Module):
+    """StyleGAN's minibatch standard deviation: over each group of ``group`` samples (strided, as in
+    StyleGAN), the std of every feature, averaged over features and tokens, appended as one more channel.
+    A batch whose size ``group`` does not divide is one group."""
 
-    def __init__(self, channels: int, c_dim: int = 0, cmap_dim: int = 64):
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, L) → (N, C + 1, L)
+        n, c, length = x.shape
+        g = self.group if n % self.group == 0 else n
+        std = x.reshape(g, n // g, c, length).var(0, unbiased=False).add(1e-8).sqrt().mean((1, 2))  # (N/g,)
+        return torch.cat([x, std.repeat(g)[:, None, None].expand(n, 1, length)], dim=1)
+
+
+class DiscHead(nn.Module):
+    """D_φ,k: block(kernel 1) → residual block(kernel 9) → [minibatch std] → 1×1 conv; projection-conditioned
+    if c_dim > 0."""
+
+    def __init__(self, channels: int, c_dim: int = 0, cmap_dim: int = 64, minibatch_std: int = 0):
         super().__init__()
         self.c_dim, self.cmap_dim = c_dim, cmap_dim
-        self.main = nn.Sequential(block(channels, 1), Residual(block(channels, 9)))
-        self.out = SpectralConv1d(channels, cmap_dim if c_dim > 0 else 1, kernel_size=1)
+        layers = [block(channels, 1), Residual(block(channels, 9))]
+        if minibatch_std:
+            layers.append(MinibatchStd(minibatch_std))
+        self.main = nn.Sequential(*layers)
+        self.out = SpectralConv1d(channels + bool(minibatch_std), cmap_dim if c_dim > 0 else 1, kernel_size=1)
         self.cmapper = nn.Linear(c_dim, cmap_dim) if c_dim > 0 else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +129,7 @@ class Discriminator(nn.Module):
         use_c_text: bool = True,
         use_c_img: bool = True,
         cmap_dim: int = 64,
+        minibatch_std: int = 0,
     ):
         super().__init__()
         self.use_c_text, self.use_c_img = use_c_text, use_c_img
@@ -118,7 +139,7 @@ class Discriminator(nn.Module):
                 f"discriminator: c_text_dim={c_text_dim}, c_img_dim={c_img_dim}: an enabled "
                 f"conditioning (use_c_text={use_c_text}, use_c_img={use_c_img}) needs a positive dim"
             )
-        self.heads = nn.ModuleList(DiscHead(d, self.c_dim, cmap_dim) for d in dims)
+        self.heads = nn.ModuleList(DiscHead(d, self.c_dim, cmap_dim, minibatch_std) for d in dims)
 
     def condition(self, c_text: torch.Tensor | None, c_img: torch.Tensor | None) -> torch.Tensor | None:
         """The conditioning vector: concatenation of the enabled ones among c_text, c_img."""

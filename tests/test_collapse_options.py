@@ -1,0 +1,89 @@
+"""Options of the collapse probes (issue: the paper's setting): stratified student timesteps, several
+discriminator updates per student update, a minibatch-std channel in the heads, and the noise-anchored
+regression extension. Each is off by default, where the trainer does what the paper says."""
+
+import pytest
+import torch
+from test_train import batch, cfg_for
+
+from add_bench import train as train_mod
+from add_bench.config import TrainConfig
+from add_bench.errors import ConfigError
+from add_bench.networks.discriminator import MinibatchStd
+
+
+def test_stratified_draw_gives_each_student_timestep_a_contiguous_block(tiny_assets):
+    cfg = cfg_for(tiny_assets, **{"student.timestep_draw": "stratified"})
+    s = train_mod.draw_student_timesteps(cfg, 8, torch.Generator().manual_seed(0))
+    assert s.tolist() == [999, 999, 749, 749, 499, 499, 249, 249]
+    with pytest.raises(ConfigError, match="multiple of the timestep count"):
+        train_mod.validate(cfg_for(tiny_assets, **{"student.timestep_draw": "stratified", "batch_size": 6}))
+    # the paper's uniform draw is the default and consumes the generator as before
+    uniform = train_mod.draw_student_timesteps(cfg_for(tiny_assets), 8, torch.Generator().manual_seed(0))
+    grid = torch.tensor([999, 749, 499, 249])
+    assert torch.equal(uniform, grid[torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(0))])
+
+
+def test_minibatch_std_channel_sees_a_collapsed_batch():
+    layer = MinibatchStd(group=4)
+    same = torch.randn(1, 3, 5).expand(8, 3, 5)
+    out = layer(same)
+    assert out.shape == (8, 4, 5) and torch.allclose(out[:, :3], same)
+    assert out[:, 3].abs().max() < 1e-3  # identical samples: zero spread
+    varied = torch.randn(8, 3, 5)
+    groups = varied.reshape(4, 2, 3, 5)  # strided groups: samples k, k+2, k+4, k+6
+    expected = groups.var(0, unbiased=False).add(1e-8).sqrt().mean((1, 2))
+    torch.testing.assert_close(layer(varied)[:, 3, 0], expected.repeat(4))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_discriminator_steps_per_student_step(tiny_assets, steps):
+    cfg = cfg_for(tiny_assets, **{"discriminator.steps": steps, "discriminator.minibatch_std": 4})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    counts = {"student": 0, "discriminator": 0}
+
+    def counting(params, name):
+        class Counting(torch.optim.Adam):
+            def step(self, closure=None):
+                counts[name] += 1
+                return super().step(closure)
+
+        return Counting(params, 1e-4)
+
+    opt_s = counting(nets.student.unet.parameters(), "student")
+    opt_d = counting(nets.discriminator.parameters(), "discriminator")
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    assert counts == {"student": 1, "discriminator": steps}
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+
+
+def test_noise_anchored_regression_pairs_are_the_teachers_samples(tiny_assets, tmp_path):
+    cfg = cfg_for(
+        tiny_assets, **{"loss.regression_weight": 1.0, "loss.regression_pairs": 12, "loss.regression_steps": 3}
+    )
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    pairs = train_mod.teacher_pairs(nets, cfg, tmp_path)
+    assert (tmp_path / "regression_pairs.pt").is_file() and pairs.noise.shape == (12, 1, 28, 28)
+    from add_bench.diffusion import sample_dpm_solver
+
+    again = sample_dpm_solver(nets.teacher, pairs.noise[:4], pairs.labels[:4], 3, cfg.teacher.cfg_scale)
+    torch.testing.assert_close(again, pairs.target[:4])
+    assert torch.equal(train_mod.teacher_pairs(nets, cfg, tmp_path).target, pairs.target)  # reused, not redrawn
+    nets.pairs = pairs
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), 1e-4)
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), 1e-4)
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    assert row["loss_regression"] > 0
+    assert row["loss_g"] == pytest.approx(
+        row["loss_g_adv"] + 2.5 * row["loss_distill"] + row["loss_regression"], rel=1e-5
+    )
+
+
+def test_the_options_default_to_the_papers_recipe():
+    cfg = TrainConfig()
+    assert cfg.student.timestep_draw == "uniform" and cfg.discriminator.steps == 1
+    assert cfg.discriminator.minibatch_std == 0 and cfg.loss.regression_weight == 0
