@@ -64,9 +64,8 @@ class TeacherPretrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; the EMA is what ships
     ema_warmup_steps: int = 1000  # EMA decay ramps as min(decay, (1+step)/(10+step)) until here
     cond_drop_prob: float = 0.1  # labels replaced by the null class → CFG / NFSD possible
-    loss_weighting: str = (
-        "v_mse"  # v_mse (plain v-prediction MSE, SD2.1's: every t trained) | min_snr (Hang et al. 2023)
-    )
+    # v_mse (plain v-prediction MSE, SD2.1's: every t trained) | min_snr (Hang et al. 2023)
+    loss_weighting: str = "v_mse"
     min_snr_gamma: float = 5.0
     seed: int = 0
     ckpt_every: int = 500
@@ -167,9 +166,8 @@ class TeacherConfig:
 
     network: str = "teacher_small"  # shipped weights name or folder (Table 1e: teacher_small | teacher_large)
     steps: int = 1  # k consecutive DDIM teacher steps from t produce the target (Table 1f: 1, 2, 4)
-    cfg_scale: float = (
-        2.0  # classifier-free guidance when making targets (1 = none; 2 = the teacher's best on val); NFSD's s
-    )
+    # classifier-free guidance when making targets (1 = none; 2 = the teacher's best on val); NFSD's s
+    cfg_scale: float = 2.0
     timestep_sampling: str = "uniform"  # t ~ U{t_min..t_max} | student (t drawn from T_student)
     t_min: int = 20
     t_max: int = 980
@@ -214,9 +212,8 @@ class LossConfig:
     lambda_distill: float = 2.5  # λ
     weighting: str = "exp"  # c(t): exp | sds | nfsd (see add_bench.losses.C_WEIGHTINGS)
     reduction: str = "mean"  # d(x, y) = squared L2 averaged (mean) or summed (sum) over pixels
-    nfsd_negative: str = (
-        "other_class"  # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
-    )
+    # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
+    nfsd_negative: str = "other_class"
     space: str = "pixel"  # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
     # an extension, not the paper's: weight of a noise-anchored regression (DMD; the public LADD
     # re-implementation) of the student's 1-step output from ε at the top student timestep onto the
@@ -272,9 +269,8 @@ class TrainConfig:
     another ``method`` (Table 2: the teacher sampled as is, progressive distillation) reads the same
     schema; the fields a method does not use are ignored by it."""
 
-    method: str = (
-        "add"  # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
-    )
+    # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
+    method: str = "add"
     seed: int = 0
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
