@@ -22,7 +22,7 @@ import numpy as np
 
 from add_bench.config import EvalConfig, load
 from add_bench.data import NUM_CLASSES, balanced_indices, load_split
-from add_bench.errors import AddBenchError, DataError
+from add_bench.errors import DataError, command_line
 from add_bench.evaluate import generate, load_denoiser
 from add_bench.metrics import FID, EvalNetScorer, SampleSet, build_suite, score
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, resolve_weights
@@ -270,6 +270,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.baseline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,19 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "teacher"))
     p.add_argument("--tables-only", action="store_true", help="rewrite the tables and plot from the stored rows only")
     a = p.parse_args(argv)
-    try:
-        if a.tables_only:
-            rows_dir = Path(a.out) / "rows"
-            if not rows_dir.is_dir():
-                raise DataError(f"{rows_dir}: no stored rows; run python -m add_bench.baseline --out {a.out} first")
-            write_tables(stored_rows(rows_dir), Path(a.out))
-            print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
-            return 0
-        cfg = load(EvalConfig, overrides=a.overrides)
-        run(a.teachers, Path(a.out), cfg, a.steps, a.cfg_search_samples)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.tables_only:
+        rows_dir = Path(a.out) / "rows"
+        if not rows_dir.is_dir():
+            raise DataError(f"{rows_dir}: no stored rows; run python -m add_bench.baseline --out {a.out} first")
+        write_tables(stored_rows(rows_dir), Path(a.out))
+        print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
+        return 0
+    cfg = load(EvalConfig, overrides=a.overrides)
+    run(a.teachers, Path(a.out), cfg, a.steps, a.cfg_search_samples)
     print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
     return 0
 

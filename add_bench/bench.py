@@ -27,7 +27,7 @@ import torch
 from add_bench.augment import diff_augment
 from add_bench.config import TrainConfig, load
 from add_bench.data import load_split
-from add_bench.errors import AddBenchError
+from add_bench.errors import command_line
 from add_bench.loop import set_threads
 from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
 from add_bench.provenance import atomic_write_json, provenance
@@ -184,6 +184,7 @@ def bench_workers(cfg: TrainConfig, steps: int = 30, cores: int | None = None) -
     return out
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,13 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, default=30, help="--parallel: ADD steps timed per process")
     a = p.parse_args(argv)
-    try:
-        cfg = load(TrainConfig, overrides=a.overrides)
-        start = time.time()
-        timings = bench_workers(cfg, a.steps) if a.parallel else bench_add_step(cfg, a.repeats)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(TrainConfig, overrides=a.overrides)
+    start = time.time()
+    timings = bench_workers(cfg, a.steps) if a.parallel else bench_add_step(cfg, a.repeats)
     for k, v in timings.items():
         unit = "" if k.startswith(("ratio", "steps_per_s", "cores")) else " s"
         print(f"{k:<40} {v:12.6f}{unit}")

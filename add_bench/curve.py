@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from add_bench.config import TrainConfig, load, to_dict
-from add_bench.errors import AddBenchError, ConfigError
+from add_bench.errors import AddBenchError, ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
 
 CURVE_METRICS = ("fid", "align_prob", "recall", "coverage", "intra_fid")
@@ -188,6 +188,7 @@ def write_outputs(df: pd.DataFrame, out: Path, cfg: TrainConfig, seeds: list[int
     )
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.curve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,13 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "curve")
     a = p.parse_args(argv)
     start = time.time()
-    try:
-        cfg = load(TrainConfig, overrides=a.overrides)
-        df = run_curve(cfg, a.at, a.seeds, a.out, a.workdir)
-        write_outputs(df, a.out, cfg, a.seeds, time.time() - start)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(TrainConfig, overrides=a.overrides)
+    df = run_curve(cfg, a.at, a.seeds, a.out, a.workdir)
+    write_outputs(df, a.out, cfg, a.seeds, time.time() - start)
     print(f"wrote {a.out}/table.md, curve.png, curve.json", file=sys.stderr)
     return 0
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from add_bench.augment import diff_augment
 from add_bench.config import TrainConfig, check_positive, load
 from add_bench.data import load_split, to_model_range
-from add_bench.errors import AddBenchError, ConfigError
+from add_bench.errors import ConfigError, command_line
 from add_bench.evaluate import default_sampler, generate, load_denoiser
 from add_bench.loop import set_threads
 from add_bench.provenance import atomic_write_json, atomic_write_text, provenance, resolve_weights
@@ -187,6 +187,7 @@ def write_tables(out: Path, runs: list[dict]) -> None:
     )
 
 
+@command_line(ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.discriminator_probe",
@@ -214,64 +215,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("overrides", nargs="*", help="TrainConfig overrides key=value, applied to every run")
     a = p.parse_intermixed_args(argv)
+    for name in ("steps", "eval_every", "samples", "held_out", "sampling_steps"):
+        check_positive(getattr(a, name), "--" + name.replace("_", "-"))
+    if a.held_out >= a.samples:
+        raise ConfigError(f"--held-out {a.held_out} must be smaller than --samples {a.samples}")
+    bad = [v for v in a.variant if "=" not in v]
+    if bad:
+        raise ConfigError(f"--variant {bad[0]}: expected KEY=VALUE (e.g. discriminator.augment=color)")
+    variants = a.variant or [None]
+    cfgs = [load(TrainConfig, a.config, a.overrides + ([v] if v else [])) for v in variants]
+    out = Path(a.out)
     try:
-        for name in ("steps", "eval_every", "samples", "held_out", "sampling_steps"):
-            check_positive(getattr(a, name), "--" + name.replace("_", "-"))
-        if a.held_out >= a.samples:
-            raise ConfigError(f"--held-out {a.held_out} must be smaller than --samples {a.samples}")
-        bad = [v for v in a.variant if "=" not in v]
-        if bad:
-            raise ConfigError(f"--variant {bad[0]}: expected KEY=VALUE (e.g. discriminator.augment=color)")
-        variants = a.variant or [None]
-        cfgs = [load(TrainConfig, a.config, a.overrides + ([v] if v else [])) for v in variants]
-        out = Path(a.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--out {out}: cannot create the output folder ({e.strerror})") from e
-        set_threads(cfgs[0].threads)
-        start = time.time()
-        real, fake, labels, sampler, card = make_pairs(
-            a.generator, a.sampling_steps, a.sampler, a.samples, cfgs[0], a.seed
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the output folder ({e.strerror})") from e
+    set_threads(cfgs[0].threads)
+    start = time.time()
+    real, fake, labels, sampler, card = make_pairs(a.generator, a.sampling_steps, a.sampler, a.samples, cfgs[0], a.seed)
+    n_train = a.samples - a.held_out
+    runs = []
+    for v, cfg in zip(variants, cfgs):
+        print(f"discriminator probe: {v or 'shared config'}", file=sys.stderr)
+        resolved = {} if v is None else {v.split("=")[0]: OmegaConf.select(cfg, v.split("=")[0])}
+        runs.append(
+            {
+                "variant": v,
+                "resolved": resolved,
+                **probe(cfg, real, fake, labels, n_train, a.steps, a.eval_every, a.seed),
+            }
         )
-        n_train = a.samples - a.held_out
-        runs = []
-        for v, cfg in zip(variants, cfgs):
-            print(f"discriminator probe: {v or 'shared config'}", file=sys.stderr)
-            resolved = {} if v is None else {v.split("=")[0]: OmegaConf.select(cfg, v.split("=")[0])}
-            runs.append(
-                {
-                    "variant": v,
-                    "resolved": resolved,
-                    **probe(cfg, real, fake, labels, n_train, a.steps, a.eval_every, a.seed),
-                }
-            )
-        weights = resolve_weights(a.generator) / "model.safetensors"
-        result = {
-            "generator": str(a.generator),
-            "generator_card": card,
-            "sampler": sampler,
-            "generator_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
-            "sampling_steps": a.sampling_steps,
-            "train_pairs": n_train,
-            "held_out_pairs": a.held_out,
-            "overrides": a.overrides,
-            "runs": runs,
-            "provenance": provenance(
-                cfgs[0],
-                a.seed,
-                time.time() - start,
-                command=shlex.join(["python", "-m", "add_bench.discriminator_probe", *sys.argv[1:]]),
-            ),
-        }
-        atomic_write_json(out / "probe.json", result)
-        write_tables(out, runs)
-        print(
-            f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr
-        )
-    except (AddBenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    weights = resolve_weights(a.generator) / "model.safetensors"
+    result = {
+        "generator": str(a.generator),
+        "generator_card": card,
+        "sampler": sampler,
+        "generator_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None,
+        "sampling_steps": a.sampling_steps,
+        "train_pairs": n_train,
+        "held_out_pairs": a.held_out,
+        "overrides": a.overrides,
+        "runs": runs,
+        "provenance": provenance(
+            cfgs[0],
+            a.seed,
+            time.time() - start,
+            command=shlex.join(["python", "-m", "add_bench.discriminator_probe", *sys.argv[1:]]),
+        ),
+    }
+    atomic_write_json(out / "probe.json", result)
+    write_tables(out, runs)
+    print(f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr)
     return 0
 
 

@@ -19,3 +19,28 @@ class CheckpointError(AddBenchError):
 
 class TrainingDiverged(AddBenchError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def command_line(main=None, *also: type[Exception]):
+    """Decorator of a command's ``main(argv) -> int``: an AddBenchError (and any of ``also``, e.g. ValueError
+    from a malformed input file) becomes one ``error: <message>`` line on stderr and exit status 2.
+
+        @command_line                 # AddBenchError only
+        @command_line(ValueError)     # also ValueError
+    """
+    import functools
+    import sys
+
+    if main is not None and not isinstance(main, type):
+
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (AddBenchError, *also) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+
+        return wrapped
+    kinds = ((main,) if main is not None else ()) + also
+    return lambda fn: command_line(fn, *kinds)

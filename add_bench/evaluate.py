@@ -31,7 +31,7 @@ from tqdm import tqdm
 from add_bench.config import EvalConfig, check_positive, load
 from add_bench.data import balanced_labels, to_uint8
 from add_bench.diffusion import SAMPLERS, Denoiser, get_sampler, schedule_from_card
-from add_bench.errors import AddBenchError, CheckpointError, ConfigError
+from add_bench.errors import CheckpointError, ConfigError, command_line
 from add_bench.metrics import SampleSet, build_suite, metric_features, score
 from add_bench.networks.unets import load_unet, read_card
 from add_bench.provenance import atomic_path, atomic_write_json, provenance, resolve_weights
@@ -232,6 +232,7 @@ def evaluate(
     }
 
 
+@command_line(ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,19 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (a GPU if visible, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
-    try:
-        cfg = load(EvalConfig, overrides=a.overrides)
-        start = time.time()
-        result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device)
-        result["provenance"] = provenance(
-            cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]])
-        )
-        out = Path(a.out) if a.out else resolve_weights(a.checkpoint) / "metrics.json"
-        atomic_write_json(out, result)
-        print(f"wrote {out}", file=sys.stderr)
-    except (AddBenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(EvalConfig, overrides=a.overrides)
+    start = time.time()
+    result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device)
+    result["provenance"] = provenance(
+        cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]])
+    )
+    out = Path(a.out) if a.out else resolve_weights(a.checkpoint) / "metrics.json"
+    atomic_write_json(out, result)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

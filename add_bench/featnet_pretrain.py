@@ -37,7 +37,7 @@ from tqdm import tqdm
 from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
-from add_bench.errors import AddBenchError, TrainingDiverged
+from add_bench.errors import TrainingDiverged, command_line
 from add_bench.loop import Run, lr_at, set_threads
 from add_bench.networks.featnets import FEATURE_NETWORKS, ClipS, make_vit, prompt_vocab
 from add_bench.networks.unets import num_params, save_weights
@@ -429,6 +429,7 @@ def load_featnet_config(
     return cfg
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.pretrain featnet",
@@ -442,14 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="weights folder (default add_bench/weights/featnet_<name>)")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop cleanly after this long; re-run resumes")
     a = p.parse_args(argv)
-    try:
-        cfg = load_featnet_config(a.name, a.config, a.overrides)
-        workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / f"featnet_{a.name}"
-        out = Path(a.out) if a.out else WEIGHTS_DIR / f"featnet_{a.name}"
-        done = pretrain_featnet(a.name, cfg, workdir, out, a.budget_minutes)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_featnet_config(a.name, a.config, a.overrides)
+    workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / f"featnet_{a.name}"
+    out = Path(a.out) if a.out else WEIGHTS_DIR / f"featnet_{a.name}"
+    done = pretrain_featnet(a.name, cfg, workdir, out, a.budget_minutes)
     return 0 if done else 3
 
 

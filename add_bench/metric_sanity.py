@@ -33,7 +33,7 @@ import torch
 
 from add_bench.config import EvalConfig, load
 from add_bench.data import NUM_CLASSES, balanced_indices, load_split
-from add_bench.errors import AddBenchError, ConfigError
+from add_bench.errors import ConfigError, command_line
 from add_bench.metrics import (
     KNN_K,
     EmbedNetFeatures,
@@ -430,6 +430,7 @@ def parse_setting(text: str) -> tuple[int, float]:
         raise ConfigError(f"--teacher-settings {text!r}: expected STEPS:CFG, e.g. 4:2") from None
 
 
+@command_line(ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.metric_sanity",
@@ -444,14 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spaces", nargs="+", default=list(SPACES), choices=SPACES, help="feature spaces to compare")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value")
     a = p.parse_intermixed_args(argv)
-    try:
-        cfg = load(EvalConfig, overrides=a.overrides)
-        settings = [parse_setting(s) for s in a.teacher_settings]
-        command = shlex.join(["python", "-m", "add_bench.metric_sanity", *(argv if argv is not None else sys.argv[1:])])
-        run(Path(a.out), cfg, a.num_samples, a.teachers, settings, not a.no_timing, command, tuple(a.spaces))
-    except (AddBenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load(EvalConfig, overrides=a.overrides)
+    settings = [parse_setting(s) for s in a.teacher_settings]
+    command = shlex.join(["python", "-m", "add_bench.metric_sanity", *(argv if argv is not None else sys.argv[1:])])
+    run(Path(a.out), cfg, a.num_samples, a.teachers, settings, not a.no_timing, command, tuple(a.spaces))
     print(f"wrote {a.out}/ladder.json, table.md, table.csv, ladder.png", file=sys.stderr)
     return 0
 

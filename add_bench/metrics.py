@@ -34,7 +34,7 @@ from cleanfid.fid import frechet_distance
 
 from add_bench.config import EvalConfig, choose
 from add_bench.data import PROMPTS, load_split, to_model_range
-from add_bench.errors import CheckpointError
+from add_bench.errors import CheckpointError, command_line
 from add_bench.networks.evalnet import EmbedNet, EvalNet, fold_batchnorm
 from add_bench.networks.unets import load_into, read_card
 from add_bench.provenance import atomic_path, resolve_weights
@@ -600,6 +600,7 @@ def read_samples(path: str | Path) -> SampleSet:
         raise DataError(f"{path}: {e}") from None
 
 
+@command_line(ValueError)
 def main(argv: list[str] | None = None) -> int:
     """``python -m add_bench.metrics SAMPLES.npz [--metrics fid,prdc,...] --out metrics.json [key=value ...]``:
     score an exported sample file with the embedded metrics (all by default)."""
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     from add_bench.config import load
-    from add_bench.errors import AddBenchError, DataError
+    from add_bench.errors import DataError
     from add_bench.provenance import atomic_write_json, provenance
 
     p = argparse.ArgumentParser(prog="python -m add_bench.metrics", description=main.__doc__)
@@ -617,33 +618,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="metrics JSON to write")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (evalnet=..., evalnet_ssl=...)")
     a = p.parse_intermixed_args(argv)
-    try:
-        start = time.time()
-        cfg = load(EvalConfig, overrides=a.overrides)
-        names = [n.strip() for n in a.metrics.split(",")] if a.metrics else None
-        registry = embedded_metrics(cfg)
-        if names is not None:
-            select_metrics(dict.fromkeys(registry, lambda: None), names)  # an unknown name fails before any work
-        samples = read_samples(a.samples)
-        if names is None or "prdc" in names:
-            try:
-                check_per_class(samples.labels, KNN_K, "k-NN metrics")
-            except ValueError as e:
-                raise DataError(f"{a.samples}: {e}") from None
-        suite = select_metrics(registry, names)
-        result = {
-            "samples": a.samples,
-            "num_samples": len(samples),
-            "row": score(suite, samples),
-            "metric_features": metric_features(suite),
-        }
-        result["provenance"] = provenance(
-            cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.metrics", *sys.argv[1:]])
-        )
-        atomic_write_json(a.out, result)
-    except (AddBenchError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start = time.time()
+    cfg = load(EvalConfig, overrides=a.overrides)
+    names = [n.strip() for n in a.metrics.split(",")] if a.metrics else None
+    registry = embedded_metrics(cfg)
+    if names is not None:
+        select_metrics(dict.fromkeys(registry, lambda: None), names)  # an unknown name fails before any work
+    samples = read_samples(a.samples)
+    if names is None or "prdc" in names:
+        try:
+            check_per_class(samples.labels, KNN_K, "k-NN metrics")
+        except ValueError as e:
+            raise DataError(f"{a.samples}: {e}") from None
+    suite = select_metrics(registry, names)
+    result = {
+        "samples": a.samples,
+        "num_samples": len(samples),
+        "row": score(suite, samples),
+        "metric_features": metric_features(suite),
+    }
+    result["provenance"] = provenance(
+        cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.metrics", *sys.argv[1:]])
+    )
+    atomic_write_json(a.out, result)
     print(" ".join(f"{k}={v:.4g}" for k, v in result["row"].items()), file=sys.stderr)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0

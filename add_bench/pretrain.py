@@ -34,7 +34,7 @@ from add_bench.config import (
 )
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
-from add_bench.errors import AddBenchError, TrainingDiverged
+from add_bench.errors import TrainingDiverged, command_line
 from add_bench.loop import Run, lr_at, set_threads
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EmbedNet, EvalNet
@@ -335,6 +335,7 @@ def pretrain_evalnet_ssl(
 
 
 # ------------------------------------------------------------------------------------ CLI
+@command_line
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["featnet"]:  # embedded feature networks: their own command line
@@ -352,31 +353,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="weights folder (default add_bench/weights/<name>)")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop cleanly after this long; re-run resumes")
     a = p.parse_args(argv)
-    try:
-        if a.what == "teacher":
-            cfg = load(TeacherPretrainConfig, a.config, a.overrides)
-            name = a.name or f"teacher_{cfg.size}"
-            run = pretrain_teacher
-        elif a.what == "evalnet":
-            cfg = load(EvalNetPretrainConfig, a.config, a.overrides)
-            name = a.name or "evalnet"
-            run = pretrain_evalnet
-        else:
-            cfg = load(EmbedNetPretrainConfig, a.config, a.overrides)
-            name = a.name or "evalnet_ssl"
-            run = pretrain_evalnet_ssl
-        workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
-        out = Path(a.out) if a.out else WEIGHTS_DIR / name
-        # the card records the command that made the weights; --budget-minutes only splits the run
-        command = shlex.join(
-            ["python", "-m", "add_bench.pretrain", a.what, *a.overrides]
-            + (["--config", a.config] if a.config else [])
-            + (["--name", a.name] if a.name else [])
-        )
-        done = run(cfg, workdir, out, a.budget_minutes, command)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.what == "teacher":
+        cfg = load(TeacherPretrainConfig, a.config, a.overrides)
+        name = a.name or f"teacher_{cfg.size}"
+        run = pretrain_teacher
+    elif a.what == "evalnet":
+        cfg = load(EvalNetPretrainConfig, a.config, a.overrides)
+        name = a.name or "evalnet"
+        run = pretrain_evalnet
+    else:
+        cfg = load(EmbedNetPretrainConfig, a.config, a.overrides)
+        name = a.name or "evalnet_ssl"
+        run = pretrain_evalnet_ssl
+    workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
+    out = Path(a.out) if a.out else WEIGHTS_DIR / name
+    # the card records the command that made the weights; --budget-minutes only splits the run
+    command = shlex.join(
+        ["python", "-m", "add_bench.pretrain", a.what, *a.overrides]
+        + (["--config", a.config] if a.config else [])
+        + (["--name", a.name] if a.name else [])
+    )
+    done = run(cfg, workdir, out, a.budget_minutes, command)
     return 0 if done else 3
 
 

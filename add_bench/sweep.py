@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import TrainConfig, choose, config_error, load, load_yaml, to_dict
-from add_bench.errors import AddBenchError, ConfigError
+from add_bench.errors import ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -726,6 +726,7 @@ def show_status(ablations: list[Ablation], out: Path) -> None:
             print(f"{ab.name:<16} {c.name:<22} seed {c.seed:<3} {c.id}  {state}{job}")
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -756,33 +757,29 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these rows (every seed of each); the tables still list every row",
     )
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
-    try:
-        if "=" in a.ablation and not a.ablation.endswith((".yaml", ".yml")):  # key=a,b,c on the command line
-            data, rest = command_line_ablation([a.ablation, *a.overrides])
-            sweep_over, train_over = split_overrides(rest)
-            ablations = [expand(Path("command line"), data, sweep_over, train_over)]
-        else:
-            ablations = load_ablations(a.ablation, a.overrides)
-        out = Path(a.out)
-        only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
-        workers = parse_workers(a.workers)
-        if a.dry_run:
-            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
-        elif a.status:
-            show_status(ablations, out)
-        elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
-            write_manifests(ablations, out)
-            collect(ablations, out)
-        else:
-            slurm = None
-            if a.launcher == "slurm":
-                from add_bench.launchers import SlurmConfig, check_slurm_config
+    if "=" in a.ablation and not a.ablation.endswith((".yaml", ".yml")):  # key=a,b,c on the command line
+        data, rest = command_line_ablation([a.ablation, *a.overrides])
+        sweep_over, train_over = split_overrides(rest)
+        ablations = [expand(Path("command line"), data, sweep_over, train_over)]
+    else:
+        ablations = load_ablations(a.ablation, a.overrides)
+    out = Path(a.out)
+    only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
+    workers = parse_workers(a.workers)
+    if a.dry_run:
+        print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
+    elif a.status:
+        show_status(ablations, out)
+    elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
+        write_manifests(ablations, out)
+        collect(ablations, out)
+    else:
+        slurm = None
+        if a.launcher == "slurm":
+            from add_bench.launchers import SlurmConfig, check_slurm_config
 
-                slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
-            run_sweep(ablations, out, a.launcher, workers, slurm, only)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
+        run_sweep(ablations, out, a.launcher, workers, slurm, only)
     return 0
 
 

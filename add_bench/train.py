@@ -37,7 +37,7 @@ from add_bench.augment import diff_augment
 from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, schedule_from_card
-from add_bench.errors import AddBenchError, ConfigError, TrainingDiverged
+from add_bench.errors import ConfigError, TrainingDiverged, command_line
 from add_bench.loop import LR_SCHEDULES, Run, lr_at, set_threads
 from add_bench.losses import (
     C_WEIGHTINGS,
@@ -784,6 +784,7 @@ def export_sd_student(nets: Networks, cfg: TrainConfig, out: Path, wall: float, 
     return out
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -813,9 +814,6 @@ def main(argv: list[str] | None = None) -> int:
             result["provenance"] = provenance(cfg, cfg.seed, None, command="python -m add_bench.train --evaluate")
             atomic_write_json(workdir / "metrics.json", result)
             print(f"wrote {workdir / 'metrics.json'}", file=sys.stderr)
-    except AddBenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         distributed.finish()
     return 0
