@@ -32,13 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
-from tqdm import tqdm
 
 from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
-from add_bench.errors import TrainingDiverged, command_line
-from add_bench.loop import Run, lr_at, set_threads
+from add_bench.errors import command_line
+from add_bench.loop import Run, RunningMean, clipped_update, drive, lr_at, set_threads
 from add_bench.networks.featnets import FEATURE_NETWORKS, ClipS, make_vit, prompt_vocab
 from add_bench.networks.unets import num_params, save_weights
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
@@ -334,43 +333,22 @@ def pretrain_featnet(
         f"work folder {workdir}, weights → {out}",
         file=sys.stderr,
     )
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"featnet-{name}", dynamic_ncols=True)
-    loss_avg = None
-    while not run.done:
-        step = run.step
+    loss_avg = RunningMean()
+
+    def step_fn(step: int) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         loss, stats = task.loss(x_train[idx], y_train[idx], gen)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"featnet {name} loss is {loss.item()} at step {step}; last good checkpoint "
-                f"kept in {workdir}; lower lr (now {cfg.lr})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        task.before_step(step)
-        gnorm = torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), cfg.grad_clip)
-        opt.step()
+        where = f"(featnet {name}) at step {step}; last good checkpoint kept in {workdir}; lower lr (now {cfg.lr})"
+        row = clipped_update(
+            loss, opt, task.trainable.parameters(), cfg.grad_clip, loss_avg, where, lambda: task.before_step(step)
+        )
         task.after_step(step)
-        run.step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if run.step % cfg.log_every == 0:
-            run.log.write(
-                step=run.step,
-                loss=loss.item(),
-                loss_avg=loss_avg,
-                grad_norm=gnorm.item(),
-                lr=opt.param_groups[0]["lr"],
-                wall_time_s=run.wall_time_s,
-                **stats,
-            )
-        if run.end_of_step():
-            bar.close()
-            return False
-    bar.close()
+        return {**row, **stats}
+
+    if not drive(run, step_fn, f"featnet-{name}", cfg.log_every, postfix=("loss_avg",)):
+        return False
     wall, step = run.wall_time_s, run.step
     metrics = evaluate_featnet(task, cfg)
     module, extra = task.export()

@@ -1,9 +1,11 @@
-"""Small pieces shared by the training loops: learning-rate schedule, JSONL log, thread count."""
+"""What the training loops share: the loop itself (:func:`drive`), a resumable run, learning-rate schedule,
+JSONL log, thread count."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,82 @@ class Run:
             )
             return True
         return False
+
+
+def drive(
+    run: Run,
+    step_fn: Callable[[int], dict[str, Any]],
+    desc: str,
+    log_every: int,
+    *,
+    progress: bool = True,
+    postfix: Sequence[str] = ("loss",),
+    log_at: Callable[[int], bool] | None = None,
+    log_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> bool:
+    """The loop every trainer shares. ``step_fn(step)`` makes one update from ``step`` (counted from 0) and
+    returns that step's log row (a callable value is computed only if the row is written). Then: the
+    progress bar (``postfix`` keys), a JSONL row every ``log_every`` completed steps, at the end and where
+    ``log_at(completed)`` says (``log_row`` may rewrite it first, on every process), ``after_step(completed)``,
+    and Run.end_of_step's checkpoints and time budget. Returns True when the run is finished, False when it
+    stopped on its budget (call again to resume)."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=run.total, initial=run.step, desc=desc, dynamic_ncols=True, disable=not (progress and run.procs.is_writer)
+    )
+    try:
+        while not run.done:
+            row = step_fn(run.step)
+            run.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in postfix if k in row})
+            if run.step % log_every == 0 or run.done or (log_at is not None and log_at(run.step)):
+                row = {k: v() if callable(v) else v for k, v in row.items()}
+                row = log_row(row) if log_row is not None else row
+                if run.procs.is_writer:
+                    run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
+            if after_step is not None:
+                after_step(run.step)
+            if run.end_of_step():
+                return False
+        return True
+    finally:
+        bar.close()
+
+
+class RunningMean:
+    """The exponential moving average of a loss shown on the progress bar (``loss_avg``)."""
+
+    def __init__(self, rate: float = 0.02):
+        self.rate, self.value = rate, None
+
+    def __call__(self, x: float) -> float:
+        self.value = x if self.value is None else (1 - self.rate) * self.value + self.rate * x
+        return self.value
+
+
+def clipped_update(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    params,
+    grad_clip: float,
+    loss_avg: RunningMean,
+    where: str,
+    before_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """A pre-training update: stop on a non-finite loss (``where`` says what and how to resume), backward,
+    ``before_step()``, clip the gradient norm to ``grad_clip``, step. Returns the step's log row."""
+    if not torch.isfinite(loss):
+        from add_bench.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"loss is {loss.item()} {where}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_step is not None:
+        before_step()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    value = loss.item()
+    return {"loss": value, "loss_avg": loss_avg(value), "grad_norm": gnorm.item(), "lr": opt.param_groups[0]["lr"]}

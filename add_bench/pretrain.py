@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from add_bench import checkpoint
 from add_bench.config import (
@@ -34,8 +33,8 @@ from add_bench.config import (
 )
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
-from add_bench.errors import TrainingDiverged, command_line
-from add_bench.loop import Run, lr_at, set_threads
+from add_bench.errors import command_line
+from add_bench.loop import Run, RunningMean, clipped_update, drive, lr_at, set_threads
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EmbedNet, EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
@@ -64,11 +63,11 @@ def pretrain_teacher(
         f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}",
         file=sys.stderr,
     )
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"teacher-{cfg.size}", dynamic_ncols=True)
-    loss_avg = None
-    while not run.done:
+    loss_avg = RunningMean()
+
+    def step_fn(step: int) -> dict:
         for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         loss = denoising_loss(
             unet,
@@ -81,33 +80,13 @@ def pretrain_teacher(
             cfg.loss_weighting,
             cfg.min_snr_gamma,
         )
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"teacher loss is {loss.item()} at step {run.step}; last good checkpoint "
-                f"kept in {workdir}; lower lr (now {cfg.lr})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(unet, run.step)
-        run.step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.4f}")
-        if run.step % cfg.log_every == 0:
-            run.log.write(
-                step=run.step,
-                loss=loss.item(),
-                loss_avg=loss_avg,
-                grad_norm=gnorm.item(),
-                lr=opt.param_groups[0]["lr"],
-                wall_time_s=run.wall_time_s,
-            )
-        if run.end_of_step():
-            bar.close()
-            return False
-    bar.close()
+        where = f"(teacher) at step {step}; last good checkpoint kept in {workdir}; lower lr (now {cfg.lr})"
+        row = clipped_update(loss, opt, unet.parameters(), cfg.grad_clip, loss_avg, where)
+        ema.update(unet, step)
+        return row
+
+    if not drive(run, step_fn, f"teacher-{cfg.size}", cfg.log_every, postfix=("loss_avg",)):
+        return False
     wall, step = run.wall_time_s, run.step
     card = {
         "kind": "teacher",
@@ -131,14 +110,12 @@ def pretrain_teacher(
 
 
 # ------------------------------------------------------------------------------------ evalnet
-def optimizer_step(run: Run, opt: torch.optim.Optimizer, loss: torch.Tensor, bar: tqdm) -> None:
-    """One plain optimiser step on ``loss``; the run's step and the progress bar advance."""
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One plain optimiser step on ``loss``; returns the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    run.step += 1
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
 
 
 def seeded_start(cfg) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
@@ -162,27 +139,18 @@ def pretrain_evalnet(
     steps_per_epoch = len(x_train) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     run = Run(workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes)
-    bar = tqdm(total=total, initial=run.step, desc="evalnet", dynamic_ncols=True)
-    while not run.done:
+
+    def step_fn(step: int) -> dict:
         net.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, cfg.lr, steps_per_epoch // 2, total, 0.01)
+            g["lr"] = lr_at(step, cfg.lr, steps_per_epoch // 2, total, 0.01)
         idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
         x = random_shift(x_train[idx], cfg.max_shift, gen)
-        loss = F.cross_entropy(net(x), y_train[idx])
-        optimizer_step(run, opt, loss, bar)
-        if run.step % steps_per_epoch == 0 or run.done:
-            run.log.write(
-                step=run.step,
-                epoch=run.step / steps_per_epoch,
-                loss=loss.item(),
-                val_acc=accuracy(net, x_val, y_val),
-                wall_time_s=run.wall_time_s,
-            )
-        if run.end_of_step():
-            bar.close()
-            return False
-    bar.close()
+        loss = optimizer_step(opt, F.cross_entropy(net(x), y_train[idx]))
+        return {"epoch": (step + 1) / steps_per_epoch, "loss": loss, "val_acc": lambda: accuracy(net, x_val, y_val)}
+
+    if not drive(run, step_fn, "evalnet", steps_per_epoch):
+        return False
     wall, step = run.wall_time_s, run.step
     x_test, y_test = load_split("test", d.root, download=d.download).tensors()
     metrics = {"val_accuracy": accuracy(net, x_val, y_val), "test_accuracy": accuracy(net, x_test, y_test)}
@@ -298,20 +266,17 @@ def pretrain_evalnet_ssl(
     print(
         f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}", file=sys.stderr
     )
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="evalnet_ssl", dynamic_ncols=True)
-    while not run.done:
+
+    def step_fn(step: int) -> dict:
         net.train()
         for g in opt.param_groups:
-            g["lr"] = lr_at(run.step, cfg.lr, cfg.steps // 20, cfg.steps, 0.01)
+            g["lr"] = lr_at(step, cfg.lr, cfg.steps // 20, cfg.steps, 0.01)
         x = x_train[torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)]
         loss = nt_xent(net(augment_view(x, cfg, gen)), net(augment_view(x, cfg, gen)), cfg.temperature)
-        optimizer_step(run, opt, loss, bar)
-        if run.step % 50 == 0 or run.done:
-            run.log.write(step=run.step, loss=loss.item(), lr=opt.param_groups[0]["lr"], wall_time_s=run.wall_time_s)
-        if run.end_of_step():
-            bar.close()
-            return False
-    bar.close()
+        return {"loss": optimizer_step(opt, loss), "lr": opt.param_groups[0]["lr"]}
+
+    if not drive(run, step_fn, "evalnet_ssl", 50):
+        return False
     wall, step = run.wall_time_s, run.step
     x_test, y_test = load_split("test", d.root, download=d.download).tensors()
     metrics = embedding_checks(net, cfg, x_train, y_train, x_test, y_test)

@@ -27,7 +27,7 @@ from add_bench.config import TrainConfig, check_positive
 from add_bench.data import NUM_CLASSES
 from add_bench.diffusion import Denoiser, add_noise, randn
 from add_bench.errors import ConfigError
-from add_bench.loop import Run, set_threads
+from add_bench.loop import Run, drive, set_threads
 from add_bench.losses import progressive_loss, progressive_target, two_teacher_steps
 from add_bench.networks.unets import build_unet, load_into, read_card, save_weights
 from add_bench.provenance import provenance, resolve_weights
@@ -142,7 +142,6 @@ def train_progressive(
 ) -> dict[int, Path] | None:
     """Train (or resume) every stage in ``workdir``; return {student steps: weights folder}, or None when
     ``budget_minutes`` ran out first (a checkpoint is written; call again to resume)."""
-    from tqdm import tqdm
 
     from add_bench.diffusion import schedule_from_card
     from add_bench.train import FashionMnistBatches, check_finite, clip
@@ -162,56 +161,69 @@ def train_progressive(
     def adam() -> torch.optim.Adam:
         return torch.optim.Adam(unet.parameters(), lr=p.lr, betas=tuple(float(b) for b in p.betas))
 
-    opt = adam()
     gen = torch.Generator().manual_seed(cfg.seed)
-    objects = {"student": unet, "ema": ema, "opt_student": opt}
+    objects = {"student": unet, "ema": ema, "opt_student": adam()}
     run = Run(workdir, objects, gen, plan[-1].end, cfg.ckpt_every, budget_minutes)
     data = FashionMnistBatches(cfg)
-    bar = tqdm(total=run.total, initial=run.step, desc="progressive", dynamic_ncols=True, disable=not progress)
-    teacher, current = None, None
-    while not run.done:
-        stage = next(s for s in plan if s.start <= run.step < s.end)
-        if stage is not current:  # entering a stage (or resuming inside one): its teacher, fresh optimiser
+    state: dict = {"stage": None}  # the current stage, its teacher, grid, CFG scale and optimiser
+
+    def step_fn(step: int) -> dict:
+        stage = next(s for s in plan if s.start <= step < s.end)
+        if stage is not state["stage"]:  # entering a stage (or resuming inside one): its teacher, fresh optimiser
             index = plan.index(stage)
             previous = plan[index - 1] if index else None
             teacher = base_teacher if previous is None else load_stage_teacher(workdir, previous, schedule, card)
-            # the first teacher is guided (teacher.cfg_scale); later teachers are students that learnt the guidance
-            cfg_scale = cfg.teacher.cfg_scale if previous is None else 1.0
-            if run.step == stage.start and previous is not None:  # the student starts as its teacher
+            if step == stage.start and previous is not None:  # the student starts as its teacher
                 unet.load_state_dict(teacher.unet.state_dict())
                 ema.module.load_state_dict(teacher.unet.state_dict())
-                opt = objects["opt_student"] = adam()
-            grid, current = stage_timesteps(schedule, stage), stage
+                objects["opt_student"] = adam()
+            # the first teacher is guided (teacher.cfg_scale); later teachers are students that learnt the guidance
+            state.update(
+                stage=stage,
+                teacher=teacher,
+                grid=stage_timesteps(schedule, stage),
+                cfg_scale=cfg.teacher.cfg_scale if previous is None else 1.0,
+            )
+        opt = objects["opt_student"]
         for g in opt.param_groups:
-            g["lr"] = lr_in_stage(run.step, stage, p.lr, p.warmup_steps)
+            g["lr"] = lr_in_stage(step, stage, p.lr, p.warmup_steps)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x0, labels, _ = data.batch(idx, gen)
-        loss = progressive_step(student, teacher, stage, grid, x0, labels, gen, cfg_scale)
-        check_finite(loss, "progressive distillation loss", run.step)
+        loss = progressive_step(student, state["teacher"], stage, state["grid"], x0, labels, gen, state["cfg_scale"])
+        check_finite(loss, "progressive distillation loss", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip(unet, cfg.optim.student_grad_clip)
         opt.step()
-        ema.update(unet, run.step - stage.start)
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(stage=f"{stage.name}→{stage.student_steps}", loss=f"{loss.item():.4f}")
-        if run.step % cfg.log_every == 0 or run.step == stage.end:
-            run.log.write(
-                step=run.step,
-                wall_time_s=round(run.wall_time_s, 2),
-                stage=stage.name,
-                student_steps=stage.student_steps,
-                loss=loss.item(),
-                grad_norm_student=grad_norm,
-                lr_student=opt.param_groups[0]["lr"],
-            )
-        if run.step == stage.end:  # before the checkpoint: a run resumed at the boundary finds it
+        ema.update(unet, step - stage.start)
+        return {
+            "stage": stage.name,
+            "student_steps": stage.student_steps,
+            "loss": loss.item(),
+            "grad_norm_student": grad_norm,
+            "lr_student": opt.param_groups[0]["lr"],
+        }
+
+    def stage_end(completed: int) -> bool:
+        return any(completed == s.end for s in plan)
+
+    def export_at_stage_end(completed: int) -> None:  # before the checkpoint: a run resumed at the boundary finds it
+        stage = state["stage"]
+        if completed == stage.end:
             export(ema.module, card, cfg, student_folder(workdir, stage.student_steps), stage, run)
-        if run.end_of_step():
-            bar.close()
-            return None
-    bar.close()
+
+    finished = drive(
+        run,
+        step_fn,
+        "progressive",
+        cfg.log_every,
+        progress=progress,
+        postfix=("stage", "loss"),
+        log_at=stage_end,
+        after_step=export_at_stage_end,
+    )
+    if not finished:
+        return None
     return {s.student_steps: student_folder(workdir, s.student_steps) for s in plan}
 
 

@@ -38,7 +38,7 @@ from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, schedule_from_card
 from add_bench.errors import ConfigError, TrainingDiverged, command_line
-from add_bench.loop import LR_SCHEDULES, Run, lr_at, set_threads
+from add_bench.loop import LR_SCHEDULES, Run, drive, lr_at, set_threads
 from add_bench.losses import (
     C_WEIGHTINGS,
     discriminator_hinge_loss,
@@ -591,8 +591,6 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
 
     On ``cfg.device``; started as several processes (torchrun, SLURM tasks: :mod:`add_bench.distributed`)
     each takes batch_size / processes samples per step and the gradients are averaged."""
-    from tqdm import tqdm
-
     set_threads(cfg.threads)
     procs = distributed.processes()
     device = distributed.resolve_device(cfg.device, procs.local_rank)
@@ -613,38 +611,38 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         "opt_discriminator": opt_d,
     }
     run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs)
-    bar = tqdm(
-        total=cfg.steps, initial=run.step, desc="ADD", dynamic_ncols=True, disable=not (progress and procs.is_writer)
-    )
     o = cfg.optim
     last_r1: dict[str, float] = {}
-    while not run.done:
+
+    def step_fn(step: int) -> dict[str, float]:
         for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
-                g["lr"] = lr_at(run.step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
+                g["lr"] = lr_at(step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
         idx = torch.randint(0, len(data), (batch,), generator=gen)
         x0, cond, extra = to_device(data.batch(idx, gen), device)
-        row = add_step(
-            nets, cfg, x0, cond, gen, opt_s, opt_d, run.step, log_step=is_log_step(cfg, run.step + 1), **extra
-        )
+        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, step, log_step=is_log_step(cfg, step + 1), **extra)
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-        if "loss_r1" in row and r1_due(cfg, run.step):
-            last_r1 = {"loss_r1": row["loss_r1"], "r1_step": run.step + 1}
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(
-            {k: f"{row[k]:.3f}" for k in ("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake") if k in row}
-        )
-        if procs.world > 1 and (run.step % cfg.ckpt_every == 0 or run.done):
-            distributed.check_in_sync(run.step, student=nets.student.unet, discriminator=nets.discriminator)
-        if is_log_step(cfg, run.step):
-            row = distributed.mean_over_processes(with_last_r1(row, last_r1))
-            if procs.is_writer:
-                run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
-        if run.end_of_step():
-            bar.close()
-            return None
-    bar.close()
+        if "loss_r1" in row and r1_due(cfg, step):
+            last_r1.clear()
+            last_r1.update(loss_r1=row["loss_r1"], r1_step=step + 1)
+        return row
+
+    def check_sync(completed: int) -> None:
+        if procs.world > 1 and (completed % cfg.ckpt_every == 0 or completed >= cfg.steps):
+            distributed.check_in_sync(completed, student=nets.student.unet, discriminator=nets.discriminator)
+
+    finished = drive(
+        run,
+        step_fn,
+        "ADD",
+        cfg.log_every,
+        progress=progress,
+        postfix=("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake"),
+        log_row=lambda row: distributed.mean_over_processes(with_last_r1(row, last_r1)),
+        after_step=check_sync,
+    )
+    if not finished:
+        return None
     wall, step = run.wall_time_s, run.step
     out = workdir / "student"
     if procs.is_writer:
