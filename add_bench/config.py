@@ -278,6 +278,9 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
+    tensorboard: bool = (
+        True  # TensorBoard events (the log's numbers, sample grids at checkpoints) in <workdir>/tensorboard
+    )
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_network: FeatureNetworkConfig = field(default_factory=FeatureNetworkConfig)

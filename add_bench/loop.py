@@ -27,9 +27,15 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 class JsonlLog:
-    def __init__(self, path: Path):
+    """The run's log: one JSON row per logged step in ``log.jsonl``, and the same numbers (plus images) as
+    TensorBoard events in ``tensorboard/`` beside it unless ``tensorboard=False`` (``tensorboard --logdir``
+    on a runs folder shows every cell). The event writer opens on the first row, so processes that never
+    write create no files; rows past ``purge_step`` left by an interrupted run are dropped by TensorBoard."""
+
+    def __init__(self, path: Path, tensorboard: bool = True, purge_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard, self.purge_step, self._writer = tensorboard, purge_step, None
 
     def truncate(self, step: int) -> None:
         """Keep only rows up to ``step`` (on resume, so that no step is logged twice)."""
@@ -39,9 +45,34 @@ class JsonlLog:
             rows = [r for r in self.path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= step]
             atomic_write_text(self.path, "".join(r + "\n" for r in rows))
 
+    def events(self):
+        """The TensorBoard writer (None when off)."""
+        if self.tensorboard and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self.purge_step)
+        return self._writer
+
     def write(self, **row: Any) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        writer = self.events()
+        if writer is not None and "step" in row:
+            for key, value in row.items():
+                if (
+                    key not in ("step", "wall_time_s")
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    writer.add_scalar(key, value, row["step"])
+            writer.flush()
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """A (C, H, W) image in [0, 1] (e.g. a sample grid) as a TensorBoard image event."""
+        writer = self.events()
+        if writer is not None:
+            writer.add_image(tag, image, step)
+            writer.flush()
 
 
 def set_threads(n: int) -> None:
@@ -68,6 +99,7 @@ class Run:
         ckpt_every: int,
         budget_minutes: float = 0,
         procs: Any = None,
+        tensorboard: bool = True,
     ):
         import sys
         import time
@@ -95,7 +127,7 @@ class Run:
             self._wall_before = state["extra"].get("wall_time_s", 0.0)
             if self.procs.is_writer:
                 print(f"resuming {self.workdir} at step {self.step}", file=sys.stderr)
-        self.log = JsonlLog(self.workdir / "log.jsonl")
+        self.log = JsonlLog(self.workdir / "log.jsonl", tensorboard, purge_step=self.step + 1)
         if self.procs.is_writer:
             self.log.truncate(self.step)  # rows written after the checkpoint we resume from are written again
         self._start = time.time()

@@ -610,7 +610,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         "opt_student": opt_s,
         "opt_discriminator": opt_d,
     }
-    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs)
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs, cfg.tensorboard)
     o = cfg.optim
     last_r1: dict[str, float] = {}
 
@@ -627,9 +627,12 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
             last_r1.update(loss_r1=row["loss_r1"], r1_step=step + 1)
         return row
 
-    def check_sync(completed: int) -> None:
-        if procs.world > 1 and (completed % cfg.ckpt_every == 0 or completed >= cfg.steps):
-            distributed.check_in_sync(completed, student=nets.student.unet, discriminator=nets.discriminator)
+    def at_checkpoints(completed: int) -> None:
+        if completed % cfg.ckpt_every == 0 or completed >= cfg.steps:
+            if procs.world > 1:
+                distributed.check_in_sync(completed, student=nets.student.unet, discriminator=nets.discriminator)
+            if procs.is_writer and cfg.tensorboard and nets.sd is None:
+                run.log.image("samples/ema_1_step", sample_grid_image(nets), completed)
 
     finished = drive(
         run,
@@ -639,7 +642,7 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         progress=progress,
         postfix=("loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake"),
         log_row=lambda row: distributed.mean_over_processes(with_last_r1(row, last_r1)),
-        after_step=check_sync,
+        after_step=at_checkpoints,
     )
     if not finished:
         return None
@@ -652,6 +655,20 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         write_training_plot(workdir)
     distributed.barrier()  # the student exists for every process from here
     return out
+
+
+@torch.no_grad()
+def sample_grid_image(nets: Networks, per_class: int = 4) -> torch.Tensor:
+    """The EMA student's 1-step samples from fixed noise, one row per class, as a (1, H, W) image in [0, 1]."""
+    from add_bench.diffusion import sample_add
+
+    ema = Denoiser(nets.ema.module, nets.student.schedule, nets.student.null_label)
+    device = nets.student.device
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
+    noise = torch.randn((len(labels), *nets.data_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    x = sample_add(ema, noise, labels, 1).clamp(-1, 1).add(1).div(2).cpu()  # (N, C, H, W)
+    n, c, h, w = x.shape
+    return x.reshape(NUM_CLASSES, per_class, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, NUM_CLASSES * h, per_class * w)
 
 
 def is_log_step(cfg: TrainConfig, completed: int) -> bool:
