@@ -315,17 +315,63 @@ def load(
         layers.append((str(path), load_yaml(path)))
     if extra:
         layers.append(("config", dotted(extra)))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r}: expected key=value (e.g. steps=1000)")
-        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema) from None
-    return cfg  # type: ignore[return-value]
+    return apply_overrides(cfg, list(overrides or []), schema)  # type: ignore[return-value]
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    """Command-line overrides in Hydra's grammar (hydra-core's OverridesParser): ``key=value``, ``~key``,
+    ``+key=value``, sweeps ``key=a,b,c`` / ``range(0,3)`` / ``choice(...)``. A value with a comma that is
+    one value is quoted: ``discriminator.augment='color,cutout'``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:
+        try:
+            parsed += parser.parse_overrides([line])
+        except HydraException as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"override {line!r}: {first} (expected key=value, e.g. steps=1000)") from None
+        if not parsed[-1].key_or_group:
+            raise ConfigError(f"override {line!r}: no key (expected key=value, e.g. steps=1000)")
+    return parsed
+
+
+def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None) -> Any:
+    """``cfg`` with command-line overrides applied: ``key=value`` sets, ``~key`` resets a key to the schema's
+    default (undoing a preset or an ablation row); ``+key=value`` adds a key, which a closed schema refuses,
+    and a sweep is for ``python -m add_bench.sweep``."""
+    from hydra.core.override_parser.types import OverrideType
+
+    for o in parse_overrides(overrides):
+        key, line = o.key_or_group, o.input_line
+        if o.is_sweep_override():
+            raise ConfigError(
+                f"override {line!r}: several values are a sweep (python -m add_bench.sweep {line}); here give one "
+                f"value, quoted if it holds a comma: {key}='...'"
+            )
+        if o.type == OverrideType.ADD:
+            raise ConfigError(
+                f"override {line!r}: +{key} adds a key, but {schema.__name__ if schema else 'the'} config has a fixed "
+                f"set of keys; set an existing one with {key}=..."
+            )
+        try:
+            if o.type == OverrideType.DEL:
+                if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                    raise ConfigError(f"override {line!r}: no key '{key}' to reset")
+                default = OmegaConf.select(OmegaConf.structured(schema), key) if schema is not None else None
+                OmegaConf.update(cfg, key, default, merge=False)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={o.get_value_element_as_str()}"]))
+        except OmegaConfBaseException as e:
+            raise config_error(e, "command line", schema, key) from None
+    return cfg
 
 
 def dotted(values: Mapping[str, Any]) -> DictConfig:
@@ -356,8 +402,10 @@ def load_yaml(path: str | Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def config_error(e: OmegaConfBaseException, source: str, schema: type | None = None) -> ConfigError:
-    key = getattr(e, "full_key", None) or "?"
+def config_error(
+    e: OmegaConfBaseException, source: str, schema: type | None = None, key: str | None = None
+) -> ConfigError:
+    key = getattr(e, "full_key", None) or key or "?"
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         parent = key.rsplit(".", 1)[0] if "." in key else ""

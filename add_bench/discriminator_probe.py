@@ -1,7 +1,7 @@
 """Can the discriminator catch a generator? Train fresh heads against its frozen samples and watch.
 
     python -m add_bench.discriminator_probe runs/sweeps/cells/<id>/student --out results/discriminator_probe \
-        --variant discriminator.augment=color,translation,cutout --variant discriminator.augment=color \
+        --variant "discriminator.augment='color,translation,cutout'" --variant discriminator.augment=color \
         --variant "discriminator.augment=''"
 
 In ADD training the discriminator and the student move together, so a discriminator near chance can mean

@@ -41,7 +41,15 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from add_bench.config import TrainConfig, choose, config_error, load, load_yaml, to_dict
+from add_bench.config import (
+    TrainConfig,
+    apply_overrides,
+    choose,
+    load,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+)
 from add_bench.errors import ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
 
@@ -160,14 +168,12 @@ def cell_id(config: Any) -> str:
 def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Sweep-level overrides (seeds, base, eval_steps, num_samples) vs training config overrides."""
     sweep, train = {}, []
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r}: expected key=value (e.g. seeds=[0,1,2])")
-        key, value = o.split("=", 1)
-        if key in SWEEP_OVERRIDES:
-            sweep[key] = OmegaConf.to_container(OmegaConf.from_dotlist([o]))[key]
+    for o in parse_overrides(overrides):
+        key = o.key_or_group
+        if key in SWEEP_OVERRIDES and not o.is_sweep_override() and o.value() is not None:
+            sweep[key] = OmegaConf.to_container(OmegaConf.from_dotlist([f"{key}={o.get_value_element_as_str()}"]))[key]
         else:
-            train.append(o)
+            train.append(o.input_line)
     return sweep, train
 
 
@@ -189,37 +195,16 @@ def load_ablations(path: str | Path, overrides: list[str] | None = None) -> list
     return [expand(path, data, sweep_over, train_over)]
 
 
-def split_values(value: str) -> list[str]:
-    """``a,b,[1,2]`` → ``['a', 'b', '[1,2]']``: commas outside brackets and quotes separate sweep values."""
-    parts, depth, quote, current = [], 0, None, ""
-    for ch in value:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-            continue
-        current += ch
-    return parts + [current]
-
-
 def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
-    """``key=a,b,c`` overrides (Hydra's sweep syntax) → an ablation with one row per combination of
-    values, as if written in a YAML file; the other overrides are returned to apply to every row."""
+    """Sweep overrides in Hydra's grammar (``key=a,b,c``, ``key=range(0,3)``, ``key=choice(a,b)``) → an ablation
+    with one row per combination of values, as if written in a YAML file; the other overrides are returned
+    to apply to every row."""
     axes, rest = [], []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        values = split_values(value)
-        if key in SWEEP_OVERRIDES or len(values) == 1:
-            rest.append(o)
+    for o in parse_overrides(overrides):
+        if o.key_or_group in SWEEP_OVERRIDES or not o.is_sweep_override():
+            rest.append(o.input_line)
         else:
-            axes.append((key, values))
+            axes.append((o.key_or_group, list(o.sweep_string_iterator())))
     if not axes:
         raise ConfigError(
             f"{' '.join(overrides) or '(nothing)'}: no ablation file and no key=a,b,... sweep; give "
@@ -337,12 +322,7 @@ def resolved(cfg: Any, where: str) -> Any:
 
 
 def load_cli(cfg: Any, overrides: list[str]) -> Any:
-    if not overrides:
-        return cfg
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise config_error(e, "command line", TrainConfig) from None
+    return apply_overrides(cfg, overrides, TrainConfig) if overrides else cfg
 
 
 def validate_names(cfg: Any, where: str) -> None:

@@ -808,11 +808,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="work folder (default runs/train)")
     p.add_argument("--budget-minutes", type=float, default=0)
     p.add_argument("--evaluate", action="store_true", help="score the student at eval_steps when done")
+    p.add_argument("--cfg", choices=["job"], help="print the resolved config (YAML) and exit, as Hydra's --cfg job")
     a = p.parse_args(argv)
-    path = a.args[0] if a.args and "=" not in a.args[0] else None
+    path = a.args[0] if a.args and a.args[0].endswith((".yaml", ".yml")) else None
     overrides = a.args[1:] if path else a.args
     try:
         cfg = load(TrainConfig, path, overrides)
+        if a.cfg:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / "train"
         print(f"ADD cell → {workdir}", file=sys.stderr)
         student = train(cfg, workdir, a.budget_minutes)

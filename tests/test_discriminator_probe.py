@@ -47,7 +47,7 @@ def test_probe_command_writes_curves_and_tables(tiny_assets, tmp_path, capsys):
         "--out",
         str(out),
         "--variant",
-        "discriminator.augment=color,translation,cutout",
+        "discriminator.augment='color,translation,cutout'",
         "--variant",
         "discriminator.augment=''",
         *tiny_train_overrides(tiny_assets, batch_size=16, threads=1),
@@ -56,7 +56,7 @@ def test_probe_command_writes_curves_and_tables(tiny_assets, tmp_path, capsys):
     result = json.loads((out / "probe.json").read_text())
     assert result["sampler"] == "ddim" and result["train_pairs"] == 80
     assert [r["variant"] for r in result["runs"]] == [
-        "discriminator.augment=color,translation,cutout",
+        "discriminator.augment='color,translation,cutout'",
         "discriminator.augment=''",
     ]
     assert [r["resolved"] for r in result["runs"]] == [

@@ -473,15 +473,19 @@ def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_
 
 
 def test_command_line_sweep_values_and_combinations():
-    from add_bench.sweep import command_line_ablation, split_values
+    from add_bench.sweep import command_line_ablation
 
-    assert split_values("exp,sds") == ["exp", "sds"]
-    assert split_values("[999,499],[999]") == ["[999,499]", "[999]"]
-    assert split_values("'a,b',c") == ["'a,b'", "c"]
     data, rest = command_line_ablation(
-        ["loss.weighting=exp,sds", "student.timesteps=[999,499],[999]", "steps=10", "seeds=[0,1]"]
+        [
+            "loss.weighting=exp,sds",
+            "student.timesteps=[999,499],[999]",
+            "steps=10",
+            "seeds=[0,1]",
+            "discriminator.augment='color,cutout'",
+        ]
     )
-    assert rest == ["steps=10", "seeds=[0,1]"]  # one value, and sweep-level keys: applied to every row
+    # one value (quoted when it holds a comma) and sweep-level keys: applied to every row
+    assert rest == ["steps=10", "seeds=[0,1]", "discriminator.augment='color,cutout'"]
     assert data["name"] == "loss.weighting+student.timesteps"
     assert [c["set"] for c in data["cells"]] == [
         {"loss.weighting": "exp", "student.timesteps": [999, 499]},
@@ -489,6 +493,8 @@ def test_command_line_sweep_values_and_combinations():
         {"loss.weighting": "sds", "student.timesteps": [999, 499]},
         {"loss.weighting": "sds", "student.timesteps": [999]},
     ]
+    data, _ = command_line_ablation(["seed=range(0,3)"])  # Hydra's sweep functions
+    assert [c["set"] for c in data["cells"]] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
     with pytest.raises(ConfigError, match="key with several values"):
         command_line_ablation(["steps=10"])
 
@@ -499,3 +505,24 @@ def test_command_line_sweep_rejects_an_unknown_value(capsys):
     assert main(["loss.weighting=exp,bogus", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "loss.weighting" in err
+
+
+def test_overrides_follow_hydras_grammar(tmp_path):
+    """One run's overrides: key=value, ~key (back to the schema default), a quoted comma; a sweep, +key and a
+    malformed line are refused with the override named."""
+    from add_bench.config import TrainConfig, load
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("steps: 10\nloss: {weighting: sds}\n")
+    cfg = load(TrainConfig, preset, ["~loss.weighting", "discriminator.augment='color,cutout'", "batch_size=8"])
+    assert (cfg.steps, cfg.loss.weighting, cfg.discriminator.augment, cfg.batch_size) == (10, "exp", "color,cutout", 8)
+    for bad, message in (
+        ("loss.weighting=exp,sds", "several values are a sweep"),
+        ("+loss.weighting=sds", "adds a key"),
+        ("steps=", "config key 'steps'"),
+        ("=3", "expected key=value"),
+        ("~nope", "no key 'nope'"),
+        ("nope=3", "unknown config key 'nope'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load(TrainConfig, overrides=[bad])

@@ -282,3 +282,12 @@ def test_bench_parallel_reports_the_layouts_and_their_ratios(tiny_assets, capsys
     assert values["ratio_workers_to_threads"] == pytest.approx(many / one, rel=1e-3)
     over = values[f"steps_per_s_{n + 1}_workers_x_1_threads"]  # one more 1-thread worker than cores
     assert over > 0 and values["ratio_oversubscribed_to_threads"] == pytest.approx(over / one, rel=1e-3)
+
+
+def test_cfg_job_prints_the_resolved_config(capsys):
+    import yaml
+
+    assert train_mod.main(["loss.weighting=sds", "~student.timesteps", "--cfg", "job"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"]["weighting"] == "sds" and printed["student"]["timesteps"] == [999, 749, 499, 249]
+    assert printed["steps"] == TrainConfig().steps
