@@ -343,7 +343,7 @@ def parse_overrides(overrides: list[str]) -> list:
     return parsed
 
 
-def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None) -> Any:
+def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None, source: str = "overrides") -> Any:
     """``cfg`` with command-line overrides applied: ``key=value`` sets, ``~key`` resets a key to the schema's
     default (undoing a preset or an ablation row); ``+key=value`` adds a key, which a closed schema refuses,
     and a sweep is for ``python -m add_bench.sweep``."""
@@ -370,7 +370,7 @@ def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None) 
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={o.get_value_element_as_str()}"]))
         except OmegaConfBaseException as e:
-            raise config_error(e, "command line", schema, key) from None
+            raise config_error(e, source, schema, key) from None
     return cfg
 
 

@@ -46,6 +46,7 @@ from add_bench.data import load_split, to_model_range
 from add_bench.errors import ConfigError, command_line
 from add_bench.evaluate import default_sampler, generate, load_denoiser
 from add_bench.loop import set_threads
+from add_bench.networks.unets import weights_file
 from add_bench.provenance import atomic_write_json, atomic_write_text, provenance, resolve_weights
 from add_bench.train import adam, class_discriminator_side, conditioning, discriminator_step
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 **probe(cfg, real, fake, labels, n_train, a.steps, a.eval_every, a.seed),
             }
         )
-    weights = resolve_weights(a.generator) / "model.safetensors"
+    weights = weights_file(resolve_weights(a.generator))
     result = {
         "generator": str(a.generator),
         "generator_card": card,

@@ -3,7 +3,7 @@
     python -m add_bench.evaluate add_bench/weights/teacher_small --steps 1 4 50 [--cfg-scale 2]
     python -m add_bench.evaluate runs/<cell> --steps 1 2 4 --out metrics.json --export-samples s.npz
 
-A checkpoint is a weights folder (model.safetensors + card.json). The sampler defaults to DDIM for a
+A checkpoint is a weights folder (card.json and its weights: unet/ in diffusers' layout). The sampler defaults to DDIM for a
 teacher and ADD multi-step sampling for a student (``--sampler ddim|dpm_solver|add``). Samples use balanced classes and a fixed seed, so
 every step count starts from the same noise; ``--export-samples`` writes uint8 images (N, 28, 28) and
 int labels so any other tool can score the same samples.
@@ -40,7 +40,7 @@ from add_bench.provenance import atomic_path, atomic_write_json, provenance, res
 def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
     folder = resolve_weights(checkpoint)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder (expected model.safetensors + card.json)")
+        raise CheckpointError(f"{folder}: no such checkpoint folder (expected card.json and unet/)")
     card = read_card(folder)
     if card.get("kind") not in ("teacher", "student"):
         raise CheckpointError(f"{folder}/card.json: kind={card.get('kind')!r}; accepted: teacher, student")

@@ -105,7 +105,7 @@ def pretrain_teacher(
         "metrics": {},
     }
     save_weights(out, ema.module, card)
-    print(f"wrote {out}/model.safetensors and card.json ({wall / 60:.1f} min)", file=sys.stderr)
+    print(f"wrote {out} (unet/, scheduler/, card.json) ({wall / 60:.1f} min)", file=sys.stderr)
     return True
 
 

@@ -134,14 +134,21 @@ def display_path(path: Path) -> str:
 
 
 def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """``{role: {"path": folder, "blob": blob_id(folder/model.safetensors)}}`` for the weights folders that
-    hold a ``model.safetensors`` (the shipped format); diffusers pipeline folders, hub names and seeded
-    random networks are left out."""
-    return {
-        role: {"path": display_path(folder), "blob": blob_id(folder / "model.safetensors")}
-        for role, folder in folders.items()
-        if (Path(folder) / "model.safetensors").is_file()
-    }
+    """``{role: {"path": folder, "blob": blob_id(its weights file)}}`` for the shipped-format weights folders
+    (``unet/diffusion_pytorch_model.safetensors`` or ``model.safetensors`` beside a card.json); Stable
+    Diffusion pipeline folders, hub names and seeded random networks are left out."""
+    from add_bench.networks.unets import weights_file
+
+    out = {}
+    for role, folder in folders.items():
+        path = weights_file(folder)
+        if (
+            path.is_file()
+            and (Path(folder) / "card.json").is_file()
+            and not (Path(folder) / "model_index.json").is_file()
+        ):
+            out[role] = {"path": display_path(folder), "blob": blob_id(path)}
+    return out
 
 
 @functools.lru_cache(maxsize=4096)

@@ -322,7 +322,7 @@ def resolved(cfg: Any, where: str) -> Any:
 
 
 def load_cli(cfg: Any, overrides: list[str]) -> Any:
-    return apply_overrides(cfg, overrides, TrainConfig) if overrides else cfg
+    return apply_overrides(cfg, overrides, TrainConfig, "command line") if overrides else cfg
 
 
 def validate_names(cfg: Any, where: str) -> None:

@@ -41,7 +41,7 @@ def test_table_keeps_every_teacher_measured_so_far(tiny_assets, tmp_path, monkey
     md = (out / "table.md").read_text()
     assert a in md and b in md
     assert len(list((out / "rows").glob("*.json"))) == 1 + 4 + 2 + 2  # rows + 2 CFG searches, all under out/rows
-    assert sorted(p.name for p in (tmp_path / "teacher_b").iterdir()) == ["card.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "teacher_b").iterdir()) == ["card.json", "scheduler", "unet"]
     # a re-run finds every row stored and recomputes nothing: the same numbers
     again = baseline.run([a], out, cfg, steps=(1, 2), cfg_search_samples=10)
     assert [r["fid"] for r in again] == [r["fid"] for r in first]

@@ -9,6 +9,7 @@ from test_train import cfg_for
 
 from add_bench import curve
 from add_bench.errors import ConfigError
+from add_bench.networks.unets import weights_file
 from add_bench.train import train
 
 
@@ -21,8 +22,8 @@ def test_a_curve_point_is_the_cell_of_that_length(tiny_assets, tmp_path):
     fresh = train(cfg_for(tiny_assets, steps=4), tmp_path / "fresh")
     from safetensors.torch import load_file
 
-    (curve_student,) = (tmp_path / "work").glob("*/seed0/student/model.safetensors")
-    a, b = load_file(curve_student), load_file(fresh / "model.safetensors")
+    (curve_student,) = (tmp_path / "work").glob("*/seed0/student")
+    a, b = load_file(weights_file(curve_student)), load_file(weights_file(fresh))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a re-run finds every row and trains nothing; another config in the same folder is refused
     rows = sorted(p.name for p in (tmp_path / "out" / "rows").glob("*.json"))

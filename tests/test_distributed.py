@@ -99,7 +99,7 @@ def test_two_processes_train_in_sync_resume_exactly_and_one_writes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step logged once
     # the per-term gradient norms are of the averaged gradient, the same in every process
     assert all(r["grad_ratio_adv_distill"] == r["grad_norm_student_adv"] / r["grad_norm_student_distill"] for r in rows)
-    assert (tmp_path / "full" / "student" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "student" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
     # interrupted after its first checkpoint (a budget that ends at once), then resumed: the same run
     run_processes("_train", str(tmp_path / "part"), TINY, 1e-9, False)

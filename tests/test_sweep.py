@@ -17,6 +17,7 @@ from conftest import tiny_train_overrides
 
 from add_bench import sweep
 from add_bench.errors import ConfigError
+from add_bench.networks.unets import weights_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -400,14 +401,14 @@ def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny
         "evaluation network",
         "evaluation embedding",
     }
-    old_blob = blob_id(teacher / "model.safetensors")
+    old_blob = blob_id(weights_file(teacher))
     assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob}
     assert sweep.cell_status(wd) == "done"
 
-    state = load_file(teacher / "model.safetensors")  # "retrain" the teacher
+    state = load_file(weights_file(teacher))  # "retrain" the teacher
     name = next(iter(state))
     state[name] = state[name] + 0.01
-    save_file(state, teacher / "model.safetensors")
+    save_file(state, weights_file(teacher))
     assert sweep.cell_status(wd) == "stale"
     sweep.collect(ablations, out)
     row = pd.read_csv(out / "mini" / "table.csv").iloc[0]
@@ -418,10 +419,10 @@ def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny
     sweep.run_sweep(ablations, out)
     assert sweep.cell_status(wd) == "done"
     second = json.loads((wd / "metrics.json").read_text())
-    assert second["inputs"]["teacher"]["blob"] == blob_id(teacher / "model.safetensors") != old_blob
+    assert second["inputs"]["teacher"]["blob"] == blob_id(weights_file(teacher)) != old_blob
     [archived] = (wd / "stale").iterdir()  # nothing computed is lost
     assert json.loads((archived / "metrics.json").read_text()) == first
-    assert (archived / "samples.npz").is_file() and (archived / "student" / "model.safetensors").is_file()
+    assert (archived / "samples.npz").is_file() and weights_file(archived / "student").is_file()
     why = json.loads((archived / "why.json").read_text())["changed_inputs"]
     assert why == [f"teacher ({teacher})", f"student ({teacher})"]
     assert "inputs changed since it ran" in capsys.readouterr().err

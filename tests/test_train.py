@@ -13,6 +13,7 @@ from add_bench import train as train_mod
 from add_bench.config import TrainConfig, load
 from add_bench.data import load_split
 from add_bench.errors import ConfigError, TrainingDiverged
+from add_bench.networks.unets import weights_file
 
 
 def cfg_for(assets, **extra):
@@ -167,7 +168,7 @@ def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     for obj in ("student", "ema", "discriminator"):
         for k, v in a["objects"][obj].items():
             assert torch.equal(v, b["objects"][obj][k]), (obj, k)
-    assert (full / "model.safetensors").read_bytes() == (part / "model.safetensors").read_bytes()
+    assert weights_file(full).read_bytes() == weights_file(part).read_bytes()
     logs = [l for l in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
 

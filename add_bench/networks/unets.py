@@ -3,8 +3,8 @@
 The class embedding has one extra row, the null class (index ``num_classes``), used for condition
 dropout in training, classifier-free guidance and NFSD's unconditional prediction.
 
-Shipped weights are a folder with ``model.safetensors`` (EMA weights, fp16) and ``card.json``
-(the UNet config, how it was trained, its metrics).
+Shipped weights are a folder in diffusers' layout (``unet/`` with the EMA weights in fp16, ``scheduler/``)
+plus ``card.json`` (the UNet config with its patch size, how it was trained, its metrics).
 """
 
 from __future__ import annotations
@@ -91,12 +91,26 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- shipped weights
+DIFFUSERS_UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def weights_file(folder: str | Path) -> Path:
+    """The file holding a weights folder's tensors: ``unet/diffusion_pytorch_model.safetensors`` for a UNet
+    (diffusers' layout) or ``model.safetensors`` for the other networks."""
+    folder = Path(folder)
+    return folder / DIFFUSERS_UNET if (folder / DIFFUSERS_UNET).is_file() else folder / "model.safetensors"
+
+
 def save_weights(folder: str | Path, module: torch.nn.Module, card: dict[str, Any], fp16: bool = True) -> None:
-    """Write ``model.safetensors`` + ``card.json`` atomically (each file replaced in one step)."""
+    """A UNet (:class:`PatchUNet`) in diffusers' layout (:func:`save_unet`); any other network as
+    ``model.safetensors``; both with ``card.json``. Each file is replaced in one step."""
     from safetensors.torch import save_file
 
     from add_bench.provenance import atomic_path, atomic_write_json
 
+    if isinstance(module, PatchUNet):
+        save_unet(folder, module, card, fp16)
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -108,11 +122,39 @@ def save_weights(folder: str | Path, module: torch.nn.Module, card: dict[str, An
     atomic_write_json(folder / "card.json", card)
 
 
+def save_unet(folder: str | Path, module: PatchUNet, card: dict[str, Any], fp16: bool = True) -> None:
+    """diffusers' layout, so that ``UNet2DModel.from_pretrained(folder, subfolder="unet")`` and
+    ``DDIMScheduler.from_pretrained(folder, subfolder="scheduler")`` load it: ``unet/`` (the inner
+    UNet2DModel, which works on the 2×2 pixel-unshuffled image: ``card["unet"]["patch"]``), ``scheduler/``
+    (the card's noise schedule) and the suite's ``card.json``. Written beside, then moved into place."""
+    import copy
+    import os
+    import shutil
+
+    from add_bench.provenance import atomic_write_json
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet = copy.deepcopy(module.unet).cpu()
+    (unet.half() if fp16 else unet).save_pretrained(tmp / "unet", safe_serialization=True)
+    if "schedule" in card:
+        from add_bench.diffusion import make_scheduler, schedule_from_card
+
+        make_scheduler(schedule_from_card(card).cfg).save_pretrained(tmp / "scheduler")
+    atomic_write_json(tmp / "card.json", card)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def read_card(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     card_file = folder / "card.json"
     if not card_file.is_file():
-        raise CheckpointError(f"{card_file}: missing; a weights folder holds model.safetensors and card.json")
+        raise CheckpointError(
+            f"{card_file}: missing; a weights folder holds card.json and its weights (unet/ or model.safetensors)"
+        )
     try:
         return json.loads(card_file.read_text())
     except json.JSONDecodeError as e:
@@ -123,11 +165,12 @@ def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(folder) / "model.safetensors"
+    path = weights_file(folder)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; re-run the pretrain command or check the path")
+    prefix = "unet." if path.name != "model.safetensors" else ""  # diffusers' UNet2DModel inside PatchUNet
     try:
-        return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        return {prefix + k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
 
