@@ -145,12 +145,9 @@ def build_networks(cfg: TrainConfig) -> Networks:
     if is_stable_diffusion(t_folder) or is_stable_diffusion(s_folder):
         return build_sd_networks(cfg, t_folder, s_folder)
     t_card, s_card = read_card(t_folder), read_card(s_folder)
+    # each network keeps the schedule it was trained on (Table 1e may pair teachers of different schedules):
+    # the student's x_s and x̂θ use the student's, the teacher's diffused sample and x̂ψ the teacher's
     schedule = schedule_from_card(t_card)
-    if s_card["schedule"] != t_card["schedule"]:
-        raise ConfigError(
-            f"student.network={cfg.student.network} and teacher.network={cfg.teacher.network} "
-            "use different noise schedules"
-        )
     teacher = load_into(build_unet(t_card["unet"]), t_folder).eval().requires_grad_(False)
     student = build_unet(s_card["unet"])  # seeded by torch.manual_seed: random init is reproducible
     if cfg.student.init == "pretrained":
@@ -158,7 +155,7 @@ def build_networks(cfg: TrainConfig) -> Networks:
     student.train()
     feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
     return Networks(
-        Denoiser(student, student_schedule(schedule, cfg), NUM_CLASSES),
+        Denoiser(student, student_schedule(schedule_from_card(s_card), cfg), NUM_CLASSES),
         checkpoint.EMA(student, cfg.optim.ema_decay),
         Denoiser(teacher, schedule, NUM_CLASSES),
         feature_network,

@@ -292,3 +292,27 @@ def test_cfg_job_prints_the_resolved_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["loss"]["weighting"] == "sds" and printed["student"]["timesteps"] == [999, 749, 499, 249]
     assert printed["steps"] == TrainConfig().steps
+
+
+def test_student_and_teacher_keep_their_own_schedules(tiny_assets, tmp_path):
+    """Table 1e pairs a student and a teacher from different folders: each keeps the schedule it was trained on."""
+    from add_bench.config import ScheduleConfig, to_dict
+    from add_bench.networks.unets import build_unet, save_weights, unet_config
+
+    cosine = ScheduleConfig(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+    other = tmp_path / "teacher_cosine"
+    save_weights(
+        other,
+        build_unet("tiny"),
+        {"kind": "teacher", "unet": unet_config("tiny"), "schedule": to_dict(cosine), "null_label": 10},
+        fp16=False,
+    )
+    cfg = cfg_for(tiny_assets, **{"teacher.network": str(other), "student.zero_terminal_snr": False})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    assert nets.teacher.schedule.cfg.beta_schedule == "squaredcos_cap_v2"
+    assert nets.student.schedule.cfg.beta_schedule == "scaled_linear"  # the tiny student's own (SD2.1's)
+    opt_s, opt_d = optimisers(nets)
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    assert torch.isfinite(torch.tensor(row["loss_g"]))
