@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-NAMES = ("ablations", "methods", "samples")
+NAMES = ("ablations", "methods", "samples")  # notebooks/<name>.py (jupytext) → <name>.ipynb
 
 
 def load_generator():
@@ -73,8 +74,34 @@ def test_notebook_without_results(name, tmp_path, monkeypatch, python3_kernel):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_on_fake_sweep(name, tmp_path, monkeypatch, python3_kernel):
+    """On a sweep's results (tables written, as the sweep writes them) each notebook shows them and writes
+    nothing: opening a notebook has no side effects."""
+    from add_bench.tables import ablation_dirs, write_tables
+
     root = make_fake_sweep(tmp_path / "sweep")
+    for folder in ablation_dirs(root):
+        write_tables(folder)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     text, images = run_notebook(name, root, monkeypatch, python3_kernel)
-    assert "no results under" not in text and images >= 1
-    if name == "ablations":
-        assert (root / "loss_weighting" / "table.md").is_file()  # refreshed by the notebook
+    assert "no results under" not in text and "no tables yet" not in text and images >= 1
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_notebooks_default_to_the_users_own_runs(tmp_path, monkeypatch):
+    """Without ADD_BENCH_RESULTS a notebook reads runs/sweeps when a sweep has written there, else results/."""
+    from pathlib import Path
+
+    source = (NOTEBOOKS_DIR / "ablations.py").read_text()
+    setup = source[source.index("def find_repo") : source.index('print(f"results root')]
+    monkeypatch.delenv("ADD_BENCH_RESULTS", raising=False)
+    for has_runs in (False, True):
+        repo = tmp_path / f"repo_{has_runs}"
+        (repo / "add_bench").mkdir(parents=True)
+        (repo / "add_bench" / "__init__.py").write_text("")
+        if has_runs:
+            (repo / "runs" / "sweeps" / "loss_weighting").mkdir(parents=True)
+            (repo / "runs" / "sweeps" / "loss_weighting" / "cells.json").write_text("{}")
+        monkeypatch.chdir(repo)
+        scope = {"Path": Path, "os": os, "sys": sys}
+        exec(setup, scope)
+        assert scope["ROOT"] == (repo / ("runs/sweeps" if has_runs else "results")).resolve()
