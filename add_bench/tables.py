@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from add_bench.errors import AddBenchError, DataError
-from add_bench.provenance import atomic_path, atomic_write_json, atomic_write_text
+from add_bench.provenance import REPO_ROOT, atomic_path, atomic_write_json, atomic_write_text
 
 ALIGNMENT_KEYS = ("clip_score", "align_prob")  # the first one present in a metrics row is "align"
 ALIGNMENT_NAMES = {"clip_score": "CLIP score", "align_prob": "align. prob"}
@@ -912,6 +912,17 @@ def write_tables(ablation_dir: str | Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------ helpers for notebooks
+def default_results_root(repo: Path | None = None) -> Path:
+    """Where the notebooks read results: ``ADD_BENCH_RESULTS`` if set, else the user's own ``runs/sweeps``
+    once a sweep has written an ablation there, else the committed ``results/``."""
+    import os
+
+    repo = repo or REPO_ROOT
+    own = repo / "runs" / "sweeps"
+    default = own if any(own.glob("*/cells.json")) else repo / "results"
+    return Path(os.environ.get("ADD_BENCH_RESULTS", default)).resolve()
+
+
 def ablation_dirs(root: str | Path) -> list[Path]:
     """Ablation folders (those with a cells.json) directly under a results root, sorted by name."""
     root = Path(root)

@@ -17,21 +17,10 @@
 
 # %%
 import json
-import os
-import sys
-from pathlib import Path
 
+from add_bench.tables import default_results_root
 
-def find_repo(start: Path) -> Path:
-    """The add-bench checkout around this notebook, so `import add_bench` works without installing it."""
-    return next((p for p in (start, *start.parents) if (p / "add_bench" / "__init__.py").is_file()), start)
-
-
-REPO = find_repo(Path.cwd())
-sys.path.insert(0, str(REPO))
-OWN_RUNS = REPO / "runs" / "sweeps"  # what `python -m add_bench.sweep` writes by default
-DEFAULT = OWN_RUNS if any(OWN_RUNS.glob("*/cells.json")) else REPO / "results"  # else the committed results
-ROOT = Path(os.environ.get("ADD_BENCH_RESULTS", DEFAULT)).resolve()
+ROOT = default_results_root()  # ADD_BENCH_RESULTS, else your runs/sweeps once a sweep wrote there, else results/
 print(f"results root: {ROOT}  (set ADD_BENCH_RESULTS to change)")
 
 from add_bench.tables import ablation_dirs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -88,20 +87,14 @@ def test_notebook_on_fake_sweep(name, tmp_path, monkeypatch, python3_kernel):
 
 
 def test_notebooks_default_to_the_users_own_runs(tmp_path, monkeypatch):
-    """Without ADD_BENCH_RESULTS a notebook reads runs/sweeps when a sweep has written there, else results/."""
-    from pathlib import Path
+    """Without ADD_BENCH_RESULTS the notebooks read runs/sweeps when a sweep has written there, else results/."""
+    from add_bench.tables import default_results_root
 
-    source = (NOTEBOOKS_DIR / "ablations.py").read_text()
-    setup = source[source.index("def find_repo") : source.index('print(f"results root')]
     monkeypatch.delenv("ADD_BENCH_RESULTS", raising=False)
-    for has_runs in (False, True):
-        repo = tmp_path / f"repo_{has_runs}"
-        (repo / "add_bench").mkdir(parents=True)
-        (repo / "add_bench" / "__init__.py").write_text("")
-        if has_runs:
-            (repo / "runs" / "sweeps" / "loss_weighting").mkdir(parents=True)
-            (repo / "runs" / "sweeps" / "loss_weighting" / "cells.json").write_text("{}")
-        monkeypatch.chdir(repo)
-        scope = {"Path": Path, "os": os, "sys": sys}
-        exec(setup, scope)
-        assert scope["ROOT"] == (repo / ("runs/sweeps" if has_runs else "results")).resolve()
+    assert default_results_root(tmp_path) == (tmp_path / "results").resolve()
+    (tmp_path / "runs" / "sweeps" / "loss_weighting").mkdir(parents=True)
+    (tmp_path / "runs" / "sweeps" / "loss_weighting" / "cells.json").write_text("{}")
+    assert default_results_root(tmp_path) == (tmp_path / "runs" / "sweeps").resolve()
+    monkeypatch.setenv("ADD_BENCH_RESULTS", str(tmp_path / "elsewhere"))
+    assert default_results_root(tmp_path) == (tmp_path / "elsewhere").resolve()
+    assert all("default_results_root()" in (NOTEBOOKS_DIR / f"{n}.py").read_text() for n in NAMES)
