@@ -165,17 +165,18 @@ def build_networks(cfg: TrainConfig) -> Networks:
     )
 
 
-def student_schedule(teacher_schedule: Schedule, cfg: TrainConfig) -> Schedule:
-    """The student's schedule: the teacher's, with ᾱ at t = T−1 forced to 0 when
-    ``student.zero_terminal_snr`` (x_s at the top student step is pure noise, as at inference)."""
-    force = cfg.student.zero_terminal_snr or teacher_schedule.cfg.force_zero_terminal_snr
-    if force and teacher_schedule.prediction_type == "epsilon":
+def student_schedule(own: Schedule, cfg: TrainConfig) -> Schedule:
+    """The student's schedule: the one its weights were trained on (``own``, from its card), with ᾱ at
+    t = T−1 forced to 0 when ``student.zero_terminal_snr`` (x_s at the top student step is pure noise, as
+    at inference)."""
+    force = cfg.student.zero_terminal_snr or own.cfg.force_zero_terminal_snr
+    if force and own.prediction_type == "epsilon":
         raise ConfigError(
-            f"student.zero_terminal_snr=true with an ε-prediction teacher ({cfg.teacher.network}): "
+            f"student.zero_terminal_snr=true with an ε-prediction student ({cfg.student.network}): "
             "x0 is undefined at α = 0; accepted: student.zero_terminal_snr=false, or a "
-            "v_prediction / sample teacher"
+            "v_prediction / sample network"
         )
-    return Schedule(dataclasses.replace(teacher_schedule.cfg, force_zero_terminal_snr=force))
+    return Schedule(dataclasses.replace(own.cfg, force_zero_terminal_snr=force))
 
 
 def class_discriminator_side(cfg: TrainConfig):
