@@ -149,9 +149,8 @@ class StudentConfig:
 
     network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
     init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
-    timesteps: list[int] = field(
-        default_factory=lambda: [999, 749, 499, 249]
-    )  # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
+    # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
     # α forced to 0 at t = T−1 on the student's schedule only: x_s at s = 999 is pure noise, as at
     # inference (the paper's zero terminal SNR for the student; the teacher keeps its own schedule)
     zero_terminal_snr: bool = True
@@ -278,9 +277,8 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
-    tensorboard: bool = (
-        True  # TensorBoard events (the log's numbers, sample grids at checkpoints) in <workdir>/tensorboard
-    )
+    # TensorBoard events (the log's numbers, sample grids at checkpoints) in <workdir>/tensorboard
+    tensorboard: bool = True
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     feature_network: FeatureNetworkConfig = field(default_factory=FeatureNetworkConfig)
@@ -288,9 +286,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    coco: CocoConfig = field(
-        default_factory=lambda: CocoConfig(split="train2017")
-    )  # training data of a Stable Diffusion teacher
+    # training data of a Stable Diffusion teacher
+    coco: CocoConfig = field(default_factory=lambda: CocoConfig(split="train2017"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
