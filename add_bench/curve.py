@@ -48,9 +48,12 @@ def evaluate_at(cfg: TrainConfig, workdir: Path, length: int) -> dict[str, Any]:
 
 
 def curve_config(cfg: TrainConfig) -> dict[str, Any]:
-    """What makes one curve: the training config without its length and seed."""
+    """What makes one curve: the training config without its length, seed and how it is run (threads,
+    device, checkpoint and log intervals), so seeds may run in parallel processes with other thread counts."""
+    from add_bench.sweep import EXECUTION_KEYS
+
     values = to_dict(cfg)
-    return {k: v for k, v in values.items() if k not in ("steps", "seed")}
+    return {k: v for k, v in values.items() if k not in ("steps", "seed", *EXECUTION_KEYS)}
 
 
 def check_same_curve(cfg: TrainConfig, out: Path) -> str:

@@ -29,6 +29,9 @@ def test_a_curve_point_is_the_cell_of_that_length(tiny_assets, tmp_path):
     rows = sorted(p.name for p in (tmp_path / "out" / "rows").glob("*.json"))
     assert rows == ["seed0_2steps.json", "seed0_4steps.json"]
     assert curve.run_curve(cfg, [2, 4], [0], tmp_path / "out", tmp_path / "work").equals(df)
+    # how a seed is run (threads, log interval) is not what the curve computes: the same folder accepts it
+    rerun = cfg_for(tiny_assets, threads=1, log_every=3)
+    assert curve.check_same_curve(rerun, tmp_path / "out") == curve.check_same_curve(cfg, tmp_path / "out")
     with pytest.raises(ConfigError, match="differs in loss"):
         curve.run_curve(
             cfg_for(tiny_assets, **{"loss.lambda_distill": 1.0}), [2], [0], tmp_path / "out", tmp_path / "w"
