@@ -157,6 +157,29 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
     return lines
 
 
+def compute_lines(ab: Ablation) -> list[str]:
+    """Each trained method's training compute (teacher evaluations) against the default (ADD) row's."""
+    default = ab.head[ab.head["default"]]
+    if default.empty or not default["teacher_evals"].iloc[0] > 0:
+        return []
+    base = float(default["teacher_evals"].iloc[0])
+    lines = []
+    trained = ab.head[(ab.head["teacher_evals"] > 0) & (ab.head["teacher_evals"] != base)]
+    for evals, rows in trained.groupby("teacher_evals", sort=False):  # rows of one training share its count
+        labels = " / ".join(dict.fromkeys(rows["label"]))
+        lines.append(
+            f"- {labels}: {evals / base:.2f}× the teacher evaluations of the default ADD cell's training "
+            f"({evals / 1e6:.2f}M against {base / 1e6:.2f}M): {'more' if evals > base else 'less'} compute."
+        )
+    if not lines:
+        return [
+            f"Training compute: every trained method spent the default ADD cell's {base / 1e6:.2f}M teacher "
+            "evaluations (equal compute).",
+            "",
+        ]
+    return ["Training compute (teacher network evaluations; equal compute = 1×):", "", *lines, ""]
+
+
 def sanity_lines(root: Path) -> list[str]:
     path = root / "metric_sanity" / "table.md"
     if not path.is_file():
@@ -232,6 +255,7 @@ def report(root: str | Path = "results") -> str:
             "",
             T.to_markdown(T.headline_table(ab.head, ab.align_name, ab.manifest.get("paper_metric_names") or {})),
             "",
+            *compute_lines(ab),
         ]
     if probes:
         out += ["## Probes (not paper tables)", ""]

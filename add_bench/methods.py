@@ -70,6 +70,38 @@ def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
     return Generators(folders, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, steps, wall)
 
 
+def evaluations_per_call(cfg_scale: float) -> int:
+    """Teacher network evaluations of one guided prediction: conditional + unconditional under CFG."""
+    return 1 if cfg_scale == 1.0 else 2
+
+
+def teacher_evaluations(cfg: TrainConfig) -> int:
+    """Teacher network evaluations a cell's training makes (per image, summed over batches and iterations):
+    the compute both distillation methods spend on their teacher, the measure Table 2 compares them at.
+
+    ADD: ``teacher.steps`` guided predictions per image per step (NFSD: one pass with 3 conditions), plus the
+    regression pairs' DPM-Solver++ samples. Progressive: the guided stage one guided prediction per image,
+    each halving two predictions of its (unguided) teacher, a first halving without a guided stage two
+    guided ones."""
+    from add_bench.progressive import stages
+
+    guided = evaluations_per_call(cfg.teacher.cfg_scale)
+    if cfg.method == "teacher":
+        return 0
+    if cfg.method == "progressive":
+        total = 0
+        for i, stage in enumerate(stages(cfg)):
+            per_image = guided if stage.name == "guided" else 2 * (guided if i == 0 else 1)
+            total += (stage.end - stage.start) * cfg.batch_size * per_image
+        return total
+    loss = cfg.loss
+    per_image = 0
+    if loss.distillation:
+        per_image = 3 if loss.weighting == "nfsd" else cfg.teacher.steps * guided
+    pairs = loss.regression_pairs * loss.regression_steps * guided if loss.regression_weight > 0 else 0
+    return cfg.steps * cfg.batch_size * per_image + pairs
+
+
 METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progressive}
 
 

@@ -120,6 +120,19 @@ def read_cell(folder: Path) -> tuple[str, dict | None, str | None]:
     return "pending", None, None
 
 
+def training_teacher_evaluations(folder: Path) -> int | None:
+    """Teacher network evaluations of a cell's training (``methods.teacher_evaluations`` of its stored
+    config.yaml): the compute a method comparison is read at; None without a readable config."""
+    from add_bench.config import TrainConfig, load
+    from add_bench.errors import AddBenchError
+    from add_bench.methods import teacher_evaluations
+
+    try:
+        return teacher_evaluations(load(TrainConfig, folder / "config.yaml"))
+    except AddBenchError:
+        return None
+
+
 def grid_diversity(folder: Path) -> dict[int, float]:
     """Within-class diversity (``metrics.Diversity``) of a cell's committed sample grids (``samples.npz``:
     100 samples, 10 per class, per step count): {steps: diversity}; {} without grids."""
@@ -183,6 +196,7 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
             continue
         prov = metrics.get("provenance") or {}
         grids = grid_diversity(ablation_dir.parent / "cells" / str(c["id"]))
+        teacher_evals = training_teacher_evaluations(ablation_dir.parent / "cells" / str(c["id"]))
         for row in metrics["rows"]:
             key = alignment_key(row)
             records.append(
@@ -196,6 +210,7 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
                     **{m: row.get(m) for m, _, _ in DIVERSITY_METRICS},
                     "diversity": grids.get(row.get("steps")),
                     "sec_per_1000": row.get("sec_per_1000"),
+                    "teacher_evals": teacher_evals,
                     "num_samples": metrics.get("num_samples"),
                     "git_commit": prov.get("git_commit"),
                     "machine": machine_text(prov.get("machine")),
@@ -218,6 +233,7 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
         "diversity",
         *(m for m, _, _ in DIVERSITY_METRICS),
         "sec_per_1000",
+        "teacher_evals",
         "num_samples",
         "paper_fid",
         "paper_cs",
@@ -235,6 +251,7 @@ def load_results(ablation_dir: str | Path) -> pd.DataFrame:
         "diversity",
         *(m for m, _, _ in DIVERSITY_METRICS),
         "sec_per_1000",
+        "teacher_evals",
         "num_samples",
         "paper_fid",
         "paper_cs",
@@ -298,6 +315,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         },
         nfe=("nfe", "mean"),
         sec_per_1000=("sec_per_1000", "mean"),
+        teacher_evals=("teacher_evals", "first"),
         paper_fid=("paper_fid", "first"),
         paper_cs=("paper_cs", "first"),
         paper_time=("paper_time", "first"),
@@ -442,6 +460,7 @@ def headline_table(head: pd.DataFrame, align_name: str, paper_names: dict[str, s
                 "steps": str(int(r.steps)),
                 "NFE": "—" if r.nfe != r.nfe else str(int(r.nfe)),
                 "s / 1000 samples (ours, CPU)": paper_number(r.sec_per_1000, 1),
+                "teacher evals in training (M)": paper_number(getattr(r, "teacher_evals", float("nan")) / 1e6, 2),
             }
         row |= {
             "ours FID ↓": fmt(r.fid_mean, r.fid_ci95, r.fid_n, 2) or missing_text(r, detail=True),
@@ -544,7 +563,9 @@ def markdown(manifest: dict, df: pd.DataFrame, head_df: pd.DataFrame, steps: int
         (
             "each row at its own step count (as in the paper's Table 2; NFE counts the network evaluations per "
             "sample, CFG doubling them; seconds per 1000 samples were measured while each cell was evaluated, on "
-            "the machine that ran it: see Provenance, and compare NFE across machines)"
+            "the machine that ran it: see Provenance, and compare NFE across machines; teacher evals in training = "
+            "the teacher network evaluations the method's training spent, in millions of images, the compute "
+            "the methods are compared at)"
         )
         if steps is None
         else f"{steps} sampling step{'s' * (steps != 1)} (as in the paper's Table 1)"
@@ -849,7 +870,7 @@ def headline_csv(head: pd.DataFrame, align: str) -> str:
         "paper_cs",
     ]
     if per_row_steps(head):  # a method comparison: the cost of each row too
-        cols += ["nfe", "sec_per_1000", "paper_time"]
+        cols += ["nfe", "sec_per_1000", "teacher_evals", "paper_time"]
     collapsed = (head["recall_mean"] < COLLAPSE_RECALL).where(head["recall_n"] > 0)  # NaN: not measured
     return head[cols].assign(align_key=align, collapsed=collapsed).to_csv(index=False, float_format="%.6g")
 

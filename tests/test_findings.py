@@ -52,3 +52,22 @@ def test_committed_findings_equal_what_the_report_command_writes(tmp_path, capsy
     )
     assert main(["--report", "--results", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_table2_states_each_methods_training_compute_against_adds():
+    head = pd.DataFrame(
+        {
+            "label": ["DPM-Solver", "PD", "CFG-aware", "ADD", "ADD"],
+            "default": [False, False, False, True, False],
+            "teacher_evals": [0, 256000, 256000, 115200, 115200],
+        }
+    )
+    ab = findings.Ablation("methods", {}, pd.DataFrame(), pd.DataFrame(), head, "align. prob")
+    lines = [x for x in findings.compute_lines(ab) if x.startswith("- ")]
+    assert lines == [
+        "- PD / CFG-aware: 2.22× the teacher evaluations of the default ADD cell's training (0.26M against 0.12M): "
+        "more compute."
+    ]
+    equal = head.assign(teacher_evals=[0, 115200, 115200, 115200, 115200])
+    (line, _) = findings.compute_lines(findings.Ablation("methods", {}, pd.DataFrame(), pd.DataFrame(), equal, ""))
+    assert line.endswith("spent the default ADD cell's 0.12M teacher evaluations (equal compute).")

@@ -210,3 +210,41 @@ def test_a_row_step_count_must_be_evaluated(tiny_assets, env):  # noqa: F811 (py
     )
     with pytest.raises(ConfigError, match=r"cells\[0\] \(dpm\): steps=8 is not among the cell's eval_steps=\[4\]"):
         sweep.load_ablations(path)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},  # ADD: one guided teacher prediction per image per step
+        {"loss.weighting": "nfsd", "teacher.cfg_scale": 1.0},
+        {"teacher.steps": 2, "loss.regression_weight": 0.5, "loss.regression_pairs": 8, "loss.regression_steps": 2},
+        {"loss.distillation": False},
+        {"method": "progressive", "progressive.guided_steps": 2, "progressive.steps_per_stage": 1},
+        {"method": "progressive", "progressive.guided_steps": 0, "progressive.steps_per_stage": 1},
+    ],
+)
+def test_teacher_evaluations_counts_what_training_runs(tiny_assets, tmp_path, monkeypatch, extra):
+    """Table 2's compute measure equals the images that pass through frozen (teacher) networks in training."""
+    from add_bench import methods
+    from add_bench.diffusion import Denoiser
+
+    seen = []
+    raw = Denoiser.raw
+
+    def counting_raw(self, x_t, t, labels):
+        if not any(p.requires_grad for p in self.unet.parameters()):
+            seen.append(x_t.shape[0])
+        return raw(self, x_t, t, labels)
+
+    monkeypatch.setattr(Denoiser, "raw", counting_raw)
+    cfg = cfg_for(tiny_assets, steps=2, tensorboard=False, **extra)
+    if cfg.method == "progressive":
+        progressive.train_progressive(cfg, tmp_path / "run", progress=False)
+    else:
+        from add_bench.train import train
+
+        train(cfg, tmp_path / "run", progress=False)
+    assert methods.teacher_evaluations(cfg) == sum(seen)
+    assert (sum(seen) > 0) == (cfg.method == "progressive" or cfg.loss.distillation)
+    if not extra:
+        assert sum(seen) == 2 * 8 * 2  # steps × batch × (conditional + unconditional)
