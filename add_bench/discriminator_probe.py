@@ -160,7 +160,7 @@ def make_pairs(generator: str, sampling_steps: int, sampler: str | None, n: int,
     return real[order], fake[order], labels[order], sampler, card
 
 
-def write_tables(out: Path, runs: list[dict]) -> None:
+def write_probe_tables(out: Path, runs: list[dict]) -> None:
     rows = []
     for r in runs:
         last = r["curve"][-1]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     atomic_write_json(out / "probe.json", result)
-    write_tables(out, runs)
+    write_probe_tables(out, runs)
     print(f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr)
     return 0
 

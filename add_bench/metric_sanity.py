@@ -302,11 +302,11 @@ def run(
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ladder.json", result)
-    write_tables(result, out)
+    write_ladder_tables(result, out)
     return result
 
 
-def write_tables(result: dict[str, Any], out: Path) -> None:
+def write_ladder_tables(result: dict[str, Any], out: Path) -> None:
     import pandas as pd
 
     from add_bench.tables import new_figure, save_figure, to_markdown
