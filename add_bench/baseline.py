@@ -83,9 +83,9 @@ def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, 
     edge while the best scale lies on it (:func:`next_scale`). ``done``: scales already measured."""
     denoiser, _ = load_denoiser(teacher)
     scorer = EvalNetScorer(cfg.evalnet)
-    d = cfg.data
-    val = lambda: load_split("val", d.root, d.val_size, d.split_seed, d.download).images  # noqa: E731
-    fid_val = FID(scorer.features, val, f"{scorer.id}_fashion-mnist-val{d.val_size}-{d.split_seed}")
+    data = cfg.data
+    val = lambda: load_split("val", data.root, data.val_size, data.split_seed, data.download).images  # noqa: E731
+    fid_val = FID(scorer.features, val, f"{scorer.id}_fashion-mnist-val{data.val_size}-{data.split_seed}")
     fids = dict(done or {})
     todo = [s for s in CFG_GRID if str(s) not in fids]
     while todo or next_scale(fids) is not None:
