@@ -83,9 +83,9 @@ def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, 
     edge while the best scale lies on it (:func:`next_scale`). ``done``: scales already measured."""
     denoiser, _ = load_denoiser(teacher)
     scorer = EvalNetScorer(cfg.evalnet)
-    d = cfg.data
-    val = lambda: load_split("val", d.root, d.val_size, d.split_seed, d.download).images  # noqa: E731
-    fid_val = FID(scorer.features, val, f"{scorer.id}_fashion-mnist-val{d.val_size}-{d.split_seed}")
+    data = cfg.data
+    val = lambda: load_split("val", data.root, data.val_size, data.split_seed, data.download).images  # noqa: E731
+    fid_val = FID(scorer.features, val, f"{scorer.id}_fashion-mnist-val{data.val_size}-{data.split_seed}")
     fids = dict(done or {})
     todo = [s for s in CFG_GRID if str(s) not in fids]
     while todo or next_scale(fids) is not None:
@@ -172,7 +172,7 @@ def run(teachers: list[str], out: Path, cfg: EvalConfig, steps=STEPS, cfg_search
                     file=sys.stderr,
                 )
     stored = stored_rows(rows_dir)
-    write_tables(stored, out)  # every teacher measured so far, not only this run's
+    write_baseline_tables(stored, out)  # every teacher measured so far, not only this run's
     # wall_time_s: this run (finished rows are skipped); rows_wall_time_s: every stored row's own time
     atomic_write_json(
         out / "provenance.json",
@@ -196,7 +196,7 @@ def stored_rows(rows_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["steps"] > 0, r["model"], r.get("cfg_scale") or 0.0, r["steps"]))
 
 
-def write_tables(rows: list[dict], out: Path) -> None:
+def write_baseline_tables(rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_dir = Path(a.out) / "rows"
         if not rows_dir.is_dir():
             raise DataError(f"{rows_dir}: no stored rows; run python -m add_bench.baseline --out {a.out} first")
-        write_tables(stored_rows(rows_dir), Path(a.out))
+        write_baseline_tables(stored_rows(rows_dir), Path(a.out))
         print(f"wrote {a.out}/table.md, table.csv, fid_vs_steps.png", file=sys.stderr)
         return 0
     cfg = load(EvalConfig, overrides=a.overrides)

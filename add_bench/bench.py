@@ -48,8 +48,8 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg)
-    d = cfg.data
-    x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x, y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
     x0, labels = x[: cfg.batch_size], y[: cfg.batch_size]
     gen = torch.Generator().manual_seed(0)
     opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=0.0)  # lr 0: timing only, weights unchanged
@@ -132,8 +132,8 @@ def _timed_steps(cfg_yaml: str, threads: int, steps: int, barrier) -> float:
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(cfg_yaml))
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg)
-    d = cfg.data
-    x, y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x, y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
     gen = torch.Generator().manual_seed(0)
     opt_s, opt_d = optimisers(nets, cfg)
 

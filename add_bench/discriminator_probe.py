@@ -116,7 +116,7 @@ def probe(
 ) -> dict:
     """Fresh heads from ``cfg`` trained ``steps`` batches on real[:n_train] vs fake[:n_train]; the rest is held out."""
     torch.manual_seed(seed)
-    d = cfg.discriminator
+    dcfg = cfg.discriminator
     feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
     frozen = SimpleNamespace(c_text=c_text, c_img_network=c_img_network)  # what ``conditioning`` reads
     opt_d = adam(disc.parameters(), cfg.optim.discriminator_lr, cfg)
@@ -130,7 +130,7 @@ def probe(
     )
     gen = torch.Generator().manual_seed(seed)
     curve, start = [], time.perf_counter()
-    for step in tqdm(range(steps + 1), desc=f"probe {d.augment or 'no augment'}", leave=False, disable=not progress):
+    for step in tqdm(range(steps + 1), desc=f"probe {dcfg.augment or 'no augment'}", leave=False, disable=not progress):
         if step % eval_every == 0 or step == steps:
             curve.append({"step": step, **held_out_accuracy(disc, *test)})
         if step == steps:
@@ -138,7 +138,7 @@ def probe(
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
         c_text_b, c_img_b = conditioning(frozen, real[idx], labels[idx])
         with torch.no_grad():  # as in training: the fake features first, then the real ones inside the step
-            fake_features = feature_network(diff_augment(fake[idx], d.augment, gen))
+            fake_features = feature_network(diff_augment(fake[idx], dcfg.augment, gen))
         discriminator_step(
             feature_network, disc, cfg, real[idx], fake_features, c_text_b, c_img_b, gen, opt_d, step + 1
         )
@@ -160,7 +160,7 @@ def make_pairs(generator: str, sampling_steps: int, sampler: str | None, n: int,
     return real[order], fake[order], labels[order], sampler, card
 
 
-def write_tables(out: Path, runs: list[dict]) -> None:
+def write_probe_tables(out: Path, runs: list[dict]) -> None:
     rows = []
     for r in runs:
         last = r["curve"][-1]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     atomic_write_json(out / "probe.json", result)
-    write_tables(out, runs)
+    write_probe_tables(out, runs)
     print(f"discriminator probe: wrote {out / 'probe.json'}, {out / 'table.md'}, {out / 'table.csv'}", file=sys.stderr)
     return 0
 

@@ -323,8 +323,8 @@ def pretrain_featnet(
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    d = cfg.data
-    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x_train, y_train = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
     task = TASKS[spec.objective](dict(spec.arch), cfg)
     opt = torch.optim.AdamW(param_groups(task.trainable, cfg.weight_decay), lr=cfg.lr)
     run = Run(workdir, {**task.objects(), "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
@@ -362,7 +362,7 @@ def pretrain_featnet(
         "params": num_params(module),
         "weights": "fp32",
         **extra,
-        "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {d.val_size})",
+        "data": f"Fashion-MNIST train split ({len(x_train)} images; val carve-out {data.val_size})",
         "steps": step,
         "train_wall_time_s": round(wall, 1),
         "provenance": provenance(cfg, cfg.seed, wall, command=f"python -m add_bench.pretrain featnet {name}"),
@@ -377,9 +377,9 @@ def pretrain_featnet(
 def evaluate_featnet(task, cfg: FeatNetPretrainConfig) -> dict[str, float]:
     """k-NN accuracy of the CLS embeddings on the val split (memory: knn_train train images);
     clip_s also: zero-shot accuracy (nearest class-prompt embedding) on the val split."""
-    d = cfg.data
-    x_tr, y_tr = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
-    x_va, y_va = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x_tr, y_tr = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
+    x_va, y_va = load_split("val", data.root, data.val_size, data.split_seed, data.download).tensors()
     pick = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: cfg.knn_train]
     acc = knn_accuracy(embed_all(task.embed, x_tr[pick]), y_tr[pick], embed_all(task.embed, x_va), y_va, cfg.knn_k)
     metrics = {f"knn{cfg.knn_k}_val_accuracy": round(acc, 4), "knn_train_images": len(pick)}

@@ -154,6 +154,20 @@ def check_launcher(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ slurm
+# The two uses of submitit beyond its documented API (executors, jobs, helpers): neither has a public form.
+# The error submitit raises from executor.submit when sbatch exits non-zero (a refused partition, memory or
+# CPU request); submitit.core.utils defines it and the top level does not export it.
+SbatchRefused = submitit.core.utils.FailedJobError
+
+
+def _parse_sacct(out: str) -> dict[str, dict[str, str]]:
+    """job id → {column: value} from ``sacct --parsable2`` output, pending array ranges (``12_[0-7%8]``)
+    expanded to one id per task, by the parser of ``SlurmJob``'s own watcher. ``SlurmJob.state`` runs sacct
+    itself but without a timeout, answers from a result up to 10 minutes old, keeps finished states for
+    good and logs a warning where accounting is disabled; ``status_slurm`` asks now and falls back quietly."""
+    return submitit.SlurmJob.watcher.read_info(out)
+
+
 class CellJob(submitit.helpers.Checkpointable):
     """One cell as a submitit job: ``fn(cell_id, workdir)``, requeued (not restarted from scratch by
     us, but called again) when SLURM signals a time limit or preemption; the cell resumes from the
@@ -226,7 +240,7 @@ def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> 
         with executor.batch():
             for cell_id, fn in cells:
                 jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id))))
-    except submitit.core.utils.FailedJobError as e:
+    except SbatchRefused as e:
         msg = " ".join(str(e).split()) or "no message"
         raise ConfigError(
             f"sbatch refused the submission (slurm.partition={cfg.partition!r}, "
@@ -265,7 +279,7 @@ def _sacct_states(job_ids: set[str]) -> dict[str, str]:
     out = _run(["sacct", "-o", "JobID,State", "--parsable2", *[a for m in mains for a in ("-j", m)]])
     if not out:  # no sacct, or accounting disabled ("Slurm accounting storage is disabled")
         return {}
-    info = submitit.slurm.slurm.SlurmInfoWatcher().read_info(out)
+    info = _parse_sacct(out)
     return {jid: info[jid]["State"].split()[0] for jid in job_ids if jid in info and info[jid].get("State")}
 
 
@@ -281,14 +295,15 @@ def _squeue_states(job_ids: set[str]) -> dict[str, str]:
 
 
 def _result_state(folder: Path, job_id: str) -> str | None:
-    paths = submitit.core.utils.JobPaths(folder / LOGS_DIR / "%j", job_id=job_id, task_id=0)
-    if not paths.result_pickle.exists():
+    """COMPLETED / FAILED from the result file the job wrote; None before it exists."""
+    job = submitit.SlurmJob(folder=folder / LOGS_DIR / "%j", job_id=job_id)
+    if not job.paths.result_pickle.exists():
         return None
-    try:
-        outcome = submitit.core.utils.pickle_load(paths.result_pickle)[0]
+    try:  # the result file exists, so exception() reads it without waiting or asking SLURM
+        failed = job.exception() is not None
     except Exception:  # noqa: BLE001 - a half-written or foreign pickle
         return "UNKNOWN"
-    return "COMPLETED" if outcome == "success" else "FAILED"
+    return "FAILED" if failed else "COMPLETED"
 
 
 def status_slurm(folder: str | Path) -> dict[str, str]:

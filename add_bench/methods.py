@@ -139,15 +139,15 @@ def inputs(cfg: TrainConfig) -> dict[str, Path]:
 
     roles = {"teacher": resolve_weights(cfg.teacher.network)}
     if cfg.method == "add":
-        d = cfg.discriminator
+        dcfg = cfg.discriminator
         roles |= {
             "student": resolve_weights(cfg.student.network),
             "feature network": featnet_folder(cfg.feature_network.name, cfg.feature_network.weights),
         }
-        if d.c_text:
-            roles["c_text network"] = featnet_folder(d.c_text_network, d.c_text_weights)
-        if d.c_img:
-            roles["c_img network"] = featnet_folder(d.c_img_network, d.c_img_weights)
+        if dcfg.c_text:
+            roles["c_text network"] = featnet_folder(dcfg.c_text_network, dcfg.c_text_weights)
+        if dcfg.c_img:
+            roles["c_img network"] = featnet_folder(dcfg.c_img_network, dcfg.c_img_weights)
     if cfg.eval.metrics != "cluster":
         roles["evaluation network"] = resolve_weights(cfg.eval.evalnet)
         roles["evaluation embedding"] = resolve_weights(cfg.eval.evalnet_ssl)

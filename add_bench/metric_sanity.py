@@ -110,10 +110,10 @@ def wrong_labels(real: SampleSet, share: float, seed: int) -> SampleSet:
 
 
 def ladder(cfg: EvalConfig, num_samples: int) -> list[Rung]:
-    d = cfg.data
+    data = cfg.data
     per_class = num_samples // NUM_CLASSES
-    train = load_split("train", d.root, d.val_size, d.split_seed, d.download)
-    val = load_split("val", d.root, d.val_size, d.split_seed, d.download)
+    train = load_split("train", data.root, data.val_size, data.split_seed, data.download)
+    val = load_split("val", data.root, data.val_size, data.split_seed, data.download)
     held_out = lambda: balanced(val.images, val.labels, per_class, np.random.default_rng(cfg.seed))  # noqa: E731
     rungs = [Rung("held-out real (val split)", held_out)]
     rungs += [
@@ -302,11 +302,11 @@ def run(
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ladder.json", result)
-    write_tables(result, out)
+    write_ladder_tables(result, out)
     return result
 
 
-def write_tables(result: dict[str, Any], out: Path) -> None:
+def write_ladder_tables(result: dict[str, Any], out: Path) -> None:
     import pandas as pd
 
     from add_bench.tables import new_figure, save_figure, to_markdown

@@ -409,8 +409,8 @@ PIXEL_SPACE = "pixels"
 
 def embedded_metrics(cfg: EvalConfig) -> dict[str, Callable[[], Metric]]:
     """The embedded metrics by name, each built on demand (the networks and reference load once)."""
-    d = cfg.data
-    test = lambda: load_split("test", d.root, download=d.download)  # noqa: E731
+    data = cfg.data
+    test = lambda: load_split("test", data.root, download=data.download)  # noqa: E731
     built: dict[str, Any] = {}
 
     def scorer() -> EvalNetScorer:
@@ -421,7 +421,7 @@ def embedded_metrics(cfg: EvalConfig) -> dict[str, Callable[[], Metric]]:
     def reference() -> ClassReference:
         if "reference" not in built:
             embed = EmbedNetFeatures(cfg.evalnet_ssl)
-            built["reference"] = reference_of_test_split(embed, embed.id, d)
+            built["reference"] = reference_of_test_split(embed, embed.id, data)
         return built["reference"]
 
     def fid() -> Metric:

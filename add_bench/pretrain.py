@@ -122,8 +122,8 @@ def seeded_start(cfg) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
     """Threads and seeds set from ``cfg``; its generator and the train split as tensors."""
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    d = cfg.data
-    x_train, y_train = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x_train, y_train = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
     return torch.Generator().manual_seed(cfg.seed), x_train, y_train
 
 
@@ -132,8 +132,8 @@ def pretrain_evalnet(
 ) -> bool:
     check_positive(cfg.epochs, "epochs")
     gen, x_train, y_train = seeded_start(cfg)
-    d = cfg.data
-    x_val, y_val = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
+    data = cfg.data
+    x_val, y_val = load_split("val", data.root, data.val_size, data.split_seed, data.download).tensors()
     net = EvalNet()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(x_train) // cfg.batch_size
@@ -152,7 +152,7 @@ def pretrain_evalnet(
     if not drive(run, step_fn, "evalnet", steps_per_epoch):
         return False
     wall, step = run.wall_time_s, run.step
-    x_test, y_test = load_split("test", d.root, download=d.download).tensors()
+    x_test, y_test = load_split("test", data.root, download=data.download).tensors()
     metrics = {"val_accuracy": accuracy(net, x_val, y_val), "test_accuracy": accuracy(net, x_test, y_test)}
     card = {
         "kind": "evalnet",
@@ -259,7 +259,7 @@ def pretrain_evalnet_ssl(
 ) -> bool:
     check_positive(cfg.steps, "steps")
     gen, x_train, y_train = seeded_start(cfg)
-    d = cfg.data
+    data = cfg.data
     net = EmbedNet(cfg.width)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(workdir, {"net": net, "opt": opt}, gen, cfg.steps, max(1, cfg.steps // 10), budget_minutes)
@@ -278,7 +278,7 @@ def pretrain_evalnet_ssl(
     if not drive(run, step_fn, "evalnet_ssl", 50):
         return False
     wall, step = run.wall_time_s, run.step
-    x_test, y_test = load_split("test", d.root, download=d.download).tensors()
+    x_test, y_test = load_split("test", data.root, download=data.download).tensors()
     metrics = embedding_checks(net, cfg, x_train, y_train, x_test, y_test)
     card = {
         "kind": "evalnet_ssl",

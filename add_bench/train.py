@@ -182,9 +182,9 @@ def student_schedule(own: Schedule, cfg: TrainConfig) -> Schedule:
 def class_discriminator_side(cfg: TrainConfig):
     """``discriminator_side`` of a class-conditional model: c_text is the (classes, E) table of the class
     prompts' embeddings from ``discriminator.c_text_network``."""
-    d = cfg.discriminator
+    dcfg = cfg.discriminator
     return discriminator_side(
-        cfg, (lambda: prompt_embeddings(d.c_text_network, d.c_text_weights)) if d.c_text else None
+        cfg, (lambda: prompt_embeddings(dcfg.c_text_network, dcfg.c_text_weights)) if dcfg.c_text else None
     )
 
 
@@ -193,21 +193,21 @@ def discriminator_side(cfg: TrainConfig, make_c_text):
     or an (N, E) probe of a text tower) and the trainable heads D_φ,k."""
     fn = cfg.feature_network
     feature_network = build_feature_network(fn.name, fn.weights, fn.layers)
-    d = cfg.discriminator
+    dcfg = cfg.discriminator
     c_img_network = None
-    if d.c_img:
-        same = (d.c_img_network, d.c_img_weights) == (fn.name, fn.weights)
-        c_img_network = feature_network if same else build_feature_network(d.c_img_network, d.c_img_weights)
+    if dcfg.c_img:
+        same = (dcfg.c_img_network, dcfg.c_img_weights) == (fn.name, fn.weights)
+        c_img_network = feature_network if same else build_feature_network(dcfg.c_img_network, dcfg.c_img_weights)
     c_text = make_c_text() if make_c_text is not None else None
     c_img_dim = c_img_network.cls_embedding(torch.zeros(1, 1, 28, 28)).shape[1] if c_img_network is not None else 0
     disc = Discriminator(
         feature_network.dims,
         c_text.shape[1] if c_text is not None else 0,
         c_img_dim,
-        d.c_text,
-        d.c_img,
-        d.cmap_dim,
-        d.minibatch_std,
+        dcfg.c_text,
+        dcfg.c_img,
+        dcfg.cmap_dim,
+        dcfg.minibatch_std,
     )
     return feature_network, c_img_network, c_text, disc
 
@@ -243,8 +243,8 @@ def build_sd_networks(cfg: TrainConfig, t_folder: Path, s_folder: Path) -> Netwo
     base = s_sd.unet
     student = copy.deepcopy(base) if cfg.student.init == "pretrained" else type(base).from_config(base.config)
     student.train().requires_grad_(True)
-    d = cfg.discriminator
-    text_encoder = build_text_encoder(d.c_text_network, d.c_text_weights) if d.c_text else None
+    dcfg = cfg.discriminator
+    text_encoder = build_text_encoder(dcfg.c_text_network, dcfg.c_text_weights) if dcfg.c_text else None
     feature_network, c_img_network, _, disc = discriminator_side(
         cfg, (lambda: text_encoder(["a photo"])) if text_encoder is not None else None
     )
@@ -696,8 +696,8 @@ class FashionMnistBatches:
     """The embedded training split in memory: batch(idx) → (x0, labels, {})."""
 
     def __init__(self, cfg: TrainConfig):
-        d = cfg.data
-        self.x, self.y = load_split("train", d.root, d.val_size, d.split_seed, d.download).tensors()
+        data = cfg.data
+        self.x, self.y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
 
     def __len__(self) -> int:
         return len(self.y)

@@ -74,8 +74,9 @@ class FeatureNetwork(nn.Module):
     """Frozen feature network F: ``forward(x) -> [F_k(x)]`` (N, D_k, L), CLS added to each patch token.
 
     ``dims``: channels of each feature level (the discriminator heads' widths); ``cls_dim``: width of
-    ``cls_embedding`` (c_img). Subclasses set ``self.body`` (the network) and implement ``embed``
-    (tokens entering block 1, prefix tokens first), ``blocks`` and ``cls_embedding``.
+    ``cls_embedding`` (c_img). Subclasses set ``self.body`` (a network with ``forward_intermediates``)
+    and implement ``embedding`` (the module whose output, prefix tokens first, enters block 1),
+    ``blocks`` and ``cls_embedding``.
     """
 
     num_prefix_tokens = 1  # CLS first, then any register tokens
@@ -122,16 +123,34 @@ class FeatureNetwork(nn.Module):
         return (h[:, self.num_prefix_tokens :] + h[:, :1]).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.embed(self.preprocess(x))
-        feats = [self.readout(h)] if self.layers[0] == 0 else []
-        for i, block in enumerate(self.blocks()[: self.layers[-1]], start=1):
-            h = block(h)
-            if i in self.layers:
-                feats.append(self.readout(h))
+        # A hook reads each chosen layer out as its module returns, so the readouts enter the graph in
+        # block order and the input gradient sums its terms as a block-by-block loop would (same rounding).
+        feats: list[torch.Tensor] = []
+        hooks = [
+            m.register_forward_hook(lambda module, args, out: feats.append(self.readout(out)))
+            for m in self.layer_modules()
+        ]
+        try:
+            self.run(self.preprocess(x), max(self.layers[-1], 1))  # layer 0 alone: block 1 runs too
+        finally:
+            for hook in hooks:
+                hook.remove()
         return feats
 
+    def layer_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are ``self.layers``: the embedding (0) and block i (1-based)."""
+        blocks = self.blocks()
+        return [blocks[i - 1] if i else self.embedding() for i in self.layers]
+
+    def run(self, x: torch.Tensor, last_block: int) -> None:
+        """The network's forward up to block ``last_block`` (1-based), by timm's and open_clip's public
+        ``forward_intermediates``; its return value is not needed, the hooks have read the layers."""
+        self.body.forward_intermediates(
+            x, indices=[last_block - 1], stop_early=True, output_fmt="NLC", intermediates_only=True
+        )
+
     # to implement
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embedding(self) -> nn.Module:
         raise NotImplementedError
 
     def blocks(self) -> Sequence[nn.Module]:
@@ -169,9 +188,8 @@ class TimmFeatures(FeatureNetwork):
         self.num_prefix_tokens = vit.num_prefix_tokens
         self.freeze()
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.body
-        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))  # as in forward_features
+    def embedding(self) -> nn.Module:
+        return self.body.norm_pre  # after patch embedding, prefix tokens, positions and patch dropout
 
     def blocks(self) -> Sequence[nn.Module]:
         return self.body.blocks
@@ -197,14 +215,11 @@ class OpenClipFeatures(FeatureNetwork):
         self.body = visual
         self.freeze()
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body._embeds(x)  # conv patches, CLS, positions, ln_pre; (N, 1+L, D)
+    def embedding(self) -> nn.Module:
+        return self.body.ln_pre  # after conv patches, CLS, positions and patch dropout
 
     def blocks(self) -> Sequence[nn.Module]:
-        t = self.body.transformer
-        if t.batch_first:
-            return t.resblocks
-        return [lambda h, b=b: b(h.transpose(0, 1)).transpose(0, 1) for b in t.resblocks]
+        return self.body.transformer.resblocks  # batch-first (N, 1+L, D), as open_clip builds image towers
 
     def cls_embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.preprocess(x))
