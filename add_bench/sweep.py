@@ -42,13 +42,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import (
+    SCHEMA_VERSION,
     TrainConfig,
+    added_fields,
     apply_overrides,
     choose,
     load,
     load_yaml,
     parse_overrides,
     to_dict,
+    without,
 )
 from add_bench.errors import ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
@@ -121,47 +124,12 @@ def presets() -> dict[str, Path]:
 EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every", "tensorboard")
 
 
-# Keys added to the config schema after cells were first computed, with the value that reproduces
-# what those cells did. A key at that value is left out of the id, so adding a field never orphans
-# finished cells; any other value makes a new cell. Append here whenever TrainConfig grows a field.
-ADDED_KEYS: dict[str, Any] = {
-    "eval.evalnet_ssl": "evalnet_ssl",
-    "student.zero_terminal_snr": True,
-    "student.timestep_draw": "uniform",
-    "discriminator.steps": 1,
-    "discriminator.minibatch_std": 0,
-    "loss.regression_weight": 0.0,
-    "loss.regression_pairs": 2048,
-    "loss.regression_steps": 10,
-    "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
-    "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
-    "coco": {"root": None, "split": "train2017", "resolution": 512},
-    "loss.space": "pixel",
-    "method": "add",
-    "sampling": {"sampler": None, "cfg_scale": 1.0},
-    "progressive": {
-        "start_steps": 8,
-        "guided_steps": 1000,
-        "steps_per_stage": 1000,
-        "lr": 1e-4,
-        "betas": [0.9, 0.999],
-        "warmup_steps": 50,
-    },
-}
-
-
 def cell_id(config: Any) -> str:
-    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out,
-    ``ADDED_KEYS`` left out at their original value): equal configs, one cell."""
+    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out, and the
+    fields declared with ``config.added`` left out at the value that reproduces older cells): equal configs,
+    one cell."""
     values = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_KEYS}
-    for dotted_key, original in ADDED_KEYS.items():
-        *parents, leaf = dotted_key.split(".")
-        node = values
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and node.get(leaf, original) == original:
-            node.pop(leaf, None)
-    blob = json.dumps(values, sort_keys=True, default=str)
+    blob = json.dumps(without(values, added_fields(TrainConfig)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -420,7 +388,11 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
             result["inputs"] = versions
             result["provenance"] = provenance(
-                cfg, cfg.seed, time.time() - start, command=f"python -m add_bench.sweep (cell {cell})"
+                cfg,
+                cfg.seed,
+                time.time() - start,
+                command=f"python -m add_bench.sweep (cell {cell})",
+                schema_version=SCHEMA_VERSION,  # the schema the stored config.yaml was loaded into
             )
             import numpy as np
 

@@ -116,13 +116,92 @@ def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
 
 def test_committed_cells_keep_their_ids():
     """Every committed cell's stored config hashes to its folder name, so fields added to the schema
-    later (sweep.ADDED_KEYS) never orphan finished cells."""
+    later (declared with config.added) never orphan finished cells."""
     from add_bench.config import TrainConfig, load
 
     folders = sorted((REPO / "results" / "cells").glob("*/config.yaml"))
     assert folders, "no committed cells under results/cells"
     for path in folders:
         assert sweep.cell_id(load(TrainConfig, path)) == path.parent.name, path
+
+
+def leaf_keys(values: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in values.items():
+        out |= leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key}
+    return out
+
+
+def test_a_field_missing_from_a_committed_cell_is_declared_added():
+    """A schema field that a committed cell's config.yaml lacks entered the schema after that cell: it
+    must be declared with config.added (or be an execution key), else the cell's id changes."""
+    from omegaconf import OmegaConf
+
+    from add_bench.config import TrainConfig, added_fields
+
+    declared = added_fields(TrainConfig)
+    schema = leaf_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    for path in sorted((REPO / "results" / "cells").glob("*/config.yaml")):
+        for key in sorted(schema - leaf_keys(yaml.safe_load(path.read_text()))):
+            parts = key.split(".")
+            known = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            assert known & (set(declared) | set(sweep.EXECUTION_KEYS)), (
+                f"TrainConfig field '{key}' is not in the committed cell {path} and is not declared "
+                f"with config.added(version, default) at its dataclass field"
+            )
+
+
+def test_added_fields_are_the_hand_kept_list_they_replace():
+    from add_bench.config import SCHEMA_VERSION, TrainConfig, added_fields
+
+    declared = added_fields(TrainConfig)
+    assert {key: a.reproduces for key, a in declared.items()} == {
+        "eval.evalnet_ssl": "evalnet_ssl",
+        "student.zero_terminal_snr": True,
+        "student.timestep_draw": "uniform",
+        "discriminator.steps": 1,
+        "discriminator.minibatch_std": 0,
+        "loss.regression_weight": 0.0,
+        "loss.regression_pairs": 2048,
+        "loss.regression_steps": 10,
+        "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
+        "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
+        "coco": {"root": None, "split": "train2017", "resolution": 512},
+        "loss.space": "pixel",
+        "method": "add",
+        "sampling": {"sampler": None, "cfg_scale": 1.0},
+        "progressive": {
+            "start_steps": 8,
+            "guided_steps": 1000,
+            "steps_per_stage": 1000,
+            "lr": 1e-4,
+            "betas": [0.9, 0.999],
+            "warmup_steps": 50,
+        },
+    }
+    assert SCHEMA_VERSION == max(a.version for a in declared.values()) and min(a.version for a in declared.values()) > 1
+
+
+def test_a_field_added_inside_an_added_sub_config_keeps_older_ids():
+    """Cells from before the sub-config (it is absent) and from before the inner field keep their ids."""
+    from dataclasses import dataclass
+
+    from add_bench.config import added, added_fields, without
+
+    @dataclass
+    class Inner:
+        a: int = 1
+        b: int = added(9, 2)
+
+    @dataclass
+    class Outer:
+        x: int = 0
+        inner: Inner = added(8, default_factory=Inner)
+
+    declared = added_fields(Outer)
+    assert declared["inner"].reproduces == {"a": 1}
+    assert without({"x": 0, "inner": {"a": 1, "b": 2}}, declared) == {"x": 0}
+    assert without({"x": 0, "inner": {"a": 1, "b": 3}}, declared) == {"x": 0, "inner": {"a": 1, "b": 3}}
 
 
 def test_added_keys_count_only_away_from_their_original_value():
@@ -308,6 +387,8 @@ def test_cells_option_runs_only_the_named_rows(tiny_assets, env, capsys):
     assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b"]) == 0
     a, b = (c.id for c in sweep.load_ablations(abl)[0].cells)
     assert sweep.cell_status(env / "out" / "cells" / b) == "done"
+    provenance = json.loads((env / "out" / "cells" / b / "metrics.json").read_text())["provenance"]
+    assert provenance["schema_version"] == sweep.SCHEMA_VERSION
     assert not (env / "out" / "cells" / a).exists()  # not even a folder for the row not selected
     rows = pd.read_csv(env / "out" / "mini" / "table.csv").set_index("name")
     assert rows.loc["a", "status"] == "pending" and rows.loc["b", "status"] == "done"  # both rows listed
