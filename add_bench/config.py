@@ -364,20 +364,53 @@ class TrainConfig:
     progressive: ProgressiveConfig = added(4, default_factory=ProgressiveConfig)
 
 
+# ------------------------------------------------------------------------ Hydra's ConfigStore
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+SCHEMA_NODE = "add_bench_schema"  # TrainConfig
+PRIMARY_NODE = "add_bench"  # the schema, then a preset of the ``base`` group (embedded unless overridden)
+
+
+@functools.cache
+def config_store() -> Any:
+    """Hydra's ConfigStore holding the suite's configs: ``add_bench_schema`` (TrainConfig), the group ``base``
+    with one option per ``add_bench/presets/<name>.yaml`` (merged at the top level), and ``add_bench``: the
+    schema under ``base=embedded``. Hydra composes the config a sweep cell starts from:
+    ``config_store()``, then ``compose(config_name="add_bench", overrides=["base=sd21", "steps=500"])``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name=SCHEMA_NODE, node=TrainConfig, provider="add_bench")
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        cs.store(group="base", name=path.stem, node=load_yaml(path), package="_global_", provider="add_bench")
+    defaults = [SCHEMA_NODE, {"base": "embedded"}, "_self_"]
+    cs.store(name=PRIMARY_NODE, node={"defaults": defaults}, provider="add_bench")
+    return cs
+
+
+def preset(name: str, key: str = "base") -> DictConfig:
+    """The option ``name`` of the ConfigStore's ``base`` group (a preset); an unknown name fails with ``key``
+    and the accepted names."""
+    cs = config_store()
+    options = {option.removesuffix(".yaml"): option for option in cs.list("base")}
+    return copy.deepcopy(cs.load(f"base/{choose(options, name, key)}").node)
+
+
 # --------------------------------------------------------------------------------------- loading
 def load(
     schema: type[T],
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    preset: tuple[str, DictConfig] | None = None,
 ) -> T:
-    """Schema defaults ← YAML file ← ``extra`` dict ← ``key=value`` overrides, validated.
+    """Schema defaults ← ``preset`` (its name in messages, its config) ← YAML file ← ``extra`` dict ←
+    ``key=value`` overrides, validated.
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, Any]] = [preset] if preset is not None else []
     if path is not None:
         layers.append((str(path), load_yaml(path)))
     if extra:

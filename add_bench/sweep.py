@@ -50,13 +50,13 @@ from add_bench.config import (
     load,
     load_yaml,
     parse_overrides,
+    preset,
     to_dict,
     without,
 )
 from add_bench.errors import ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
 ABLATION_KEYS = {
     "name",
@@ -112,10 +112,6 @@ class Ablation:
     cells: list[Cell] = field(default_factory=list)
     paper_metric_names: dict = field(default_factory=dict)
     paper_note: str | None = None  # what the paper's numbers are (default: ADD-M on SD2.1, Table 1)
-
-
-def presets() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
 
 
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
@@ -196,11 +192,7 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
     for key in ("name", "cells"):
         if key not in data:
             raise ConfigError(f"{path}: missing key '{key}'")
-    base = sweep_over.get("base", data.get("base", "embedded"))
-    preset = (
-        Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
-    )
-    base_name = preset.stem
+    base_name, base_layer = base_preset(sweep_over.get("base", data.get("base", "embedded")), path)
     seeds = sweep_over.get("seeds", data.get("seeds", [0]))
     eval_steps = sweep_over.get("eval_steps", data.get("eval_steps", [1, 2, 4]))
     num_samples = sweep_over.get("num_samples", data.get("num_samples"))
@@ -249,7 +241,7 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             if num_samples is not None:
                 extra["eval.num_samples"] = num_samples
             try:
-                cfg = load(TrainConfig, preset, extra=extra)
+                cfg = load(TrainConfig, extra=extra, preset=base_layer)
             except ConfigError as e:
                 raise ConfigError(f"{where} ({spec['name']}): {e}") from None
             cfg = resolved(load_cli(cfg, train_over), f"{where} ({spec['name']}) on base {base_name}")
@@ -272,6 +264,14 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
+
+
+def base_preset(base: str, path: Path) -> tuple[str, tuple[str, Any]]:
+    """``base``: a preset of the ConfigStore's ``base`` group (add_bench/presets/) or a YAML file → its name and
+    (its name in messages, its config)."""
+    if str(base).endswith(".yaml") and Path(base).is_file():
+        return Path(base).stem, (str(base), load_yaml(base))
+    return base, (f"base={base}", preset(base, f"{path}: base"))
 
 
 def resolved(cfg: Any, where: str) -> Any:
