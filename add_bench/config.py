@@ -474,6 +474,27 @@ def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None, 
     return cfg
 
 
+def check_keys(values: Any, schema: type, where: str) -> None:
+    """``values`` is a mapping whose keys are fields of the dataclass ``schema``; else an error naming ``where``,
+    the unknown keys and the accepted ones."""
+    accepted = sorted(f.name for f in dataclasses.fields(schema))
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(accepted)}, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+
+
+def typed(schema: type, values: Any, where: str) -> dict[str, Any]:
+    """``values`` checked against the dataclass ``schema`` (keys, then types as OmegaConf converts them) → a
+    plain dict of every field, the schema's defaults filled in and interpolations kept as written."""
+    check_keys(values, schema, where)
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: key '{e.full_key}': {str(e).splitlines()[0]}") from None
+
+
 def dotted(values: Mapping[str, Any]) -> DictConfig:
     """{"loss.weighting": "sds", "seed": 1} → a nested config layer (values kept as typed)."""
     layer = OmegaConf.create({})

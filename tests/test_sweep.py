@@ -282,6 +282,13 @@ def test_table1_on_the_sd21_preset(monkeypatch):
             r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set",
         ),
         ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
+        ("name: x\ncolour: red\ncells: []\n", r"x.yaml: unknown key\(s\) colour; accepted: base, cells, .*title"),
+        ("name: x\n", r"x.yaml: missing key 'cells'"),
+        ("name: x\ncells: {a: 1}\n", r"x.yaml: cells: expected a list of rows, got dict"),
+        ("name: x\nseeds: [a]\ncells: []\n", r"x.yaml: key 'seeds\[0\]': Value 'a' .* could not be converted"),
+        ("name: x\ncells:\n  - {name: a, steps: 0}\n", r"cells\[0\] \(a\): steps=0: expected a positive integer"),
+        ("name: x\ncells:\n  - {name: a, bases: sd21}\n", r"cells\[0\] \(a\): key 'bases': "),
+        ("name: x\ncells:\n  - {label: a}\n", r"cells\[0\]: each cell needs a 'name'"),
     ],
 )
 def test_bad_ablation_files(tmp_path, text, message):
@@ -568,15 +575,15 @@ def test_command_line_sweep_values_and_combinations():
     )
     # one value (quoted when it holds a comma) and sweep-level keys: applied to every row
     assert rest == ["steps=10", "seeds=[0,1]", "discriminator.augment='color,cutout'"]
-    assert data["name"] == "loss.weighting+student.timesteps"
-    assert [c["set"] for c in data["cells"]] == [
+    assert data.name == "loss.weighting+student.timesteps"
+    assert [c.set for c in data.cells] == [
         {"loss.weighting": "exp", "student.timesteps": [999, 499]},
         {"loss.weighting": "exp", "student.timesteps": [999]},
         {"loss.weighting": "sds", "student.timesteps": [999, 499]},
         {"loss.weighting": "sds", "student.timesteps": [999]},
     ]
     data, _ = command_line_ablation(["seed=range(0,3)"])  # Hydra's sweep functions
-    assert [c["set"] for c in data["cells"]] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+    assert [c.set for c in data.cells] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
     with pytest.raises(ConfigError, match="key with several values"):
         command_line_ablation(["steps=10"])
 
