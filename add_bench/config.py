@@ -8,10 +8,14 @@ code that implements them; :func:`choose` looks a name up and reports the accept
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,6 +23,70 @@ from omegaconf.errors import OmegaConfBaseException
 from add_bench.errors import ConfigError
 
 T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ schema versions
+# Version 1 is the schema of the first computed cells; a field added later is declared with
+# ``added(version, ...)``, and SCHEMA_VERSION is the highest version in use. Bump it when adding a field:
+# ``field_name: int = added(SCHEMA_VERSION + 1, default)`` and SCHEMA_VERSION = that version.
+SCHEMA_VERSION = 7
+
+
+class Added(NamedTuple):
+    version: int  # the schema version the field entered
+    reproduces: Any  # its value that reproduces what cells computed before it did (a dict for a sub-config)
+
+
+def added(
+    version: int,
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    reproduces: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field that entered the schema at ``version``, with ``default`` or ``default_factory``.
+    ``reproduces`` is its value that reproduces older cells (when not given: the default): a cell's id leaves
+    the field out at that value (add_bench.sweep.cell_id), so adding it changes no finished cell's id."""
+    if reproduces is dataclasses.MISSING:
+        reproduces = default if default_factory is dataclasses.MISSING else default_factory()
+    if dataclasses.is_dataclass(reproduces):
+        reproduces = dataclasses.asdict(reproduces)
+    meta = {"added": Added(version, reproduces)}
+    if default_factory is dataclasses.MISSING:
+        return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default_factory=default_factory, metadata=meta)
+
+
+@functools.cache
+def added_fields(schema: type) -> dict[str, Added]:
+    """Dotted key → :class:`Added` of every field of ``schema`` (and its sub-configs) declared with
+    :func:`added`, a sub-config's own fields before it; a sub-config's ``reproduces`` leaves out its added
+    fields that hold their own ``reproduces``, as a cell's id does."""
+    out: dict[str, Added] = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        inner = added_fields(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else {}
+        out |= {f"{f.name}.{key}": a for key, a in inner.items()}
+        if "added" in f.metadata:
+            version, reproduces = f.metadata["added"]
+            out[f.name] = Added(version, without(reproduces, inner))
+    return out
+
+
+def without(values: Any, fields: Mapping[str, Added]) -> Any:
+    """``values`` (nested dicts) with each dotted key of ``fields`` left out where it holds its
+    ``reproduces`` value (or is absent)."""
+    if not isinstance(values, dict):
+        return values
+    values = copy.deepcopy(values)
+    for dotted_key, a in fields.items():
+        *parents, leaf = dotted_key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf, a.reproduces) == a.reproduces:
+            node.pop(leaf, None)
+    return values
 
 
 # --------------------------------------------------------------------------------------- pieces
@@ -136,10 +204,11 @@ class EvalConfig:
     batch_size: int = 500
     metrics: str = "embedded"  # metric suite: embedded | cluster (add_bench.metrics.METRIC_SUITES)
     evalnet: str = "evalnet"  # shipped evaluation classifier (name or folder): FID, alignment
-    evalnet_ssl: str = "evalnet_ssl"  # shipped self-supervised embedding (name or folder): recall, coverage, intra-FID
+    # shipped self-supervised embedding (name or folder): recall, coverage, intra-FID
+    evalnet_ssl: str = added(5, "evalnet_ssl")
     data: DataConfig = field(default_factory=DataConfig)
-    coco: CocoConfig = field(default_factory=CocoConfig)  # cluster scale only
-    cluster: ClusterMetricsConfig = field(default_factory=ClusterMetricsConfig)  # cluster scale only
+    coco: CocoConfig = added(2, default_factory=CocoConfig)  # cluster scale only
+    cluster: ClusterMetricsConfig = added(2, default_factory=ClusterMetricsConfig)  # cluster scale only
 
 
 # ------------------------------------------------------------------------ ADD training (one cell)
@@ -153,10 +222,10 @@ class StudentConfig:
     timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
     # α forced to 0 at t = T−1 on the student's schedule only: x_s at s = 999 is pure noise, as at
     # inference (the paper's zero terminal SNR for the student; the teacher keeps its own schedule)
-    zero_terminal_snr: bool = True
+    zero_terminal_snr: bool = added(6, True)
     # how s is drawn for a batch: uniform over T_student (the paper) | stratified (each τ equally often,
     # in contiguous blocks: the discriminator's BatchNormLocal groups of fakes hold one timestep each)
-    timestep_draw: str = "uniform"
+    timestep_draw: str = added(7, "uniform")
 
 
 @dataclass
@@ -196,10 +265,10 @@ class DiscriminatorConfig:
     r1_gamma: float = 1e-5  # γ of Eq. 3, R1 on each head's input features
     # lazy R1 (StyleGAN2): the penalty on every k-th step only, weighted by k (1 = every step, as the paper)
     r1_every: int = 16
-    steps: int = 1  # discriminator updates per student update (the paper: 1); extra ones see fresh fakes
+    steps: int = added(7, 1)  # discriminator updates per student update (the paper: 1); extra ones see fresh fakes
     # group size of a minibatch-standard-deviation channel appended in every head (StyleGAN; lets a
     # head see that a batch of fakes is too alike); 0 = off (the paper)
-    minibatch_std: int = 0
+    minibatch_std: int = added(7, 0)
 
 
 @dataclass
@@ -213,13 +282,14 @@ class LossConfig:
     reduction: str = "mean"  # d(x, y) = squared L2 averaged (mean) or summed (sum) over pixels
     # NFSD's negative prompt on the embedded benchmark: other_class | null (text models: null)
     nfsd_negative: str = "other_class"
-    space: str = "pixel"  # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
+    # latent models: d(x̂θ, x̂ψ) on decoded pixels (the paper) | latent; pixel models: the same
+    space: str = added(3, "pixel")
     # an extension, not the paper's: weight of a noise-anchored regression (DMD; the public LADD
     # re-implementation) of the student's 1-step output from ε at the top student timestep onto the
     # teacher's multi-step output from the same ε (losses.noise_anchored_regression); 0 = off
-    regression_weight: float = 0.0
-    regression_pairs: int = 2048  # (ε, class, teacher output) pairs, made once per cell in its work folder
-    regression_steps: int = 10  # DPM-Solver++ steps of the teacher (guided by teacher.cfg_scale) per pair
+    regression_weight: float = added(7, 0.0)
+    regression_pairs: int = added(7, 2048)  # (ε, class, teacher output) pairs, made once per cell in its work folder
+    regression_steps: int = added(7, 10)  # DPM-Solver++ steps of the teacher (guided by teacher.cfg_scale) per pair
 
 
 @dataclass
@@ -269,7 +339,7 @@ class TrainConfig:
     schema; the fields a method does not use are ignored by it."""
 
     # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
-    method: str = "add"
+    method: str = added(4, "add")
     seed: int = 0
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
@@ -287,11 +357,42 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # training data of a Stable Diffusion teacher
-    coco: CocoConfig = field(default_factory=lambda: CocoConfig(split="train2017"))
+    coco: CocoConfig = added(3, default_factory=lambda: CocoConfig(split="train2017"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    sampling: SamplingConfig = added(4, default_factory=SamplingConfig)
+    progressive: ProgressiveConfig = added(4, default_factory=ProgressiveConfig)
+
+
+# ------------------------------------------------------------------------ Hydra's ConfigStore
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+SCHEMA_NODE = "add_bench_schema"  # TrainConfig
+PRIMARY_NODE = "add_bench"  # the schema, then a preset of the ``base`` group (embedded unless overridden)
+
+
+@functools.cache
+def config_store() -> Any:
+    """Hydra's ConfigStore holding the suite's configs: ``add_bench_schema`` (TrainConfig), the group ``base``
+    with one option per ``add_bench/presets/<name>.yaml`` (merged at the top level), and ``add_bench``: the
+    schema under ``base=embedded``. Hydra composes the config a sweep cell starts from:
+    ``config_store()``, then ``compose(config_name="add_bench", overrides=["base=sd21", "steps=500"])``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name=SCHEMA_NODE, node=TrainConfig, provider="add_bench")
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        cs.store(group="base", name=path.stem, node=load_yaml(path), package="_global_", provider="add_bench")
+    defaults = [SCHEMA_NODE, {"base": "embedded"}, "_self_"]
+    cs.store(name=PRIMARY_NODE, node={"defaults": defaults}, provider="add_bench")
+    return cs
+
+
+def preset(name: str, key: str = "base") -> DictConfig:
+    """The option ``name`` of the ConfigStore's ``base`` group (a preset); an unknown name fails with ``key``
+    and the accepted names."""
+    cs = config_store()
+    options = {option.removesuffix(".yaml"): option for option in cs.list("base")}
+    return copy.deepcopy(cs.load(f"base/{choose(options, name, key)}").node)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -300,14 +401,16 @@ def load(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    preset: tuple[str, DictConfig] | None = None,
 ) -> T:
-    """Schema defaults ← YAML file ← ``extra`` dict ← ``key=value`` overrides, validated.
+    """Schema defaults ← ``preset`` (its name in messages, its config) ← YAML file ← ``extra`` dict ←
+    ``key=value`` overrides, validated.
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, Any]] = [preset] if preset is not None else []
     if path is not None:
         layers.append((str(path), load_yaml(path)))
     if extra:
@@ -369,6 +472,27 @@ def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None, 
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema, key) from None
     return cfg
+
+
+def check_keys(values: Any, schema: type, where: str) -> None:
+    """``values`` is a mapping whose keys are fields of the dataclass ``schema``; else an error naming ``where``,
+    the unknown keys and the accepted ones."""
+    accepted = sorted(f.name for f in dataclasses.fields(schema))
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(accepted)}, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+
+
+def typed(schema: type, values: Any, where: str) -> dict[str, Any]:
+    """``values`` checked against the dataclass ``schema`` (keys, then types as OmegaConf converts them) → a
+    plain dict of every field, the schema's defaults filled in and interpolations kept as written."""
+    check_keys(values, schema, where)
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: key '{e.full_key}': {str(e).splitlines()[0]}") from None
 
 
 def dotted(values: Mapping[str, Any]) -> DictConfig:

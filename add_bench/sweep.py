@@ -42,39 +42,102 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import (
+    SCHEMA_VERSION,
     TrainConfig,
+    added_fields,
     apply_overrides,
+    check_keys,
     choose,
     load,
     load_yaml,
     parse_overrides,
+    preset,
     to_dict,
+    typed,
+    without,
 )
 from add_bench.errors import ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance, weights_versions
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_OUT = REPO_ROOT / "runs" / "sweeps"
-ABLATION_KEYS = {
-    "name",
-    "table",
-    "title",
-    "base",
-    "seeds",
-    "eval_steps",
-    "num_samples",
-    "set",
-    "cells",
-    "include",
-    "paper_metric_names",
-    "paper_note",
-}
-CELL_KEYS = {"name", "label", "default", "paper", "set", "bases", "by_base", "steps"}
-BY_BASE_KEYS = {"label", "set"}
+PAPER_METRIC_NAMES = {"fid": "FID", "cs": "CLIP score"}  # an ablation file's paper_metric_names unless it gives them
 SWEEP_OVERRIDES = {"seeds", "base", "eval_steps", "num_samples"}
 
 
 # ------------------------------------------------------------------------------ ablation files
+@dataclass
+class ByBase:
+    """A row's differences on one base (``by_base: {sd21: {label: ..., set: {...}}}``)."""
+
+    label: str | None = None  # the row's label on this base
+    set: dict[str, Any] = field(default_factory=dict)  # config keys set on this base, over the row's ``set``
+
+
+@dataclass
+class CellSpec:
+    """A row of an ablation file (``cells:``): one cell per seed."""
+
+    name: str  # the row's name in tables and for --cells
+    label: str | None = None  # its text in tables (None: the name)
+    default: bool = False  # the paper's default setting: the row every ablation of a table shares
+    paper: dict[str, Any] | None = None  # the paper's numbers for the row, e.g. {fid: 20.6, cs: 0.319}
+    # training config keys (dotted) → values, over the file's ``set``; ``eval_steps`` here is the row's own
+    set: dict[str, Any] = field(default_factory=dict)
+    bases: list[str] | None = None  # the bases the row exists on (None: every base)
+    by_base: dict[str, ByBase] = field(default_factory=dict)  # per base: another label, further keys
+    steps: int | None = None  # the step count the row reports (among its eval_steps; None: the table's, 1)
+
+
+@dataclass
+class AblationFile:
+    """An ablation YAML file (ablations/*.yaml): rows of cells on one base, or ``include`` of other files.
+    Sweep overrides on the command line (``base=``, ``seeds=``, ``eval_steps=``, ``num_samples=``) win."""
+
+    name: str  # the results folder <out>/<name>/ (required unless ``include`` is given)
+    table: str = ""  # the paper's table ("1d", "2", "probe"), for titles and the paper's numbers
+    title: str | None = None  # the table's title (None: the name)
+    base: str = "embedded"  # a preset of the ``base`` group (add_bench/presets/) or a YAML file
+    seeds: list[int] = field(default_factory=lambda: [0])  # one cell per row and seed
+    eval_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # sampling steps every cell is scored at
+    num_samples: int | None = None  # eval.num_samples of every cell (None: the base's)
+    set: dict[str, Any] = field(default_factory=dict)  # training config keys (dotted) set on every row
+    cells: list[CellSpec] = field(default_factory=list)  # the rows (required unless ``include`` is given)
+    include: list[str] | None = None  # ablation files (relative to this one) loaded in place of this one
+    # the paper's metric names by key (None: {fid: FID, cs: CLIP score})
+    paper_metric_names: dict[str, str] | None = None
+    paper_note: str | None = None  # what the paper's numbers are (None: ADD-M on SD2.1, Table 1)
+
+
+def ablation_file(path: Path, data: Any) -> AblationFile:
+    """An ablation file's YAML content, checked key by key and typed (interpolations kept for the cells)."""
+    check_keys(data, AblationFile, str(path))
+    for key in ("name", "cells") if "include" not in data else ():
+        if key not in data:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    cells = data.get("cells") or []
+    if not isinstance(cells, list):
+        raise ConfigError(f"{path}: cells: expected a list of rows, got {type(cells).__name__}")
+    specs = [cell_spec(spec, f"{path}: cells[{i}]") for i, spec in enumerate(cells)]
+    values = typed(AblationFile, {k: v for k, v in data.items() if k != "cells"}, str(path))
+    return AblationFile(**values | {"cells": specs})
+
+
+def cell_spec(spec: Any, where: str) -> CellSpec:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{where}: each cell needs a 'name' (and optional label, default, paper, set)")
+    where = f"{where} ({spec['name']})"
+    check_keys(spec, CellSpec, where)
+    scales = spec.get("by_base") or {}
+    if not isinstance(scales, dict):
+        raise ConfigError(f"{where}: by_base: expected a mapping of base → {{label, set}}")
+    by_base = {base: ByBase(**typed(ByBase, v, f"{where}: by_base.{base}")) for base, v in scales.items()}
+    values = typed(CellSpec, {k: v for k, v in spec.items() if k != "by_base"}, where)
+    steps = values["steps"]
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"{where}: steps={steps!r}: expected a positive integer (the step count this row reports)")
+    return CellSpec(**values | {"by_base": by_base})
+
+
 @dataclass
 class Cell:
     ablation: str
@@ -111,57 +174,18 @@ class Ablation:
     paper_note: str | None = None  # what the paper's numbers are (default: ADD-M on SD2.1, Table 1)
 
 
-def presets() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"))}
-
-
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
 EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every", "tensorboard")
 
 
-# Keys added to the config schema after cells were first computed, with the value that reproduces
-# what those cells did. A key at that value is left out of the id, so adding a field never orphans
-# finished cells; any other value makes a new cell. Append here whenever TrainConfig grows a field.
-ADDED_KEYS: dict[str, Any] = {
-    "eval.evalnet_ssl": "evalnet_ssl",
-    "student.zero_terminal_snr": True,
-    "student.timestep_draw": "uniform",
-    "discriminator.steps": 1,
-    "discriminator.minibatch_std": 0,
-    "loss.regression_weight": 0.0,
-    "loss.regression_pairs": 2048,
-    "loss.regression_steps": 10,
-    "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
-    "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
-    "coco": {"root": None, "split": "train2017", "resolution": 512},
-    "loss.space": "pixel",
-    "method": "add",
-    "sampling": {"sampler": None, "cfg_scale": 1.0},
-    "progressive": {
-        "start_steps": 8,
-        "guided_steps": 1000,
-        "steps_per_stage": 1000,
-        "lr": 1e-4,
-        "betas": [0.9, 0.999],
-        "warmup_steps": 50,
-    },
-}
-
-
 def cell_id(config: Any) -> str:
-    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out,
-    ``ADDED_KEYS`` left out at their original value): equal configs, one cell."""
+    """Hash of the resolved training + evaluation config (seed included, ``EXECUTION_KEYS`` left out, and the
+    fields declared with ``config.added`` left out at the value that reproduces older cells): equal configs,
+    one cell."""
     values = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_KEYS}
-    for dotted_key, original in ADDED_KEYS.items():
-        *parents, leaf = dotted_key.split(".")
-        node = values
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and node.get(leaf, original) == original:
-            node.pop(leaf, None)
-    blob = json.dumps(values, sort_keys=True, default=str)
+    blob = json.dumps(without(values, added_fields(TrainConfig)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -180,22 +204,17 @@ def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
 def load_ablations(path: str | Path, overrides: list[str] | None = None) -> list[Ablation]:
     """One ablation file (or a file that ``include``s others) → ablations with resolved cells."""
     path = Path(path)
-    data = OmegaConf.to_container(load_yaml(path))
-    unknown = set(data) - ABLATION_KEYS
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(ABLATION_KEYS))}"
-        )
+    data = ablation_file(path, OmegaConf.to_container(load_yaml(path)))
     sweep_over, train_over = split_overrides(list(overrides or []))
-    if "include" in data:
+    if data.include is not None:
         out = []
-        for inc in data["include"]:
+        for inc in data.include:
             out += load_ablations(path.parent / inc, overrides)
         return out
     return [expand(path, data, sweep_over, train_over)]
 
 
-def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
+def command_line_ablation(overrides: list[str]) -> tuple[AblationFile, list[str]]:
     """Sweep overrides in Hydra's grammar (``key=a,b,c``, ``key=range(0,3)``, ``key=choice(a,b)``) → an ablation
     with one row per combination of values, as if written in a YAML file; the other overrides are returned
     to apply to every row."""
@@ -217,63 +236,34 @@ def command_line_ablation(overrides: list[str]) -> tuple[dict, list[str]]:
     for combo in combos:
         sets = OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={v}" for k, v in combo]))
         flat = {k: OmegaConf.select(OmegaConf.create(sets), k) for k, _ in combo}
-        cells.append(
-            {"name": ",".join(v for _, v in combo), "label": ", ".join(f"{k}={v}" for k, v in combo), "set": flat}
-        )
+        cells.append(CellSpec(",".join(v for _, v in combo), ", ".join(f"{k}={v}" for k, v in combo), set=flat))
     name = "+".join(k for k, _ in axes)
-    return {"name": name, "title": f"Sweep over {', '.join(k for k, _ in axes)} (command line)", "cells": cells}, rest
+    return AblationFile(name, title=f"Sweep over {', '.join(k for k, _ in axes)} (command line)", cells=cells), rest
 
 
-def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> Ablation:
-    for key in ("name", "cells"):
-        if key not in data:
-            raise ConfigError(f"{path}: missing key '{key}'")
-    base = sweep_over.get("base", data.get("base", "embedded"))
-    preset = (
-        Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else choose(presets(), base, f"{path}: base")
-    )
-    base_name = preset.stem
-    seeds = sweep_over.get("seeds", data.get("seeds", [0]))
-    eval_steps = sweep_over.get("eval_steps", data.get("eval_steps", [1, 2, 4]))
-    num_samples = sweep_over.get("num_samples", data.get("num_samples"))
+def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[str]) -> Ablation:
+    base_name, base_layer = base_preset(sweep_over.get("base", data.base), path)
+    seeds = sweep_over.get("seeds", data.seeds)
+    eval_steps = sweep_over.get("eval_steps", data.eval_steps)
+    num_samples = sweep_over.get("num_samples", data.num_samples)
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise ConfigError(f"{path}: seeds={seeds!r}: expected a non-empty list of integers")
     ablation = Ablation(
-        data["name"],
-        str(data.get("table", "")),
-        data.get("title", data["name"]),
+        data.name,
+        data.table,
+        data.name if data.title is None else data.title,
         path,
         list(eval_steps),
-        paper_metric_names=data.get("paper_metric_names", {"fid": "FID", "cs": "CLIP score"}),
-        paper_note=data.get("paper_note"),
+        paper_metric_names=PAPER_METRIC_NAMES if data.paper_metric_names is None else data.paper_metric_names,
+        paper_note=data.paper_note,
     )
-    common = dict(data.get("set") or {})
-    for i, spec in enumerate(data["cells"]):
-        where = f"{path}: cells[{i}]"
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ConfigError(f"{where}: each cell needs a 'name' (and optional label, default, paper, set)")
-        unknown = set(spec) - CELL_KEYS
-        if unknown:
-            raise ConfigError(
-                f"{where} ({spec['name']}): unknown key(s) {', '.join(sorted(unknown))}; "
-                f"accepted: {', '.join(sorted(CELL_KEYS))}"
-            )
-        if base_name not in spec.get("bases", [base_name]):
+    for i, spec in enumerate(data.cells):
+        where = f"{path}: cells[{i}] ({spec.name})"
+        if base_name not in (spec.bases if spec.bases is not None else [base_name]):
             continue  # a row of one scale only (e.g. the embedded random-ViT floor, the cluster DINOv1 row)
-        scale = (spec.get("by_base") or {}).get(base_name) or {}
-        if set(scale) - BY_BASE_KEYS:
-            raise ConfigError(
-                f"{where} ({spec['name']}): by_base.{base_name}: unknown key(s) "
-                f"{', '.join(sorted(set(scale) - BY_BASE_KEYS))}; accepted: {', '.join(sorted(BY_BASE_KEYS))}"
-            )
-        sets = {**common, **(spec.get("set") or {}), **(scale.get("set") or {})}
-        label = scale.get("label", spec.get("label", spec["name"]))
-        row_steps = spec.get("steps")
-        if row_steps is not None and (not isinstance(row_steps, int) or isinstance(row_steps, bool) or row_steps <= 0):
-            raise ConfigError(
-                f"{where} ({spec['name']}): steps={row_steps!r}: expected a positive integer (the step "
-                "count this row reports)"
-            )
+        scale = spec.by_base.get(base_name, ByBase())
+        sets = {**data.set, **spec.set, **scale.set}
+        label = scale.label if scale.label is not None else spec.name if spec.label is None else spec.label
         # a cell's own eval_steps (a method row: DPM-Solver at 8 and 25 steps) unless the command line sets them
         steps_here = sweep_over.get("eval_steps", sets.pop("eval_steps", None) or eval_steps)
         for seed in seeds:
@@ -281,29 +271,27 @@ def expand(path: Path, data: dict, sweep_over: dict, train_over: list[str]) -> A
             if num_samples is not None:
                 extra["eval.num_samples"] = num_samples
             try:
-                cfg = load(TrainConfig, preset, extra=extra)
+                cfg = load(TrainConfig, extra=extra, preset=base_layer)
             except ConfigError as e:
-                raise ConfigError(f"{where} ({spec['name']}): {e}") from None
-            cfg = resolved(load_cli(cfg, train_over), f"{where} ({spec['name']}) on base {base_name}")
-            validate_names(cfg, f"{where} ({spec['name']})")
-            if row_steps is not None and row_steps not in cfg.eval_steps:
+                raise ConfigError(f"{where}: {e}") from None
+            cfg = resolved(load_cli(cfg, train_over), f"{where} on base {base_name}")
+            validate_names(cfg, where)
+            if spec.steps is not None and spec.steps not in cfg.eval_steps:
                 raise ConfigError(
-                    f"{where} ({spec['name']}): steps={row_steps} is not among the cell's eval_steps="
-                    f"{list(cfg.eval_steps)}"
+                    f"{where}: steps={spec.steps} is not among the cell's eval_steps={list(cfg.eval_steps)}"
                 )
-            c = Cell(
-                ablation.name,
-                spec["name"],
-                label,
-                bool(spec.get("default", False)),
-                spec.get("paper"),
-                seed,
-                cfg,
-                steps=row_steps,
-            )
+            c = Cell(ablation.name, spec.name, label, spec.default, spec.paper, seed, cfg, steps=spec.steps)
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
+
+
+def base_preset(base: str, path: Path) -> tuple[str, tuple[str, Any]]:
+    """``base``: a preset of the ConfigStore's ``base`` group (add_bench/presets/) or a YAML file → its name and
+    (its name in messages, its config)."""
+    if str(base).endswith(".yaml") and Path(base).is_file():
+        return Path(base).stem, (str(base), load_yaml(base))
+    return base, (f"base={base}", preset(base, f"{path}: base"))
 
 
 def resolved(cfg: Any, where: str) -> Any:
@@ -420,7 +408,11 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
             result["inputs"] = versions
             result["provenance"] = provenance(
-                cfg, cfg.seed, time.time() - start, command=f"python -m add_bench.sweep (cell {cell})"
+                cfg,
+                cfg.seed,
+                time.time() - start,
+                command=f"python -m add_bench.sweep (cell {cell})",
+                schema_version=SCHEMA_VERSION,  # the schema the stored config.yaml was loaded into
             )
             import numpy as np
 

@@ -116,13 +116,92 @@ def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
 
 def test_committed_cells_keep_their_ids():
     """Every committed cell's stored config hashes to its folder name, so fields added to the schema
-    later (sweep.ADDED_KEYS) never orphan finished cells."""
+    later (declared with config.added) never orphan finished cells."""
     from add_bench.config import TrainConfig, load
 
     folders = sorted((REPO / "results" / "cells").glob("*/config.yaml"))
     assert folders, "no committed cells under results/cells"
     for path in folders:
         assert sweep.cell_id(load(TrainConfig, path)) == path.parent.name, path
+
+
+def leaf_keys(values: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in values.items():
+        out |= leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key}
+    return out
+
+
+def test_a_field_missing_from_a_committed_cell_is_declared_added():
+    """A schema field that a committed cell's config.yaml lacks entered the schema after that cell: it
+    must be declared with config.added (or be an execution key), else the cell's id changes."""
+    from omegaconf import OmegaConf
+
+    from add_bench.config import TrainConfig, added_fields
+
+    declared = added_fields(TrainConfig)
+    schema = leaf_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    for path in sorted((REPO / "results" / "cells").glob("*/config.yaml")):
+        for key in sorted(schema - leaf_keys(yaml.safe_load(path.read_text()))):
+            parts = key.split(".")
+            known = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+            assert known & (set(declared) | set(sweep.EXECUTION_KEYS)), (
+                f"TrainConfig field '{key}' is not in the committed cell {path} and is not declared "
+                f"with config.added(version, default) at its dataclass field"
+            )
+
+
+def test_added_fields_are_the_hand_kept_list_they_replace():
+    from add_bench.config import SCHEMA_VERSION, TrainConfig, added_fields
+
+    declared = added_fields(TrainConfig)
+    assert {key: a.reproduces for key, a in declared.items()} == {
+        "eval.evalnet_ssl": "evalnet_ssl",
+        "student.zero_terminal_snr": True,
+        "student.timestep_draw": "uniform",
+        "discriminator.steps": 1,
+        "discriminator.minibatch_std": 0,
+        "loss.regression_weight": 0.0,
+        "loss.regression_pairs": 2048,
+        "loss.regression_steps": 10,
+        "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
+        "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
+        "coco": {"root": None, "split": "train2017", "resolution": 512},
+        "loss.space": "pixel",
+        "method": "add",
+        "sampling": {"sampler": None, "cfg_scale": 1.0},
+        "progressive": {
+            "start_steps": 8,
+            "guided_steps": 1000,
+            "steps_per_stage": 1000,
+            "lr": 1e-4,
+            "betas": [0.9, 0.999],
+            "warmup_steps": 50,
+        },
+    }
+    assert SCHEMA_VERSION == max(a.version for a in declared.values()) and min(a.version for a in declared.values()) > 1
+
+
+def test_a_field_added_inside_an_added_sub_config_keeps_older_ids():
+    """Cells from before the sub-config (it is absent) and from before the inner field keep their ids."""
+    from dataclasses import dataclass
+
+    from add_bench.config import added, added_fields, without
+
+    @dataclass
+    class Inner:
+        a: int = 1
+        b: int = added(9, 2)
+
+    @dataclass
+    class Outer:
+        x: int = 0
+        inner: Inner = added(8, default_factory=Inner)
+
+    declared = added_fields(Outer)
+    assert declared["inner"].reproduces == {"a": 1}
+    assert without({"x": 0, "inner": {"a": 1, "b": 2}}, declared) == {"x": 0}
+    assert without({"x": 0, "inner": {"a": 1, "b": 3}}, declared) == {"x": 0, "inner": {"a": 1, "b": 3}}
 
 
 def test_added_keys_count_only_away_from_their_original_value():
@@ -203,6 +282,13 @@ def test_table1_on_the_sd21_preset(monkeypatch):
             r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set",
         ),
         ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
+        ("name: x\ncolour: red\ncells: []\n", r"x.yaml: unknown key\(s\) colour; accepted: base, cells, .*title"),
+        ("name: x\n", r"x.yaml: missing key 'cells'"),
+        ("name: x\ncells: {a: 1}\n", r"x.yaml: cells: expected a list of rows, got dict"),
+        ("name: x\nseeds: [a]\ncells: []\n", r"x.yaml: key 'seeds\[0\]': Value 'a' .* could not be converted"),
+        ("name: x\ncells:\n  - {name: a, steps: 0}\n", r"cells\[0\] \(a\): steps=0: expected a positive integer"),
+        ("name: x\ncells:\n  - {name: a, bases: sd21}\n", r"cells\[0\] \(a\): key 'bases': "),
+        ("name: x\ncells:\n  - {label: a}\n", r"cells\[0\]: each cell needs a 'name'"),
     ],
 )
 def test_bad_ablation_files(tmp_path, text, message):
@@ -308,6 +394,8 @@ def test_cells_option_runs_only_the_named_rows(tiny_assets, env, capsys):
     assert sweep.main([str(abl), "--out", str(env / "out"), "--cells", "b"]) == 0
     a, b = (c.id for c in sweep.load_ablations(abl)[0].cells)
     assert sweep.cell_status(env / "out" / "cells" / b) == "done"
+    provenance = json.loads((env / "out" / "cells" / b / "metrics.json").read_text())["provenance"]
+    assert provenance["schema_version"] == sweep.SCHEMA_VERSION
     assert not (env / "out" / "cells" / a).exists()  # not even a folder for the row not selected
     rows = pd.read_csv(env / "out" / "mini" / "table.csv").set_index("name")
     assert rows.loc["a", "status"] == "pending" and rows.loc["b", "status"] == "done"  # both rows listed
@@ -487,15 +575,15 @@ def test_command_line_sweep_values_and_combinations():
     )
     # one value (quoted when it holds a comma) and sweep-level keys: applied to every row
     assert rest == ["steps=10", "seeds=[0,1]", "discriminator.augment='color,cutout'"]
-    assert data["name"] == "loss.weighting+student.timesteps"
-    assert [c["set"] for c in data["cells"]] == [
+    assert data.name == "loss.weighting+student.timesteps"
+    assert [c.set for c in data.cells] == [
         {"loss.weighting": "exp", "student.timesteps": [999, 499]},
         {"loss.weighting": "exp", "student.timesteps": [999]},
         {"loss.weighting": "sds", "student.timesteps": [999, 499]},
         {"loss.weighting": "sds", "student.timesteps": [999]},
     ]
     data, _ = command_line_ablation(["seed=range(0,3)"])  # Hydra's sweep functions
-    assert [c["set"] for c in data["cells"]] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+    assert [c.set for c in data.cells] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
     with pytest.raises(ConfigError, match="key with several values"):
         command_line_ablation(["steps=10"])
 

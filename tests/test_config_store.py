@@ -1,0 +1,43 @@
+"""The schema and the presets in Hydra's ConfigStore: ``hydra.compose`` gives the configs the sweep runs."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize
+from omegaconf import OmegaConf
+
+from add_bench import sweep
+from add_bench.config import PRESETS_DIR, PRIMARY_NODE, config_store, preset
+from add_bench.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_ENV = ("ADD_BENCH_SD21", "ADD_BENCH_COCO", "ADD_BENCH_DINOV2_S", "ADD_BENCH_DINOV2_L", "ADD_BENCH_CLIP_L")
+CLUSTER_ENV += ("ADD_BENCH_INCEPTION", "ADD_BENCH_CLIP")
+
+
+def composed(overrides: list[str]):
+    config_store()
+    with initialize(version_base=None, config_path=None):
+        return compose(config_name=PRIMARY_NODE, overrides=overrides)
+
+
+def test_the_base_group_holds_every_preset_file():
+    assert config_store().list("base") == sorted(p.name for p in PRESETS_DIR.glob("*.yaml"))
+    assert OmegaConf.to_container(preset("sd21")) == OmegaConf.to_container(OmegaConf.load(PRESETS_DIR / "sd21.yaml"))
+    with pytest.raises(ConfigError, match=r"base='sdxl': unknown; accepted: embedded, sd21"):
+        preset("sdxl")
+    assert OmegaConf.to_container(composed([])) == OmegaConf.to_container(composed(["base=embedded"]))
+
+
+@pytest.mark.parametrize("base", ["embedded", "sd21"])
+def test_hydra_compose_gives_the_sweeps_cell(base, monkeypatch):
+    """The sds row of loss_weighting.yaml with two overrides on each preset: the same values, the same cell id."""
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, f"/models/{var.lower()}")
+    overrides = ["steps=500", "discriminator.augment='color,cutout'"]
+    ablation = sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", [f"base={base}", *overrides])[0]
+    cell = next(c for c in ablation.cells if c.name == "sds")
+    cfg = composed([f"base={base}", "loss.weighting=sds", *overrides])
+    assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(cell.config)
+    assert sweep.cell_id(cfg) == cell.id
+    assert cfg.steps == 500 and cfg.discriminator.augment == "color,cutout"
