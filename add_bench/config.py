@@ -305,8 +305,7 @@ def load(
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
-    cfg = OmegaConf.structured(schema)
-    OmegaConf.set_struct(cfg, True)
+    cfg = open_mappings(OmegaConf.structured(schema))
     layers: list[tuple[str, Any]] = []
     if path is not None:
         layers.append((str(path), load_yaml(path)))
@@ -318,6 +317,24 @@ def load(
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema) from None
     return apply_overrides(cfg, list(overrides or []), schema)  # type: ignore[return-value]
+
+
+def open_mappings(cfg: DictConfig) -> DictConfig:
+    """``cfg`` closed to keys its schema does not name, except fields typed as a mapping (``dict[str, ...]``,
+    e.g. ``slurm.additional_parameters``): those take any key."""
+    OmegaConf.set_struct(cfg, True)
+
+    def walk(node: DictConfig) -> None:
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                if OmegaConf.get_type(child) is dict:
+                    OmegaConf.set_struct(child, False)
+                else:
+                    walk(child)
+
+    walk(cfg)
+    return cfg
 
 
 def parse_overrides(overrides: list[str]) -> list:

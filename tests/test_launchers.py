@@ -54,3 +54,98 @@ def test_result_file_when_slurm_forgot_the_job(tmp_path, monkeypatch, content, s
     fake_slurm(monkeypatch, None, "")
     folder = sweep_folder(tmp_path, {"cell": "5_1", "lost": "5_2"}, {"5_1": content})
     assert status_slurm(folder) == {"cell": state, "lost": "UNKNOWN"}
+
+
+# ------------------------------------------------------------------------------ launch profiles
+def test_slurm_overrides_take_any_sbatch_flag_and_name_what_they_refuse():
+    from add_bench.errors import ConfigError
+    from add_bench.launchers import slurm_request
+
+    cfg = slurm_request(
+        {"gpus_per_node": 4, "additional_parameters": {"qos": "low"}},
+        [
+            "additional_parameters.account=abc",
+            "additional_parameters.qos=high",
+            "additional_parameters.constraint=a100",
+            "additional_parameters.exclusive=true",
+            "mem_gb=128",
+        ],
+    )
+    assert (cfg.gpus_per_node, cfg.mem_gb, cfg.partition) == (4, 128, "debug")  # profile, command line, default
+    assert cfg.additional_parameters == {"qos": "high", "account": "abc", "constraint": "a100", "exclusive": True}
+    with pytest.raises(ConfigError, match=r"--slurm: unknown config key 'account'; accepted keys: additional_param"):
+        slurm_request({}, ["account=abc"])
+    with pytest.raises(ConfigError, match=r"additional_parameters.<flag>=<value> \(e.g. additional_parameters.acc"):
+        slurm_request({}, ["constraint=a100"])
+    with pytest.raises(
+        ConfigError, match=r"additional_parameters.mem: the launcher writes --mem itself \(set slurm.mem_gb"
+    ):
+        slurm_request({}, ["additional_parameters.mem=8G"])
+    with pytest.raises(ConfigError, match=r"additional_parameters.partition: the launcher writes --partition itself"):
+        slurm_request({}, ["additional_parameters.partition=gpu"])
+    assert slurm_request({"mem_gb": 64}, ["~mem_gb"]).mem_gb == 4  # back to SlurmConfig's default
+
+
+def fake_slurm_commands(folder, monkeypatch):
+    """``sbatch`` (copies the script it is given, answers a job id) and ``srun`` on PATH: what submitit asks
+    sbatch for, without a cluster."""
+    import os
+    import stat
+
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    scripts = folder / "sbatch_scripts"
+    scripts.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {scripts}/$(date +%s%N).sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts
+
+
+def test_a_presets_launch_profile_reaches_sbatch_under_the_command_line(tiny_assets, tmp_path, monkeypatch):
+    """SlurmConfig defaults < the preset's launch profile < --slurm: the flags submitit writes for the array."""
+    import yaml
+    from test_sweep import ablation_file, tiny_preset
+
+    from add_bench import sweep
+
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    preset = tiny_preset(tiny_assets, tmp_path)
+    (tmp_path / "launch").mkdir()
+    profile = {"slurm": {"gpus_per_node": 2, "timeout_min": 30, "mem_gb": 3, "additional_parameters": {"qos": "low"}}}
+    (tmp_path / "launch" / preset.name).write_text(yaml.safe_dump(profile))
+    abl = ablation_file(tmp_path, preset)
+    argv = [str(abl), "--out", str(tmp_path / "out"), "--launcher", "slurm", "--slurm", "mem_gb=5"]
+    argv += ["additional_parameters.account=abc", "additional_parameters.exclusive=true"]
+    assert sweep.main(argv) == 0
+    (script,) = [p.read_text() for p in scripts.iterdir()]
+    flags = {line.split("=")[0]: line for line in script.splitlines() if line.startswith("#SBATCH")}
+    assert flags["#SBATCH --gpus-per-node"] == "#SBATCH --gpus-per-node=2"  # the profile
+    assert flags["#SBATCH --time"] == "#SBATCH --time=30"  # the profile
+    assert flags["#SBATCH --mem"] == "#SBATCH --mem=5GB"  # the command line over the profile
+    assert flags["#SBATCH --cpus-per-task"] == "#SBATCH --cpus-per-task=2"  # SlurmConfig's default
+    assert flags["#SBATCH --partition"] == "#SBATCH --partition=debug"
+    assert flags["#SBATCH --qos"] == "#SBATCH --qos=low" and flags["#SBATCH --account"] == "#SBATCH --account=abc"
+    assert "#SBATCH --exclusive" in flags and flags["#SBATCH --array"] == "#SBATCH --array=0-1%2"
+    jobs = json.loads((tmp_path / "out" / "cells" / JOBS_FILE).read_text())
+    assert sorted(jobs.values()) == ["4242_0", "4242_1"]
+
+
+def test_device_auto_in_a_cell_that_asked_for_gpus_is_an_error_without_one(tmp_path, monkeypatch):
+    import torch
+
+    from add_bench.distributed import EXPECT_GPU_ENV, resolve_device
+    from add_bench.errors import ConfigError
+    from add_bench.launchers import CellJob
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU node whose GPU torch does not see
+    monkeypatch.setenv(EXPECT_GPU_ENV, "")  # restored (unset) after the test; CellJob sets it in this process
+    assert resolve_device("auto") == torch.device("cpu")  # a cell that asked for no GPU: the CPU, as before
+    job = CellJob(lambda cell, wd: {"device": str(resolve_device("auto"))}, "c", str(tmp_path / "c"), 0, "profile x")
+    assert job() == {"device": "cpu"}
+    job = CellJob(lambda cell, wd: {"device": str(resolve_device("auto"))}, "c", str(tmp_path / "c"), 1, "profile x")
+    with pytest.raises(ConfigError, match=r"device='auto': profile x asks for gpus_per_node=1, but no CUDA device"):
+        job()
+    assert resolve_device("cpu") == torch.device("cpu")  # the CPU on purpose stays possible

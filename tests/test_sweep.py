@@ -180,6 +180,45 @@ def test_table1_on_the_sd21_preset(monkeypatch):
         sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
 
 
+def test_launch_profiles_set_slurm_resources_and_the_results_root(monkeypatch, tmp_path):
+    """SlurmConfig defaults < the preset's launch profile (presets/launch/<preset>.yaml) < --slurm; the sd21
+    profile asks for a GPU and writes outside the repository ($ADD_BENCH_RUNS); cell ids do not depend on it."""
+    from add_bench.launchers import SlurmConfig
+
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, f"/models/{var.lower()}")
+    monkeypatch.delenv("ADD_BENCH_RUNS", raising=False)
+    abls = sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
+    launches = sweep.launch_profiles(abls, ["partition=a100", "additional_parameters.account=abc"])
+    sd21 = launches["loss_weighting"]
+    assert sd21.profile == sweep.PRESETS_DIR / "launch" / "sd21.yaml"
+    assert sd21.slurm.gpus_per_node >= 1 and sd21.slurm.mem_gb > SlurmConfig().mem_gb
+    assert sd21.slurm.partition == "a100" and sd21.slurm.additional_parameters == {"account": "abc"}
+    assert "launch/sd21.yaml with --slurm partition=a100" in sd21.describe()
+    with pytest.raises(ConfigError, match=r"launch/sd21.yaml: runs=.*ADD_BENCH_RUNS.*outside the repository.*--out"):
+        sweep.default_out(launches)
+    monkeypatch.setenv("ADD_BENCH_RUNS", str(tmp_path / "runs"))
+    assert sweep.default_out(launches) == tmp_path / "runs" / "sweeps"
+    embedded = sweep.launch_profiles(sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml"))
+    assert embedded["loss_weighting"].profile is None and embedded["loss_weighting"].slurm == SlurmConfig()
+    assert sweep.default_out(embedded) == tmp_path / "runs" / "sweeps"
+    elsewhere = sweep.Launch(tmp_path / "p.yaml", SlurmConfig(), str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=r"different results roots .*; give --out"):
+        sweep.default_out({"a": embedded["loss_weighting"], "b": elsewhere})
+    monkeypatch.delenv("ADD_BENCH_RUNS")
+    assert sweep.default_out(embedded) == sweep.DEFAULT_OUT
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "p.yaml").write_text("steps: 3\n")
+    for text, message in [
+        ("slurm: {gpu: 1}", r"launch/p.yaml: unknown config key 'slurm.gpu'; accepted keys under slurm: addition"),
+        ("slurm: {mem_gb: 0}", r"launch/p.yaml: slurm.mem_gb=0.0: must be a positive number of GB"),
+        ("slurm: {additional_parameters: {time: 5}}", r"launch/p.yaml: .*--time itself \(set slurm.timeout_min\)"),
+    ]:
+        (tmp_path / "launch" / "p.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            sweep.launch_profile(tmp_path / "p.yaml")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
