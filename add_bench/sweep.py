@@ -754,6 +754,8 @@ def run_sweep(
     from add_bench.launchers import check_launcher, run_local, submit_slurm
 
     check_launcher(launcher)
+    if launcher == "slurm":
+        check_paths(ablations, out, only)  # nothing is submitted that would fail on the node for a missing path
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out, only)
         status = {i: cell_status(out / "cells" / i) for i in cells}
@@ -793,6 +795,30 @@ def run_sweep(
             )
         collect(ablations, out)
         return results
+
+
+def check_paths(ablations: list[Ablation], out: Path, only: set[str] | None = None) -> None:
+    """Every weights, metric and data path the cells still to run read (methods.needed_paths) exists; else
+    one error listing each missing path with the config key that names it and the cells that read it."""
+    from add_bench.methods import missing_paths
+
+    missing: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for ab in ablations:
+        for c in ab.cells:
+            if c.id in seen or (only is not None and c.id not in only) or cell_status(out / "cells" / c.id) == "done":
+                continue
+            seen.add(c.id)
+            for problem in missing_paths(c.config):
+                missing.setdefault(problem, []).append(f"{c.id} ({c.ablation}/{c.name} seed {c.seed})")
+    if missing:
+        lines = [
+            f"  {problem}; cells: {', '.join(cells[:3])}" + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+            for problem, cells in missing.items()
+        ]
+        raise ConfigError(
+            f"{len(missing)} path(s) that cells read are missing; nothing was run or submitted:\n" + "\n".join(lines)
+        )
 
 
 def launch_groups(ablations: list[Ablation], launches: dict[str, Launch], ids: list[str]) -> list[tuple[Launch, list]]:
@@ -870,12 +896,14 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
         if a.launcher == "slurm":
             print_requests(launches)
+        check_paths(ablations, out, only)
     elif a.status:
         show_status(ablations, out)
     elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
         write_manifests(ablations, out)
         collect(ablations, out)
     else:
+        check_paths(ablations, out, only)
         run_sweep(ablations, out, a.launcher, workers, launches, only)
     return 0
 

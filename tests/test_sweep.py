@@ -219,6 +219,47 @@ def test_launch_profiles_set_slurm_resources_and_the_results_root(monkeypatch, t
             sweep.launch_profile(tmp_path / "p.yaml")
 
 
+def test_missing_weights_and_metric_paths_fail_before_anything_is_submitted(tmp_path, monkeypatch, capsys):
+    """The sd21 preset with local paths of which some are missing: --dry-run and a SLURM submission list each
+    missing path with its config key and the cells that read it, and submit nothing."""
+    from test_launchers import fake_slurm_commands
+
+    models = tmp_path / "models"
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, str(models / var.lower()))
+    (models / "add_bench_sd21").mkdir(parents=True)
+    for name in ("add_bench_dinov2_s", "add_bench_clip_l"):
+        (models / name).touch()
+    for split in ("train2017", "val2017"):
+        (models / "add_bench_coco" / split).mkdir(parents=True)
+    (models / "add_bench_coco" / "annotations").mkdir()
+    (models / "add_bench_coco" / "annotations" / "captions_val2017.json").touch()
+    (models / "add_bench_inception").mkdir()  # without clean-fid's file
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    abl, out = str(REPO / "ablations" / "loss_weighting.yaml"), tmp_path / "out"
+    for options in (["--dry-run"], ["--launcher", "slurm"]):
+        assert sweep.main([abl, "base=sd21", "--out", str(out), *options]) == 2
+        err = capsys.readouterr().err
+        assert "4 path(s) that cells read are missing; nothing was run or submitted" in err
+        cells = r"; cells: \w{12} \(loss_weighting/exp seed 0\), \w{12} \(loss_weighting/sds seed 0\), \w{12} \(loss"
+        for line in (
+            rf"discriminator.c_img_weights={models}/add_bench_dinov2_l: no such file{cells}",
+            rf"coco.root={models}/add_bench_coco: no annotations/captions_train2017.json in it{cells}",
+            rf"eval.cluster.inception={models}/add_bench_inception: no inception-2015-12-05.pt in it{cells}",
+            rf"eval.cluster.clip_weights={models}/add_bench_clip: no such file{cells}",
+        ):
+            assert re.search(line, err), (line, err)
+    assert not list(scripts.iterdir()) and not (out / "cells").exists()  # nothing submitted, nothing written
+    (models / "add_bench_dinov2_l").touch()
+    (models / "add_bench_clip").touch()
+    (models / "add_bench_coco" / "annotations" / "captions_train2017.json").touch()
+    (models / "add_bench_inception" / "inception-2015-12-05.pt").touch()
+    assert sweep.main([abl, "base=sd21", "--out", str(out), "--dry-run"]) == 0
+    monkeypatch.setenv("ADD_BENCH_CLIP_L", str(models / "elsewhere"))  # a local sweep checks before it runs
+    assert sweep.main([abl, "base=sd21", "--out", str(out)]) == 2
+    assert "discriminator.c_text_weights=" in capsys.readouterr().err and not (out / "cells").exists()
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
