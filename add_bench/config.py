@@ -274,6 +274,9 @@ class TrainConfig:
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
     ckpt_every: int = 200
+    # training checkpoints kept in the work folder: 1 = the newest only (checkpoint.pt, replaced at each save);
+    # K > 1 = the K newest (checkpoint-<step>.pt, checkpoint.pt a link to the newest); 0 = every one
+    keep_checkpoints: int = 1
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N

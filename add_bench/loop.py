@@ -82,7 +82,8 @@ def set_threads(n: int) -> None:
 
 class Run:
     """A resumable run in a work folder: exact resume from ``checkpoint.pt``, ``log.jsonl`` trimmed to
-    the resumed step, wall time across resumptions, periodic checkpoints and a time budget.
+    the resumed step, wall time across resumptions, periodic checkpoints (the ``keep_checkpoints`` newest
+    kept: :func:`add_bench.checkpoint.save`) and a time budget.
 
     The caller owns the loop and advances ``run.step``; ``end_of_step`` checkpoints when due and says
     whether to stop early (budget used up, a checkpoint written).
@@ -100,6 +101,7 @@ class Run:
         budget_minutes: float = 0,
         procs: Any = None,
         tensorboard: bool = True,
+        keep_checkpoints: int = 1,
     ):
         import sys
         import time
@@ -110,6 +112,7 @@ class Run:
         self.workdir, self.objects, self.generator = Path(workdir), objects, generator
         self.procs = procs or Processes()
         self.total, self.ckpt_every, self.budget_s = total, ckpt_every, budget_minutes * 60
+        self.keep = checkpoint.check_keep(keep_checkpoints)
         self.step, self._wall_before = 0, 0.0
         if checkpoint.exists(self.workdir):
             state = checkpoint.load(self.workdir)
@@ -150,7 +153,7 @@ class Run:
         if self.procs.world > 1:
             extra["generators"] = gather_objects(self.generator.get_state())  # a collective: every process
         if self.procs.is_writer:
-            checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra)
+            checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra, self.keep)
 
     def end_of_step(self) -> bool:
         """Checkpoint when due; return True when the budget is used up before the end (stop now)."""

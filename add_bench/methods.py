@@ -107,9 +107,11 @@ METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progres
 
 def validate(cfg: TrainConfig) -> None:
     """The method name, its sampler, and the method's own settings; ADD cells: ``train.validate``."""
+    from add_bench.checkpoint import check_keep
     from add_bench.diffusion import SAMPLERS
 
     choose(METHODS, cfg.method, "method")
+    check_keep(cfg.keep_checkpoints)
     if cfg.sampling.sampler is not None:
         choose(SAMPLERS, cfg.sampling.sampler, "sampling.sampler")
     if cfg.method == "add":

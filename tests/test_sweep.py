@@ -108,7 +108,7 @@ def test_every_ablation_file_expands_and_the_default_cell_is_shared():
 def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
     path = REPO / "ablations" / "loss_weighting.yaml"
     base = [c.id for c in sweep.load_ablations(path)[0].cells]
-    run_differently = sweep.load_ablations(path, ["threads=1", "ckpt_every=7", "log_every=3"])[0]
+    run_differently = sweep.load_ablations(path, ["threads=1", "ckpt_every=7", "keep_checkpoints=3", "log_every=3"])[0]
     assert [c.id for c in run_differently.cells] == base
     for override in ("steps=999", "optim.student_lr=0.001", "eval.num_samples=100", "seeds=[1]"):
         assert all(a != b for a, b in zip(base, [c.id for c in sweep.load_ablations(path, [override])[0].cells]))

@@ -173,6 +173,31 @@ def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
 
 
+@pytest.mark.parametrize("keep", [2, 0])
+def test_keep_checkpoints_keeps_the_newest_and_resume_stays_exact(tiny_assets, tmp_path, keep):
+    """keep_checkpoints=K: after every save only the K newest checkpoints remain (0: all), checkpoint.pt is the
+    newest (a link, not a copy), and a run interrupted after every step resumes to the uninterrupted result."""
+    full = train_mod.train(cfg_for(tiny_assets, steps=5, ckpt_every=1), tmp_path / "full", progress=False)
+    assert not checkpoint.kept(tmp_path / "full")  # keep_checkpoints=1: checkpoint.pt only
+    cfg, part = cfg_for(tiny_assets, steps=5, ckpt_every=1, keep_checkpoints=keep), tmp_path / "part"
+    saves = 0
+    while (student := train_mod.train(cfg, part, budget_minutes=1e-9, progress=False)) is None:
+        saves += 1
+        steps = [int(p.stem.split("-")[1]) for p in checkpoint.kept(part)]
+        assert steps == list(range(max(1, saves - keep + 1) if keep else 1, saves + 1)), (saves, steps)
+        assert (part / "checkpoint.pt").samefile(checkpoint.kept(part)[-1])
+    assert [p.name for p in checkpoint.kept(part)] == [
+        f"checkpoint-0000000{s}.pt" for s in ([4, 5] if keep else range(1, 6))
+    ]
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(part)
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert weights_file(full).read_bytes() == weights_file(student).read_bytes()
+    with pytest.raises(ConfigError, match=r"keep_checkpoints=-1: must be an integer ≥ 0"):
+        train_mod.train(cfg_for(tiny_assets, keep_checkpoints=-1), tmp_path / "bad", progress=False)
+
+
 @pytest.mark.parametrize(
     "schedule, factors",
     [
