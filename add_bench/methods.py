@@ -42,10 +42,19 @@ def card_wall(folder: Path) -> tuple[int, float]:
     return int(card.get("steps", 0)), float(card.get("train_wall_time_s", 0.0))
 
 
+def trained(result, workdir: Path):
+    """What a trainer returned, or TrainingStopped when it stopped early (a stop signal: see loop.StopSignals)."""
+    if result is None:
+        from add_bench.errors import TrainingStopped
+
+        raise TrainingStopped(f"{workdir}: training stopped before its last step; a re-run resumes from its checkpoint")
+    return result
+
+
 def make_add(cfg: TrainConfig, workdir: Path) -> Generators:
     from add_bench.train import train
 
-    student = train(cfg, workdir)
+    student = trained(train(cfg, workdir), workdir)
     steps, wall = card_wall(student)
     return Generators(
         {s: student for s in cfg.eval_steps}, cfg.sampling.sampler or "add", cfg.sampling.cfg_scale, steps, wall
@@ -64,7 +73,7 @@ def make_teacher(cfg: TrainConfig, workdir: Path) -> Generators:
 def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
     from add_bench.progressive import train_progressive
 
-    students = train_progressive(cfg, workdir)
+    students = trained(train_progressive(cfg, workdir), workdir)
     folders = {s: students[s] for s in cfg.eval_steps}
     steps, wall = card_wall(students[min(students)])  # the last stage's card holds the whole run's time
     return Generators(folders, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, steps, wall)
