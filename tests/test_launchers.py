@@ -3,11 +3,17 @@ runs the real thing)."""
 
 import json
 import pickle
+import re
+import sys
+from pathlib import Path
 
+import cloudpickle
 import pytest
 
 import add_bench.launchers as launchers
 from add_bench.launchers import JOBS_FILE, LOGS_DIR, status_slurm
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # cell functions run in submitit's job processes
 
 SACCT = """JobID|State
 7_0|COMPLETED
@@ -149,3 +155,64 @@ def test_device_auto_in_a_cell_that_asked_for_gpus_is_an_error_without_one(tmp_p
     with pytest.raises(ConfigError, match=r"device='auto': profile x asks for gpus_per_node=1, but no CUDA device"):
         job()
     assert resolve_device("cpu") == torch.device("cpu")  # the CPU on purpose stays possible
+
+
+def training_cell(cell_id: str, workdir: str) -> dict:
+    """Train the config in ``workdir`` (each run appends its process id to ``pids``)."""
+    import os
+
+    from add_bench import train
+    from add_bench.config import TrainConfig, load
+
+    with open(Path(workdir) / "pids", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    student = train.train(load(TrainConfig, Path(workdir) / "config.yaml"), Path(workdir), progress=False)
+    return {"student": str(student)}
+
+
+def test_a_cell_job_saves_its_step_on_the_requeue_signal_and_resumes_exactly(tiny_assets, tmp_path, monkeypatch):
+    """A CellJob under submitit's own job environment (its local executor: the handlers of a SLURM job, the
+    requeue a restart of the task) gets USR2 mid-training: the cell checkpoints the step it is at before
+    submitit requeues it, the requeued run resumes there, and the weights equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    import submitit
+    import torch
+    from conftest import tiny_train_overrides
+    from omegaconf import OmegaConf
+
+    from add_bench import checkpoint, train
+    from add_bench.config import TrainConfig, load
+    from add_bench.launchers import CellJob
+    from add_bench.networks.unets import weights_file
+    from add_bench.provenance import REPO_ROOT
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    cfg = load(TrainConfig, overrides=tiny_train_overrides(tiny_assets, steps=24, ckpt_every=1000))
+    wd, log = tmp_path / "cell", tmp_path / "cell" / "log.jsonl"
+    wd.mkdir()
+    (wd / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(CellJob(training_cell, "cell", str(wd)))
+    deadline = time.time() + 300
+    while not log.is_file() or len(log.read_text().splitlines()) < 3:
+        assert time.time() < deadline and job.get_info()["jobState"] == "RUNNING", job.stderr()
+        time.sleep(0.02)
+    os.kill(int((wd / "pids").read_text().split()[0]), signal.SIGUSR2)
+    result = job.result()
+    err, out = job.stderr() or "", job.stdout() or ""
+    saved = re.search(r"SIGUSR2 at step (\d+)/24: checkpoint saved", err)
+    assert saved and int(saved.group(1)) >= 3, err
+    assert err.index(saved.group(0)) < err.index("Caught signal SIGUSR2"), err  # saved, then submitit's handler
+    assert "Requeued job" in out and f"resuming {wd} at step {saved.group(1)}\n" in err, (out, err)
+    assert len((wd / "pids").read_text().split()) == 2  # one requeue
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == list(range(1, 25))
+    full = train.train(cfg, tmp_path / "full", progress=False)
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(wd)
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert weights_file(full).read_bytes() == weights_file(Path(result["student"])).read_bytes()
