@@ -903,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
         write_manifests(ablations, out)
         collect(ablations, out)
     else:
-        check_paths(ablations, out, only)
+        if a.launcher == "local":  # before a SLURM submission run_sweep checks them itself
+            check_paths(ablations, out, only)
         run_sweep(ablations, out, a.launcher, workers, launches, only)
     return 0
 
