@@ -308,7 +308,7 @@ def load(
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
-    cfg = open_mappings(OmegaConf.structured(schema))
+    cfg = open_mappings(OmegaConf.structured(schema), schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
         layers.append((str(path), load_yaml(path)))
@@ -322,21 +322,19 @@ def load(
     return apply_overrides(cfg, list(overrides or []), schema)  # type: ignore[return-value]
 
 
-def open_mappings(cfg: DictConfig) -> DictConfig:
-    """``cfg`` closed to keys its schema does not name, except fields typed as a mapping (``dict[str, ...]``,
-    e.g. ``slurm.additional_parameters``): those take any key."""
+def open_mappings(cfg: DictConfig, schema: type) -> DictConfig:
+    """``cfg`` (of the dataclass ``schema``) closed to keys the schema does not name, except fields typed as
+    a mapping (``dict[str, ...]``, e.g. ``slurm.additional_parameters``): those take any key."""
+    import dataclasses
+    import typing
+
     OmegaConf.set_struct(cfg, True)
-
-    def walk(node: DictConfig) -> None:
-        for key in node.keys():
-            child = node._get_node(key)
-            if isinstance(child, DictConfig) and not child._is_none():
-                if OmegaConf.get_type(child) is dict:
-                    OmegaConf.set_struct(child, False)
-                else:
-                    walk(child)
-
-    walk(cfg)
+    for name, hint in typing.get_type_hints(schema).items():
+        node = cfg.get(name)
+        if typing.get_origin(hint) is dict and node is not None:
+            OmegaConf.set_struct(node, False)
+        elif dataclasses.is_dataclass(hint) and node is not None:
+            open_mappings(node, hint)
     return cfg
 
 

@@ -178,6 +178,7 @@ def needed_paths(cfg: TrainConfig) -> list[tuple[str, Path | str, str]]:
     """(config key, path, kind) of every local weights, metric and data path a cell reads (kinds:
     ``PATH_CHECKS``, or ``coco:<split>``); the path is ``$VAR`` when the key is unset and its environment
     variable names the path (empty: nothing to read it from). Hub downloads are not listed."""
+    from add_bench.data.coco import ENV_VAR as COCO_ENV
     from add_bench.evaluate import is_stable_diffusion
     from add_bench.provenance import resolve_weights
 
@@ -194,13 +195,13 @@ def needed_paths(cfg: TrainConfig) -> list[tuple[str, Path | str, str]]:
         if dcfg.c_text:
             needs += text_tower_paths(dcfg.c_text_network, dcfg.c_text_weights)
         if cfg.coco.root is not None or is_stable_diffusion(teacher) or is_stable_diffusion(student):
-            needs.append(("coco.root", env_path(cfg.coco.root, "ADD_BENCH_COCO"), f"coco:{cfg.coco.split}"))
+            needs.append(("coco.root", env_path(cfg.coco.root, COCO_ENV), f"coco:{cfg.coco.split}"))
     if cfg.eval.metrics == "cluster":
         c = cfg.eval.cluster
         needs += [
             ("eval.cluster.inception", env_path(c.inception, "ADD_BENCH_INCEPTION"), "inception"),
             ("eval.cluster.clip_weights", env_path(c.clip_weights, "ADD_BENCH_CLIP"), "file"),
-            ("eval.coco.root", env_path(cfg.eval.coco.root, "ADD_BENCH_COCO"), f"coco:{cfg.eval.coco.split}"),
+            ("eval.coco.root", env_path(cfg.eval.coco.root, COCO_ENV), f"coco:{cfg.eval.coco.split}"),
         ]
     else:
         needs += [
