@@ -2,20 +2,30 @@
 
 One file per run (``checkpoint.pt``), replaced atomically, so a kill at any moment leaves the last
 good checkpoint. A resumed run continues bit-exactly on CPU because all randomness in the loops
-comes from one ``torch.Generator`` whose state is saved here.
+comes from one ``torch.Generator`` whose state is saved here. ``keep`` > 1 keeps that many checkpoints as
+``checkpoint-<step>.pt`` (``checkpoint.pt`` a hard link to the newest, no second copy); 0 keeps every one.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from add_bench.errors import CheckpointError
+from add_bench.errors import CheckpointError, ConfigError
 from add_bench.provenance import atomic_path
 
 FILENAME = "checkpoint.pt"
+NUMBERED = "checkpoint-{step:08d}.pt"  # the kept checkpoints when keep != 1
+
+
+def check_keep(keep: int) -> int:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+        raise ConfigError(f"keep_checkpoints={keep!r}: must be an integer ≥ 0 (1 = the newest only, 0 = every one)")
+    return keep
 
 
 def save(
@@ -24,8 +34,10 @@ def save(
     objects: dict[str, Any],
     generator: torch.Generator,
     extra: dict[str, Any] | None = None,
+    keep: int = 1,
 ) -> Path:
-    """``objects``: name → anything with ``state_dict()`` (modules, optimisers, EMA)."""
+    """``objects``: name → anything with ``state_dict()`` (modules, optimisers, EMA). ``keep``: how many
+    checkpoints stay in ``folder`` (1: checkpoint.pt replaced; K > 1: the K newest numbered ones; 0: all)."""
     path = Path(folder) / FILENAME
     state = {
         "step": step,
@@ -34,9 +46,33 @@ def save(
         "torch_rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    with atomic_path(path) as tmp:
+    if check_keep(keep) == 1:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return path
+    numbered = Path(folder) / NUMBERED.format(step=step)
+    with atomic_path(numbered) as tmp:
         torch.save(state, tmp)
+    with atomic_path(path) as tmp:  # checkpoint.pt: the newest, replaced in one rename
+        tmp.unlink()
+        try:
+            os.link(numbered, tmp)
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copyfile(numbered, tmp)
+    rotate(Path(folder), keep)
     return path
+
+
+def kept(folder: Path) -> list[Path]:
+    """The numbered checkpoints in ``folder``, oldest first."""
+    return sorted(folder.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def rotate(folder: Path, keep: int) -> None:
+    """Delete the numbered checkpoints older than the ``keep`` newest (0: keep all)."""
+    if keep > 0:
+        for old in kept(folder)[:-keep]:
+            old.unlink()
 
 
 def load(folder_or_file: str | Path) -> dict[str, Any]:

@@ -344,6 +344,9 @@ class TrainConfig:
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
     ckpt_every: int = 200
+    # training checkpoints kept in the work folder: 1 = the newest only (checkpoint.pt, replaced at each save);
+    # K > 1 = the K newest (checkpoint-<step>.pt, checkpoint.pt a link to the newest); 0 = every one
+    keep_checkpoints: int = 1
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
@@ -408,8 +411,7 @@ def load(
 
     Returns an OmegaConf object typed as the schema (attribute access, type-checked assignment).
     """
-    cfg = OmegaConf.structured(schema)
-    OmegaConf.set_struct(cfg, True)
+    cfg = open_mappings(OmegaConf.structured(schema), schema)
     layers: list[tuple[str, Any]] = [preset] if preset is not None else []
     if path is not None:
         layers.append((str(path), load_yaml(path)))
@@ -421,6 +423,22 @@ def load(
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema) from None
     return apply_overrides(cfg, list(overrides or []), schema)  # type: ignore[return-value]
+
+
+def open_mappings(cfg: DictConfig, schema: type) -> DictConfig:
+    """``cfg`` (of the dataclass ``schema``) closed to keys the schema does not name, except fields typed as
+    a mapping (``dict[str, ...]``, e.g. ``slurm.additional_parameters``): those take any key."""
+    import dataclasses
+    import typing
+
+    OmegaConf.set_struct(cfg, True)
+    for name, hint in typing.get_type_hints(schema).items():
+        node = cfg.get(name)
+        if typing.get_origin(hint) is dict and node is not None:
+            OmegaConf.set_struct(node, False)
+        elif dataclasses.is_dataclass(hint) and node is not None:
+            open_mappings(node, hint)
+    return cfg
 
 
 def parse_overrides(overrides: list[str]) -> list:

@@ -44,11 +44,33 @@ def processes() -> Processes:
     return Processes(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# Set by launchers.CellJob in a cell whose launch asks for GPUs, to the launch that asked (for the message).
+EXPECT_GPU_ENV = "ADD_BENCH_EXPECT_GPU"
+
+
+def expect_gpu() -> None:
+    """Raise when this process's launch asked for GPUs (``EXPECT_GPU_ENV``) and none is visible: a GPU preset
+    is never trained on the CPU by accident."""
+    import socket
+
+    why = os.environ.get(EXPECT_GPU_ENV)
+    if why:
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+        raise ConfigError(
+            f"device='auto': {why}, but no CUDA device is visible on {socket.gethostname()} ({build}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); check the allocation (the "
+            "partition's GPUs, the sbatch --gpus-per-node) and torch's CUDA build, or set device=cpu to run "
+            "this cell on the CPU on purpose"
+        )
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → this process's GPU (cuda:LOCAL_RANK) if one is visible, else the CPU; ``cpu``;
-    ``cuda`` (= cuda:LOCAL_RANK) or ``cuda:N``."""
+    """``auto`` → this process's GPU (cuda:LOCAL_RANK) if one is visible, else the CPU (an error in a cell
+    whose launch asked for GPUs: :func:`expect_gpu`); ``cpu``; ``cuda`` (= cuda:LOCAL_RANK) or ``cuda:N``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            expect_gpu()
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):

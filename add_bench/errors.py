@@ -21,6 +21,10 @@ class TrainingDiverged(AddBenchError):
     """A loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class TrainingStopped(AddBenchError):
+    """A run stopped before its last step (a stop signal); its checkpoint is kept and a re-run resumes it."""
+
+
 def command_line(main=None, *also: type[Exception]):
     """Decorator of a command's ``main(argv) -> int``: an AddBenchError (and any of ``also``, e.g. ValueError
     from a malformed input file) becomes one ``error: <message>`` line on stderr and exit status 2.

@@ -10,7 +10,9 @@ call when SLURM signals an upcoming time limit or a preemption.
   using ``cores // workers`` torch threads; a failing cell is recorded and the others still run.
 * ``submit_slurm(cells, folder, cfg)``: one job array (one task per cell) via submitit; returns the job
   ids at once and records ``folder/slurm_jobs.json`` (cell_id → job_id). ``status_slurm(folder)``
-  reports each cell's state (sacct, else squeue, else submitit's result file).
+  reports each cell's state (sacct, else squeue, else submitit's result file). ``cfg`` (SlurmConfig)
+  usually comes from a preset's :class:`LaunchProfile` with the command line's overrides on top
+  (:func:`slurm_request`); a cell whose request has GPUs refuses to train on the CPU with device=auto.
 
 A local single-node cluster for trying this out: ``scripts/slurm_cluster.sh`` (see
 ``scripts/README_slurm.md``); ``tests/test_slurm.py`` runs against it.
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from omegaconf import OmegaConf
 
 from add_bench.errors import ConfigError, DataError
 from add_bench.provenance import REPO_ROOT, atomic_write_json
@@ -60,10 +63,56 @@ class SlurmConfig:
     # seconds before the time limit at which SLURM sends USR2 so that submitit requeues the cell;
     # None: min(90, timeout_min*60 // 4). Must stay below timeout_min*60.
     signal_delay_s: int | None = None
-    additional_parameters: dict[str, str] = field(default_factory=dict)  # extra sbatch flags: {"qos": "low"}
+    # any other sbatch flag, as --<flag>=<value>: {"account": "abc", "qos": "low", "constraint": "a100"};
+    # the value true gives a flag without a value (--exclusive)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # direct construction is checked; OmegaConf nodes: check_slurm_config
         _validated(self, "slurm")
+
+
+# sbatch flags the launcher writes itself: from a SlurmConfig field, or for submitit's job array and logs
+MANAGED_FLAGS = {
+    "partition": "set slurm.partition",
+    "time": "set slurm.timeout_min",
+    "cpus-per-task": "set slurm.cpus_per_task",
+    "gpus-per-node": "set slurm.gpus_per_node",
+    "mem": "set slurm.mem_gb",
+    "signal": "set slurm.signal_delay_s",
+    "array": "set slurm.array_parallelism",
+    "output": "submitit's log files",
+    "error": "submitit's log files",
+    "open-mode": "submitit's log files",
+    "job-name": "the launcher's job name",
+    "nodes": "a cell is one task on one node",
+    "ntasks": "a cell is one task on one node",
+    "ntasks-per-node": "a cell is one task on one node",
+}
+
+
+@dataclass
+class LaunchProfile:
+    """How a preset's cells are launched (``add_bench/presets/launch/<preset>.yaml``): where a sweep writes
+    when ``--out`` is not given, and what each cell asks SLURM for."""
+
+    runs: str | None = None  # results root (a sweep writes <runs>/sweeps); None: $ADD_BENCH_RUNS, else runs/
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+def slurm_request(values: dict[str, Any], overrides: list[str]) -> SlurmConfig:
+    """A SLURM request: SlurmConfig's defaults ← ``values`` (a launch profile's ``slurm``, resolved) ← the
+    command line's ``--slurm key=value`` overrides, checked."""
+    from add_bench.config import apply_overrides, load
+
+    base = load(SlurmConfig, extra=values)
+    try:
+        return check_slurm_config(apply_overrides(base, overrides, SlurmConfig, "--slurm"))
+    except ConfigError as e:
+        if "unknown config key" not in str(e):
+            raise
+        raise ConfigError(
+            f"{e}; any other sbatch flag: additional_parameters.<flag>=<value> (e.g. additional_parameters.account=abc)"
+        ) from None
 
 
 def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
@@ -105,6 +154,18 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
     extra = {} if extra is None else extra
     if not hasattr(extra, "items"):
         raise ConfigError(f"{key}.additional_parameters={extra!r}: must be a mapping of sbatch flag → value")
+    for flag, value in extra.items():
+        why = MANAGED_FLAGS.get(str(flag).replace("_", "-"))
+        if why:
+            raise ConfigError(
+                f"{key}.additional_parameters.{flag}: the launcher writes --{str(flag).replace('_', '-')} itself "
+                f"({why}); accepted: any other sbatch flag"
+            )
+        if value is None or isinstance(value, (dict, list)) or OmegaConf.is_config(value):
+            raise ConfigError(
+                f"{key}.additional_parameters.{flag}={value!r}: must be one value (a string or number; true for a "
+                "flag without a value)"
+            )
     return dict(
         partition=partition,
         timeout_min=timeout_min,
@@ -173,14 +234,29 @@ class CellJob(submitit.helpers.Checkpointable):
     us, but called again) when SLURM signals a time limit or preemption; the cell resumes from the
     checkpoints it keeps in ``workdir``."""
 
-    def __init__(self, fn: Callable[[str, str], dict], cell_id: str, workdir: str) -> None:
+    gpus_per_node = 0  # class defaults: what a CellJob pickled without these fields reads
+    launch = "the SLURM request"
+
+    def __init__(
+        self,
+        fn: Callable[[str, str], dict],
+        cell_id: str,
+        workdir: str,
+        gpus_per_node: int = 0,
+        launch: str = "the SLURM request",
+    ) -> None:
         self.fn = fn
         self.cell_id = cell_id
         self.workdir = str(workdir)
+        self.gpus_per_node, self.launch = gpus_per_node, launch
         self.requeues = 0  # incremented in the pickled copy at every requeue
 
     def __call__(self) -> dict:
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        if self.gpus_per_node:  # device=auto then refuses to fall back to the CPU
+            from add_bench.distributed import EXPECT_GPU_ENV
+
+            os.environ[EXPECT_GPU_ENV] = f"{self.launch} asks for gpus_per_node={self.gpus_per_node}"
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             os.environ.setdefault("OMP_NUM_THREADS", cpus)
@@ -197,8 +273,11 @@ class CellJob(submitit.helpers.Checkpointable):
         return f"CellJob({self.cell_id!r}, requeues={self.requeues})"
 
 
-def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> list[str]:
+def submit_slurm(
+    cells: Sequence[Cell], folder: str | Path, cfg: Any = None, launch: str = "the SLURM request"
+) -> list[str]:
     """Submit all cells as ONE job array and return their job ids (``<array>_<index>``) at once.
+    ``launch`` says where ``cfg`` came from (a preset's launch profile), for messages.
 
     Logs and submitit's pickles go to ``folder/slurm_logs/<job_id>/``; each cell's workdir is
     ``folder/<cell_id>``; ``folder/slurm_jobs.json`` maps cell_id → job_id (merged with earlier
@@ -239,12 +318,12 @@ def submit_slurm(cells: Sequence[Cell], folder: str | Path, cfg: Any = None) -> 
     try:
         with executor.batch():
             for cell_id, fn in cells:
-                jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id))))
+                jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id), cfg.gpus_per_node, launch)))
     except SbatchRefused as e:
         msg = " ".join(str(e).split()) or "no message"
         raise ConfigError(
-            f"sbatch refused the submission (slurm.partition={cfg.partition!r}, "
-            f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}): {msg}"
+            f"sbatch refused the submission of {launch} (slurm.partition={cfg.partition!r}, "
+            f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}, gpus_per_node={cfg.gpus_per_node}): {msg}"
         ) from None
     ids = [str(job.job_id) for job in jobs]
     path = folder / JOBS_FILE

@@ -82,7 +82,8 @@ def set_threads(n: int) -> None:
 
 class Run:
     """A resumable run in a work folder: exact resume from ``checkpoint.pt``, ``log.jsonl`` trimmed to
-    the resumed step, wall time across resumptions, periodic checkpoints and a time budget.
+    the resumed step, wall time across resumptions, periodic checkpoints (the ``keep_checkpoints`` newest
+    kept: :func:`add_bench.checkpoint.save`) and a time budget.
 
     The caller owns the loop and advances ``run.step``; ``end_of_step`` checkpoints when due and says
     whether to stop early (budget used up, a checkpoint written).
@@ -100,6 +101,7 @@ class Run:
         budget_minutes: float = 0,
         procs: Any = None,
         tensorboard: bool = True,
+        keep_checkpoints: int = 1,
     ):
         import sys
         import time
@@ -110,6 +112,7 @@ class Run:
         self.workdir, self.objects, self.generator = Path(workdir), objects, generator
         self.procs = procs or Processes()
         self.total, self.ckpt_every, self.budget_s = total, ckpt_every, budget_minutes * 60
+        self.keep = checkpoint.check_keep(keep_checkpoints)
         self.step, self._wall_before = 0, 0.0
         if checkpoint.exists(self.workdir):
             state = checkpoint.load(self.workdir)
@@ -150,26 +153,67 @@ class Run:
         if self.procs.world > 1:
             extra["generators"] = gather_objects(self.generator.get_state())  # a collective: every process
         if self.procs.is_writer:
-            checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra)
+            checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra, self.keep)
 
-    def end_of_step(self) -> bool:
-        """Checkpoint when due; return True when the budget is used up before the end (stop now)."""
+    def end_of_step(self, signalled: int | None = None) -> bool:
+        """Checkpoint when due, or now when a process got a stop signal (``signalled``: its number, from
+        :class:`StopSignals`); return True when the budget is used up or a signal came before the end (stop now)."""
+        import signal
         import sys
         import time
 
         from add_bench.distributed import any_process
 
         out_of_time = any_process(self.budget_s > 0 and time.time() - self._start > self.budget_s)
-        if self.step % self.ckpt_every == 0 or self.done or out_of_time:
+        stop = any_process(signalled is not None)
+        if self.step % self.ckpt_every == 0 or self.done or out_of_time or stop:
             self.save()
-        if out_of_time and not self.done:
+        if (out_of_time or stop) and not self.done:
+            if out_of_time:
+                why = "time budget used"
+            else:
+                why = signal.Signals(signalled).name if signalled else "a stop signal to another process"
             print(
-                f"time budget used at step {self.step}/{self.total}; re-run the same command to resume "
-                f"from {self.workdir}",
+                f"{why} at step {self.step}/{self.total}: checkpoint saved; re-run the same command (or a requeued "
+                f"job) resumes from {self.workdir}",
                 file=sys.stderr,
             )
             return True
         return False
+
+
+class StopSignals:
+    """While a training loop runs, SIGUSR1 or SIGUSR2 (the warning SLURM sends before a time limit or a
+    preemption: submitit asks for USR2) make the run checkpoint at the end of the current step and stop. When
+    the loop is left, the handler installed before (submitit's: requeue the job, then exit) gets the signal;
+    without one the loop just returns unfinished, as on a used-up time budget. Outside the loop (start-up,
+    evaluation) the signal goes to that handler at once. Main thread only (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                self.previous[sig] = signal.signal(sig, self.note)
+        return self
+
+    def note(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        import signal
+
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        handler = previous.get(self.pending)
+        if kind is None and callable(handler):  # the checkpoint is written: now the requeue
+            handler(self.pending, None)
 
 
 def drive(
@@ -188,29 +232,32 @@ def drive(
     returns that step's log row (a callable value is computed only if the row is written). Then: the
     progress bar (``postfix`` keys), a JSONL row every ``log_every`` completed steps, at the end and where
     ``log_at(completed)`` says (``log_row`` may rewrite it first, on every process), ``after_step(completed)``,
-    and Run.end_of_step's checkpoints and time budget. Returns True when the run is finished, False when it
-    stopped on its budget (call again to resume)."""
+    and Run.end_of_step's checkpoints, time budget and stop signals (:class:`StopSignals`). Returns True when
+    the run is finished, False when it stopped on its budget or a signal (call again to resume)."""
     from tqdm import tqdm
 
     bar = tqdm(
         total=run.total, initial=run.step, desc=desc, dynamic_ncols=True, disable=not (progress and run.procs.is_writer)
     )
     try:
-        while not run.done:
-            row = step_fn(run.step)
-            run.step += 1
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in postfix if k in row})
-            if run.step % log_every == 0 or run.done or (log_at is not None and log_at(run.step)):
-                row = {k: v() if callable(v) else v for k, v in row.items()}
-                row = log_row(row) if log_row is not None else row
-                if run.procs.is_writer:
-                    run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
-            if after_step is not None:
-                after_step(run.step)
-            if run.end_of_step():
-                return False
-        return True
+        with StopSignals() as signals:
+            while not run.done:
+                row = step_fn(run.step)
+                run.step += 1
+                bar.update(1)
+                bar.set_postfix(
+                    {k: f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in postfix if k in row}
+                )
+                if run.step % log_every == 0 or run.done or (log_at is not None and log_at(run.step)):
+                    row = {k: v() if callable(v) else v for k, v in row.items()}
+                    row = log_row(row) if log_row is not None else row
+                    if run.procs.is_writer:
+                        run.log.write(step=run.step, wall_time_s=round(run.wall_time_s, 2), **row)
+                if after_step is not None:
+                    after_step(run.step)
+                if run.end_of_step(signals.pending):
+                    return False
+            return True
     finally:
         bar.close()
 

@@ -42,10 +42,19 @@ def card_wall(folder: Path) -> tuple[int, float]:
     return int(card.get("steps", 0)), float(card.get("train_wall_time_s", 0.0))
 
 
+def trained(result, workdir: Path):
+    """What a trainer returned, or TrainingStopped when it stopped early (a stop signal: see loop.StopSignals)."""
+    if result is None:
+        from add_bench.errors import TrainingStopped
+
+        raise TrainingStopped(f"{workdir}: training stopped before its last step; a re-run resumes from its checkpoint")
+    return result
+
+
 def make_add(cfg: TrainConfig, workdir: Path) -> Generators:
     from add_bench.train import train
 
-    student = train(cfg, workdir)
+    student = trained(train(cfg, workdir), workdir)
     steps, wall = card_wall(student)
     return Generators(
         {s: student for s in cfg.eval_steps}, cfg.sampling.sampler or "add", cfg.sampling.cfg_scale, steps, wall
@@ -64,7 +73,7 @@ def make_teacher(cfg: TrainConfig, workdir: Path) -> Generators:
 def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
     from add_bench.progressive import train_progressive
 
-    students = train_progressive(cfg, workdir)
+    students = trained(train_progressive(cfg, workdir), workdir)
     folders = {s: students[s] for s in cfg.eval_steps}
     steps, wall = card_wall(students[min(students)])  # the last stage's card holds the whole run's time
     return Generators(folders, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, steps, wall)
@@ -107,9 +116,11 @@ METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progres
 
 def validate(cfg: TrainConfig) -> None:
     """The method name, its sampler, and the method's own settings; ADD cells: ``train.validate``."""
+    from add_bench.checkpoint import check_keep
     from add_bench.diffusion import SAMPLERS
 
     choose(METHODS, cfg.method, "method")
+    check_keep(cfg.keep_checkpoints)
     if cfg.sampling.sampler is not None:
         choose(SAMPLERS, cfg.sampling.sampler, "sampling.sampler")
     if cfg.method == "add":
@@ -152,6 +163,109 @@ def inputs(cfg: TrainConfig) -> dict[str, Path]:
         roles["evaluation network"] = resolve_weights(cfg.eval.evalnet)
         roles["evaluation embedding"] = resolve_weights(cfg.eval.evalnet_ssl)
     return roles
+
+
+# What must be at a path a cell reads, by kind: (is it there?, what is missing otherwise).
+PATH_CHECKS = {
+    "folder": (Path.is_dir, "no such folder"),
+    "file": (Path.is_file, "no such file"),
+    "weights folder": (lambda p: (p / "model.safetensors").is_file(), "no model.safetensors in it"),
+    "inception": (lambda p: (p / "inception-2015-12-05.pt").is_file(), "no inception-2015-12-05.pt in it"),
+}
+
+
+def needed_paths(cfg: TrainConfig) -> list[tuple[str, Path | str, str]]:
+    """(config key, path, kind) of every local weights, metric and data path a cell reads (kinds:
+    ``PATH_CHECKS``, or ``coco:<split>``); the path is ``$VAR`` when the key is unset and its environment
+    variable names the path (empty: nothing to read it from). Hub downloads are not listed."""
+    from add_bench.data.coco import ENV_VAR as COCO_ENV
+    from add_bench.evaluate import is_stable_diffusion
+    from add_bench.provenance import resolve_weights
+
+    teacher = resolve_weights(cfg.teacher.network)
+    needs: list[tuple[str, Path | str, str]] = [("teacher.network", teacher, "folder")]
+    if cfg.method == "add":
+        student, fn, dcfg = resolve_weights(cfg.student.network), cfg.feature_network, cfg.discriminator
+        needs.append(("student.network", student, "folder"))
+        needs += featnet_paths("feature_network.name", "feature_network.weights", fn.name, fn.weights)
+        if dcfg.c_img:
+            needs += featnet_paths(
+                "discriminator.c_img_network", "discriminator.c_img_weights", dcfg.c_img_network, dcfg.c_img_weights
+            )
+        if dcfg.c_text:
+            needs += text_tower_paths(dcfg.c_text_network, dcfg.c_text_weights)
+        if cfg.coco.root is not None or is_stable_diffusion(teacher) or is_stable_diffusion(student):
+            needs.append(("coco.root", env_path(cfg.coco.root, COCO_ENV), f"coco:{cfg.coco.split}"))
+    if cfg.eval.metrics == "cluster":
+        c = cfg.eval.cluster
+        needs += [
+            ("eval.cluster.inception", env_path(c.inception, "ADD_BENCH_INCEPTION"), "inception"),
+            ("eval.cluster.clip_weights", env_path(c.clip_weights, "ADD_BENCH_CLIP"), "file"),
+            ("eval.coco.root", env_path(cfg.eval.coco.root, COCO_ENV), f"coco:{cfg.eval.coco.split}"),
+        ]
+    else:
+        needs += [
+            ("eval.evalnet", resolve_weights(cfg.eval.evalnet), "folder"),
+            ("eval.evalnet_ssl", resolve_weights(cfg.eval.evalnet_ssl), "folder"),
+        ]
+    return needs
+
+
+def env_path(value: str | None, var: str) -> Path | str:
+    """The path a key names, else its environment variable's; ``$VAR`` when both are empty."""
+    import os
+
+    value = value or os.environ.get(var)
+    return Path(value) if value else f"${var}"
+
+
+def featnet_paths(name_key: str, weights_key: str, name: str, weights: str | None) -> list[tuple[str, Path, str]]:
+    """A feature network's weights: an embedded one's folder (the shipped ``featnet_<name>`` by default; none
+    for the seeded random ViT), a cluster one's local file (none: its hub)."""
+    from add_bench.networks.featnets import FEATURE_NETWORKS, featnet_folder
+
+    spec = FEATURE_NETWORKS[name]
+    if spec.kind == "embedded":
+        if spec.objective == "none" and weights is None:
+            return []
+        return [(weights_key if weights is not None else name_key, featnet_folder(name, weights), "weights folder")]
+    if weights is None or (spec.kind == "open_clip" and is_open_clip_tag(spec.arch, weights)):  # from the hub
+        return []
+    return [(weights_key, Path(weights), "file")]
+
+
+def is_open_clip_tag(model_name: str, weights: str) -> bool:
+    """Whether ``weights`` names one of open_clip's pretrained tags for ``model_name`` (not a local file)."""
+    import open_clip
+
+    return weights in open_clip.list_pretrained_tags_by_model(model_name)
+
+
+def text_tower_paths(name: str, weights: str | None) -> list[tuple[str, Path, str]]:
+    """c_text's weights: clip_s's folder (embedded) or an open_clip file (none: its hub)."""
+    from add_bench.networks.featnets import TEXT_ENCODERS
+
+    if TEXT_ENCODERS[name][0] == "embedded":
+        return featnet_paths("discriminator.c_text_network", "discriminator.c_text_weights", name, weights)
+    return [] if weights is None else [("discriminator.c_text_weights", Path(weights), "file")]
+
+
+def missing_paths(cfg: TrainConfig) -> list[str]:
+    """One line per path of :func:`needed_paths` that is not there: ``key=path: what is missing``."""
+    out = []
+    for key, path, kind in needed_paths(cfg):
+        if isinstance(path, str):
+            out.append(f"{key} is unset and {path} is empty")
+        elif kind.startswith("coco:") and path.is_dir():
+            split = kind.split(":")[1]
+            for need in (f"annotations/captions_{split}.json", split):
+                if not (path / need).exists():
+                    out.append(f"{key}={path}: no {need} in it")
+        elif kind.startswith("coco:"):
+            out.append(f"{key}={path}: {PATH_CHECKS['folder'][1]}")
+        elif not PATH_CHECKS[kind][0](path):
+            out.append(f"{key}={path}: {PATH_CHECKS[kind][1]}")
+    return out
 
 
 _RECORDS: dict[tuple, tuple[dict[str, Path], dict[str, str | None]]] = {}

@@ -8,12 +8,16 @@ locally or as a SLURM job array, and write tables and plots that mirror the pape
 The second form is an ablation written on the command line (Hydra's sweep syntax): one row per
 combination of the comma-separated values, the same cells (same ids) as a YAML file with those rows.
 
+``--launcher slurm`` asks SLURM for what the preset's launch profile says (``presets/launch/<preset>.yaml``
+beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top.
+
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
 
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
-``runs/sweeps``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
+``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
@@ -27,6 +31,7 @@ with its finished / planned seed count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -42,6 +47,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import (
+    PRESETS_DIR,
     SCHEMA_VERSION,
     TrainConfig,
     added_fields,
@@ -172,12 +178,86 @@ class Ablation:
     cells: list[Cell] = field(default_factory=list)
     paper_metric_names: dict = field(default_factory=dict)
     paper_note: str | None = None  # what the paper's numbers are (default: ADD-M on SD2.1, Table 1)
+    preset: Path | None = None  # the base preset its cells were loaded on
+
+
+# ------------------------------------------------------------------------------ launch profiles
+LAUNCH_DIR = "launch"  # the launch profile of <folder>/<preset>.yaml is <folder>/launch/<preset>.yaml
+RUNS_ENV = "ADD_BENCH_RUNS"  # the results root of a sweep without --out (else the profile's runs, else runs/)
+
+
+@dataclass
+class Launch:
+    """A preset's launch profile (launchers.LaunchProfile) with the command line's ``--slurm`` applied."""
+
+    profile: Path | None  # None: the preset has none (SlurmConfig's defaults)
+    slurm: Any  # launchers.SlurmConfig
+    runs: str | None = None  # the profile's results root as written (an ${oc.env:...} is resolved when used)
+    overrides: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        from add_bench.provenance import display_path
+
+        what = f"launch profile {display_path(self.profile)}" if self.profile else "the default SLURM request"
+        return what + (f" with --slurm {' '.join(self.overrides)}" if self.overrides else "")
+
+    def results_root(self) -> Path:
+        """Where a sweep on this preset writes without --out: the profile's ``runs``, else $ADD_BENCH_RUNS,
+        else runs/ in the repository; ``/sweeps`` below it."""
+        if self.runs is None:
+            return Path(os.environ.get(RUNS_ENV) or REPO_ROOT / "runs") / "sweeps"
+        try:
+            root = OmegaConf.create({"runs": self.runs}).runs
+        except OmegaConfBaseException as e:
+            raise ConfigError(
+                f"{self.profile}: runs={self.runs}: {str(e).splitlines()[0]}; set {RUNS_ENV} to a results folder "
+                "outside the repository (this preset's checkpoints are large), or give --out"
+            ) from None
+        return Path(root) / "sweeps"
+
+
+def launch_profile(preset: Path, overrides: list[str] | None = None) -> Launch:
+    """The launch profile beside ``preset`` (``launch/<preset>.yaml``; none: SlurmConfig's defaults), with
+    ``--slurm key=value`` overrides on top."""
+    from add_bench.launchers import LaunchProfile, check_slurm_config, slurm_request
+
+    overrides = list(overrides or [])
+    path = preset.parent / LAUNCH_DIR / preset.name
+    if not path.is_file():
+        return Launch(None, slurm_request({}, overrides), None, overrides)
+    cfg = load(LaunchProfile, path)
+    try:
+        slurm = OmegaConf.to_container(cfg.slurm, resolve=True)
+        check_slurm_config(slurm)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: slurm: {str(e).splitlines()[0]}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return Launch(path, slurm_request(slurm, overrides), OmegaConf.to_container(cfg)["runs"], overrides)
+
+
+def launch_profiles(ablations: list[Ablation], overrides: list[str] | None = None) -> dict[str, Launch]:
+    """ablation name → the launch of its preset (ablations on one preset share one)."""
+    by_preset: dict[Path, Launch] = {}
+    for ab in ablations:
+        if ab.preset not in by_preset:
+            by_preset[ab.preset] = launch_profile(ab.preset or PRESETS_DIR / "embedded.yaml", overrides)
+    return {ab.name: by_preset[ab.preset] for ab in ablations}
+
+
+def default_out(launches: dict[str, Launch]) -> Path:
+    """The results folder of a sweep without --out: its presets' results root (they must agree)."""
+    roots = {name: launch.results_root() for name, launch in launches.items()}
+    if len(set(roots.values())) > 1:
+        listed = ", ".join(f"{name}: {root}" for name, root in roots.items())
+        raise ConfigError(f"the ablations' presets write to different results roots ({listed}); give --out")
+    return next(iter(roots.values()), DEFAULT_OUT)
 
 
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
-EXECUTION_KEYS = ("threads", "device", "ckpt_every", "log_every", "tensorboard")
+EXECUTION_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard")
 
 
 def cell_id(config: Any) -> str:
@@ -256,6 +336,7 @@ def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[st
         list(eval_steps),
         paper_metric_names=PAPER_METRIC_NAMES if data.paper_metric_names is None else data.paper_metric_names,
         paper_note=data.paper_note,
+        preset=preset_file(sweep_over.get("base", data.base), base_name),
     )
     for i, spec in enumerate(data.cells):
         where = f"{path}: cells[{i}] ({spec.name})"
@@ -284,6 +365,12 @@ def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[st
             c.id = cell_id(cfg)
             ablation.cells.append(c)
     return ablation
+
+
+def preset_file(base: str, name: str) -> Path:
+    """The YAML file of a base: the file given, or the ``base`` group option's file in add_bench/presets/
+    (beside which its launch profile lives)."""
+    return Path(base) if str(base).endswith(".yaml") and Path(base).is_file() else PRESETS_DIR / f"{name}.yaml"
 
 
 def base_preset(base: str, path: Path) -> tuple[str, tuple[str, Any]]:
@@ -595,6 +682,21 @@ def print_plan(
     return total
 
 
+def print_requests(launches: dict[str, Launch]) -> None:
+    """What each job array asks SLURM for, per launch profile."""
+    seen: set[int] = set()
+    for launch in launches.values():
+        if id(launch) not in seen:
+            seen.add(id(launch))
+            values = dataclasses.asdict(launch.slurm)
+            extra = values.pop("additional_parameters")
+            shown = " ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+            shown += "".join(
+                f" --{str(k).replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items()
+            )
+            print(f"slurm ({launch.describe()}): {shown}")
+
+
 def collect(ablations: list[Ablation], out: Path) -> None:
     from add_bench.tables import write_tables
 
@@ -640,15 +742,19 @@ def run_sweep(
     out: Path,
     launcher: str = "local",
     workers: int = 1,
-    slurm=None,
+    launches: dict[str, Launch] | None = None,
     only: set[str] | None = None,
 ) -> dict:
-    """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables."""
+    """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables.
+    ``launcher='slurm'``: one job array per launch profile (``launches``: ablation name → Launch; default: each
+    ablation's preset's profile)."""
     from tqdm import tqdm
 
     from add_bench.launchers import check_launcher, run_local, submit_slurm
 
     check_launcher(launcher)
+    if launcher == "slurm":
+        check_paths(ablations, out, only)  # nothing is submitted that would fail on the node for a missing path
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out, only)
         status = {i: cell_status(out / "cells" / i) for i in cells}
@@ -661,13 +767,16 @@ def run_sweep(
             f"sweep → {out}: {len(cells)} cells, {len(cells) - len(unfinished)} already done{skipped}", file=sys.stderr
         )
         if launcher == "slurm":
-            ids = submit_slurm([(i, run_cell) for i in todo], out / "cells", slurm)
+            submitted: dict[str, str] = {}
+            for launch, group in launch_groups(ablations, launches or launch_profiles(ablations), todo):
+                ids = submit_slurm([(i, run_cell) for i in group], out / "cells", launch.slurm, launch.describe())
+                submitted.update(zip(group, ids))
             print(
-                f"submitted job array: {', '.join(ids) or 'nothing to do'}; "
+                f"submitted: {', '.join(submitted.values()) or 'nothing to do'}; "
                 f"follow with --status, collect with --collect",
                 file=sys.stderr,
             )
-            return {"submitted": dict(zip(todo, ids))}
+            return {"submitted": submitted}
         results: dict[str, Any] = {}
         if min(workers, len(todo)) > 1:
             results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
@@ -685,6 +794,43 @@ def run_sweep(
             )
         collect(ablations, out)
         return results
+
+
+def check_paths(ablations: list[Ablation], out: Path, only: set[str] | None = None) -> None:
+    """Every weights, metric and data path the cells still to run read (methods.needed_paths) exists; else
+    one error listing each missing path with the config key that names it and the cells that read it."""
+    from add_bench.methods import missing_paths
+
+    missing: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for ab in ablations:
+        for c in ab.cells:
+            if c.id in seen or (only is not None and c.id not in only) or cell_status(out / "cells" / c.id) == "done":
+                continue
+            seen.add(c.id)
+            for problem in missing_paths(c.config):
+                missing.setdefault(problem, []).append(f"{c.id} ({c.ablation}/{c.name} seed {c.seed})")
+    if missing:
+        lines = [
+            f"  {problem}; cells: {', '.join(cells[:3])}" + (f" and {len(cells) - 3} more" if len(cells) > 3 else "")
+            for problem, cells in missing.items()
+        ]
+        raise ConfigError(
+            f"{len(missing)} path(s) that cells read are missing; nothing was run or submitted:\n" + "\n".join(lines)
+        )
+
+
+def launch_groups(ablations: list[Ablation], launches: dict[str, Launch], ids: list[str]) -> list[tuple[Launch, list]]:
+    """``ids`` grouped by the launch of the ablation that lists them first (one job array per launch)."""
+    groups: dict[int, tuple[Launch, list[str]]] = {}
+    placed: set[str] = set()
+    for ab in ablations:
+        launch = launches[ab.name]
+        for c in ab.cells:
+            if c.id in ids and c.id not in placed:
+                placed.add(c.id)
+                groups.setdefault(id(launch), (launch, []))[1].append(c.id)
+    return list(groups.values())
 
 
 def show_status(ablations: list[Ablation], out: Path) -> None:
@@ -705,7 +851,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("ablation", help="ablation YAML (ablations/*.yaml), or a sweep key=a,b,c (one row per value)")
     p.add_argument("overrides", nargs="*", help="seeds=[0,1,2], base=<preset>, or training config key=value")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"results folder (default: <runs>/sweeps, <runs> from the preset's launch profile, ${RUNS_ENV} or "
+        f"{DEFAULT_OUT.parent})",
+    )
     p.add_argument("--launcher", default="local", help="local | slurm")
     p.add_argument(
         "--workers",
@@ -717,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="SLURM settings: partition, timeout_min, cpus_per_task, gpus_per_node, mem_gb, ...",
+        help="SLURM settings over the preset's launch profile: partition, timeout_min, cpus_per_task, "
+        "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>",
     )
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
@@ -735,23 +887,24 @@ def main(argv: list[str] | None = None) -> int:
         ablations = [expand(Path("command line"), data, sweep_over, train_over)]
     else:
         ablations = load_ablations(a.ablation, a.overrides)
-    out = Path(a.out)
+    launches = launch_profiles(ablations, a.slurm)
+    out = Path(a.out) if a.out else default_out(launches)
     only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
     workers = parse_workers(a.workers)
     if a.dry_run:
         print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
+        if a.launcher == "slurm":
+            print_requests(launches)
+        check_paths(ablations, out, only)
     elif a.status:
         show_status(ablations, out)
     elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
         write_manifests(ablations, out)
         collect(ablations, out)
     else:
-        slurm = None
-        if a.launcher == "slurm":
-            from add_bench.launchers import SlurmConfig, check_slurm_config
-
-            slurm = check_slurm_config(load(SlurmConfig, overrides=a.slurm))
-        run_sweep(ablations, out, a.launcher, workers, slurm, only)
+        if a.launcher == "local":  # before a SLURM submission run_sweep checks them itself
+            check_paths(ablations, out, only)
+        run_sweep(ablations, out, a.launcher, workers, launches, only)
     return 0
 
 

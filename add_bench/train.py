@@ -608,7 +608,9 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         "opt_student": opt_s,
         "opt_discriminator": opt_d,
     }
-    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs, cfg.tensorboard)
+    run = Run(
+        workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, procs, cfg.tensorboard, cfg.keep_checkpoints
+    )
     o = cfg.optim
     last_r1: dict[str, float] = {}
 

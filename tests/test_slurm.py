@@ -367,7 +367,10 @@ def training_steps_per_second(preset, workdir, steps: int = 30) -> float:
 @pytest.mark.slurm
 def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, tmp_path, cancel_after, monkeypatch):
     """The real sweep command on the local cluster: one array, submission returns at once, --status works,
-    the slow cell hits its 2-minute limit, is requeued, resumes from its checkpoint and finishes."""
+    the slow cell hits its 2-minute limit, is requeued, resumes from its checkpoint and finishes. The request
+    comes from the preset's launch profile (launch/<preset>.yaml) under the command line's --slurm, and the
+    slow cell checkpoints only when SLURM's USR2 arrives (its ckpt_every is beyond its steps), so every
+    requeued run continues where the signal stopped the last one."""
     import yaml
     from test_sweep import tiny_preset
 
@@ -379,6 +382,11 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     # depending on the machine and its load), so ≈120 s of training at the calibrated speed (2 threads; the task
     # gets 1) cannot finish in the first run, and each run still trains long enough to make progress.
     slow_steps = max(180, int(120 * training_steps_per_second(preset, tmp_path / "calibration")))
+    (tmp_path / "launch").mkdir()
+    profile = {
+        "slurm": {"timeout_min": 1, "signal_delay_s": 15, "cpus_per_task": 1, "mem_gb": 1, "max_num_timeout": 30}
+    }
+    (tmp_path / "launch" / preset.name).write_text(yaml.safe_dump(profile))
     abl = tmp_path / "mini.yaml"
     abl.write_text(
         yaml.safe_dump(
@@ -390,7 +398,7 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
                 "eval_steps": [1],
                 "cells": [
                     {"name": "fast", "default": True},
-                    {"name": "slow", "set": {"steps": slow_steps, "ckpt_every": 5, "log_every": 1}},
+                    {"name": "slow", "set": {"steps": slow_steps, "ckpt_every": 10 * slow_steps, "log_every": 1}},
                 ],
             }
         )
@@ -406,11 +414,8 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
                 "--launcher",
                 "slurm",
                 "--slurm",
-                "timeout_min=2",
-                "signal_delay_s=15",
-                "cpus_per_task=1",
-                "mem_gb=1",
-                "max_num_timeout=30",
+                "timeout_min=2",  # over the profile's 1
+                "additional_parameters.comment=add-bench-launch-profile",  # an sbatch flag without a field
             ]
         )
         == 0
@@ -436,5 +441,15 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
     assert steps == list(range(1, slow_steps + 1))  # resumed, nothing lost or repeated
     logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.err"))
     assert "resuming" in logs  # the requeued run continued from its checkpoint
+    assert re.search(r"SIGUSR2 at step \d+/\d+: checkpoint saved", logs), logs[-3000:]  # saved on SLURM's warning
+    (script,) = [p.read_text() for p in (out / "cells" / "slurm_logs").rglob("*_submission.sh")]
+    for flag in (
+        "--time=2",
+        "--signal=USR2@15",
+        "--cpus-per-task=1",
+        "--mem=1GB",
+        "--comment=add-bench-launch-profile",
+    ):
+        assert f"#SBATCH {flag}\n" in script, (flag, script)
     assert sweep.main([str(abl), "--out", str(out), "--collect"]) == 0
     assert (out / "mini" / "table.md").is_file()

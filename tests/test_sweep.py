@@ -108,7 +108,7 @@ def test_every_ablation_file_expands_and_the_default_cell_is_shared():
 def test_cell_id_ignores_how_a_cell_is_run_but_not_what_it_computes():
     path = REPO / "ablations" / "loss_weighting.yaml"
     base = [c.id for c in sweep.load_ablations(path)[0].cells]
-    run_differently = sweep.load_ablations(path, ["threads=1", "ckpt_every=7", "log_every=3"])[0]
+    run_differently = sweep.load_ablations(path, ["threads=1", "ckpt_every=7", "keep_checkpoints=3", "log_every=3"])[0]
     assert [c.id for c in run_differently.cells] == base
     for override in ("steps=999", "optim.student_lr=0.001", "eval.num_samples=100", "seeds=[1]"):
         assert all(a != b for a, b in zip(base, [c.id for c in sweep.load_ablations(path, [override])[0].cells]))
@@ -257,6 +257,86 @@ def test_table1_on_the_sd21_preset(monkeypatch):
     monkeypatch.delenv("ADD_BENCH_SD21")
     with pytest.raises(ConfigError, match=r"cells\[0\] \(exp\) on base sd21: .*ADD_BENCH_SD21"):
         sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
+
+
+def test_launch_profiles_set_slurm_resources_and_the_results_root(monkeypatch, tmp_path):
+    """SlurmConfig defaults < the preset's launch profile (presets/launch/<preset>.yaml) < --slurm; the sd21
+    profile asks for a GPU and writes outside the repository ($ADD_BENCH_RUNS); cell ids do not depend on it."""
+    from add_bench.launchers import SlurmConfig
+
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, f"/models/{var.lower()}")
+    monkeypatch.delenv("ADD_BENCH_RUNS", raising=False)
+    abls = sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["base=sd21"])
+    launches = sweep.launch_profiles(abls, ["partition=a100", "additional_parameters.account=abc"])
+    sd21 = launches["loss_weighting"]
+    assert sd21.profile == sweep.PRESETS_DIR / "launch" / "sd21.yaml"
+    assert sd21.slurm.gpus_per_node >= 1 and sd21.slurm.mem_gb > SlurmConfig().mem_gb
+    assert sd21.slurm.partition == "a100" and sd21.slurm.additional_parameters == {"account": "abc"}
+    assert "launch/sd21.yaml with --slurm partition=a100" in sd21.describe()
+    with pytest.raises(ConfigError, match=r"launch/sd21.yaml: runs=.*ADD_BENCH_RUNS.*outside the repository.*--out"):
+        sweep.default_out(launches)
+    monkeypatch.setenv("ADD_BENCH_RUNS", str(tmp_path / "runs"))
+    assert sweep.default_out(launches) == tmp_path / "runs" / "sweeps"
+    embedded = sweep.launch_profiles(sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml"))
+    assert embedded["loss_weighting"].profile is None and embedded["loss_weighting"].slurm == SlurmConfig()
+    assert sweep.default_out(embedded) == tmp_path / "runs" / "sweeps"
+    elsewhere = sweep.Launch(tmp_path / "p.yaml", SlurmConfig(), str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match=r"different results roots .*; give --out"):
+        sweep.default_out({"a": embedded["loss_weighting"], "b": elsewhere})
+    monkeypatch.delenv("ADD_BENCH_RUNS")
+    assert sweep.default_out(embedded) == sweep.DEFAULT_OUT
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "p.yaml").write_text("steps: 3\n")
+    for text, message in [
+        ("slurm: {gpu: 1}", r"launch/p.yaml: unknown config key 'slurm.gpu'; accepted keys under slurm: addition"),
+        ("slurm: {mem_gb: 0}", r"launch/p.yaml: slurm.mem_gb=0.0: must be a positive number of GB"),
+        ("slurm: {additional_parameters: {time: 5}}", r"launch/p.yaml: .*--time itself \(set slurm.timeout_min\)"),
+    ]:
+        (tmp_path / "launch" / "p.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            sweep.launch_profile(tmp_path / "p.yaml")
+
+
+def test_missing_weights_and_metric_paths_fail_before_anything_is_submitted(tmp_path, monkeypatch, capsys):
+    """The sd21 preset with local paths of which some are missing: --dry-run and a SLURM submission list each
+    missing path with its config key and the cells that read it, and submit nothing."""
+    from test_launchers import fake_slurm_commands
+
+    models = tmp_path / "models"
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, str(models / var.lower()))
+    (models / "add_bench_sd21").mkdir(parents=True)
+    for name in ("add_bench_dinov2_s", "add_bench_clip_l"):
+        (models / name).touch()
+    for split in ("train2017", "val2017"):
+        (models / "add_bench_coco" / split).mkdir(parents=True)
+    (models / "add_bench_coco" / "annotations").mkdir()
+    (models / "add_bench_coco" / "annotations" / "captions_val2017.json").touch()
+    (models / "add_bench_inception").mkdir()  # without clean-fid's file
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    abl, out = str(REPO / "ablations" / "loss_weighting.yaml"), tmp_path / "out"
+    for options in (["--dry-run"], ["--launcher", "slurm"]):
+        assert sweep.main([abl, "base=sd21", "--out", str(out), *options]) == 2
+        err = capsys.readouterr().err
+        assert "4 path(s) that cells read are missing; nothing was run or submitted" in err
+        cells = r"; cells: \w{12} \(loss_weighting/exp seed 0\), \w{12} \(loss_weighting/sds seed 0\), \w{12} \(loss"
+        for line in (
+            rf"discriminator.c_img_weights={models}/add_bench_dinov2_l: no such file{cells}",
+            rf"coco.root={models}/add_bench_coco: no annotations/captions_train2017.json in it{cells}",
+            rf"eval.cluster.inception={models}/add_bench_inception: no inception-2015-12-05.pt in it{cells}",
+            rf"eval.cluster.clip_weights={models}/add_bench_clip: no such file{cells}",
+        ):
+            assert re.search(line, err), (line, err)
+    assert not list(scripts.iterdir()) and not (out / "cells").exists()  # nothing submitted, nothing written
+    (models / "add_bench_dinov2_l").touch()
+    (models / "add_bench_clip").touch()
+    (models / "add_bench_coco" / "annotations" / "captions_train2017.json").touch()
+    (models / "add_bench_inception" / "inception-2015-12-05.pt").touch()
+    assert sweep.main([abl, "base=sd21", "--out", str(out), "--dry-run"]) == 0
+    monkeypatch.setenv("ADD_BENCH_CLIP_L", str(models / "elsewhere"))  # a local sweep checks before it runs
+    assert sweep.main([abl, "base=sd21", "--out", str(out)]) == 2
+    assert "discriminator.c_text_weights=" in capsys.readouterr().err and not (out / "cells").exists()
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,95 @@ def test_resumed_run_equals_uninterrupted(tiny_assets, tmp_path):
     assert len(logs) == 5  # one row per step, none lost or repeated across the interruptions
 
 
+@pytest.mark.parametrize("keep", [2, 0])
+def test_keep_checkpoints_keeps_the_newest_and_resume_stays_exact(tiny_assets, tmp_path, keep):
+    """keep_checkpoints=K: after every save only the K newest checkpoints remain (0: all), checkpoint.pt is the
+    newest (a link, not a copy), and a run interrupted after every step resumes to the uninterrupted result."""
+    full = train_mod.train(cfg_for(tiny_assets, steps=5, ckpt_every=1), tmp_path / "full", progress=False)
+    assert not checkpoint.kept(tmp_path / "full")  # keep_checkpoints=1: checkpoint.pt only
+    cfg, part = cfg_for(tiny_assets, steps=5, ckpt_every=1, keep_checkpoints=keep), tmp_path / "part"
+    saves = 0
+    while (student := train_mod.train(cfg, part, budget_minutes=1e-9, progress=False)) is None:
+        saves += 1
+        steps = [int(p.stem.split("-")[1]) for p in checkpoint.kept(part)]
+        assert steps == list(range(max(1, saves - keep + 1) if keep else 1, saves + 1)), (saves, steps)
+        assert (part / "checkpoint.pt").samefile(checkpoint.kept(part)[-1])
+    assert [p.name for p in checkpoint.kept(part)] == [
+        f"checkpoint-0000000{s}.pt" for s in ([4, 5] if keep else range(1, 6))
+    ]
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(part)
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert weights_file(full).read_bytes() == weights_file(student).read_bytes()
+    with pytest.raises(ConfigError, match=r"keep_checkpoints=-1: must be an integer ≥ 0"):
+        train_mod.train(cfg_for(tiny_assets, keep_checkpoints=-1), tmp_path / "bad", progress=False)
+
+
+REQUEUE_HANDLER = """
+import json, signal, sys
+from pathlib import Path
+
+from add_bench import checkpoint, train
+from add_bench.config import TrainConfig, load
+
+workdir = Path(sys.argv[1])
+
+
+def requeue(signum, frame):  # as submitit's handler in a SLURM job: the job's checkpoint(), scontrol requeue, exit
+    (workdir / "requeued.json").write_text(json.dumps({"signal": signum, "step": checkpoint.load(workdir)["step"]}))
+    sys.exit(-1)
+
+
+signal.signal(signal.SIGUSR2, requeue)
+train.train(load(TrainConfig, overrides=sys.argv[2:]), workdir, progress=False)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2"])
+def test_a_stop_signal_checkpoints_the_current_step_and_resume_is_exact(tiny_assets, tmp_path, sig):
+    """A stop signal mid-run (SIGUSR1 to `python -m add_bench.train`; SIGUSR2 to a process whose handler
+    requeues, as submitit's in a SLURM job) checkpoints the step the run is at, not the last ckpt_every; then
+    the command stops with status 3, or the requeue handler runs after the checkpoint is written. Resuming
+    gives the uninterrupted run's weights bit for bit."""
+    import signal
+    import time
+
+    from add_bench.provenance import REPO_ROOT
+
+    overrides = tiny_train_overrides(tiny_assets, steps=24, ckpt_every=1000)
+    wd, log = tmp_path / "signalled", tmp_path / "signalled" / "log.jsonl"
+    if sig == "SIGUSR1":
+        cmd = [sys.executable, "-m", "add_bench.train", *overrides, "--workdir", str(wd)]
+    else:
+        cmd = [sys.executable, "-c", REQUEUE_HANDLER, str(wd), *overrides]
+    p = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while p.poll() is None and (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        assert time.time() < deadline, "no training steps within 300 s"
+        time.sleep(0.02)
+    assert p.poll() is None, p.communicate()[1]
+    p.send_signal(getattr(signal, sig))
+    err = p.communicate(timeout=300)[1]
+    step = checkpoint.load(wd)["step"]
+    assert 3 <= step < 24 and len(log.read_text().splitlines()) == step, err  # the step it was at: nothing lost
+    assert f"{sig} at step {step}/24: checkpoint saved" in err
+    if sig == "SIGUSR1":
+        assert p.returncode == 3, err
+    else:
+        assert p.returncode == 255, err
+        assert json.loads((wd / "requeued.json").read_text()) == {"signal": signal.SIGUSR2, "step": step}
+    cfg = load(TrainConfig, overrides=overrides)
+    resumed = train_mod.train(cfg, wd, progress=False)
+    full = train_mod.train(cfg, tmp_path / "full", progress=False)
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(wd)
+    for obj in ("student", "ema", "discriminator"):
+        for k, v in a["objects"][obj].items():
+            assert torch.equal(v, b["objects"][obj][k]), (obj, k)
+    assert weights_file(resumed).read_bytes() == weights_file(full).read_bytes()
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == list(range(1, 25))
+
+
 @pytest.mark.parametrize(
     "schedule, factors",
     [
