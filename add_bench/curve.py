@@ -123,9 +123,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def knee(summary: pd.DataFrame, steps: int = 1) -> int | None:
     """The shortest length whose mean FID is within the best length's CI and whose mean recall is within
-    the best recall's CI, at ``steps`` sampling steps (None without rows)."""
+    the best recall's CI, at ``steps`` sampling steps (None without rows, or with fewer than 2 seeds at some
+    length: one seed has no interval to be within)."""
     s = summary[summary["steps"] == steps].sort_values("length")
-    if s.empty:
+    if s.empty or (s["n"] < 2).any():
         return None
     best_fid = s.loc[s["fid_mean"].idxmin()]
     ok = s["fid_mean"] <= best_fid["fid_mean"] + float(best_fid["fid_ci95"])
@@ -158,7 +159,9 @@ def write_outputs(df: pd.DataFrame, out: Path, cfg: TrainConfig, seeds: list[int
         "# Quality against training length\n\n"
         f"One ADD cell per seed (`python -m add_bench.curve`), evaluated at each length on the way; mean ± 95% CI "
         f"over seeds. Knee (the shortest length whose 1-step FID and recall are within the best length's "
-        f"95% CI): **{k if k is not None else 'n/a'}** training steps.\n\n" + to_markdown(pd.DataFrame(rows)) + "\n"
+        f"95% CI): **{k if k is not None else 'n/a (needs 2 or more seeds at every length)'}** training steps.\n\n"
+        + to_markdown(pd.DataFrame(rows))
+        + "\n"
     )
     atomic_write_text(out / "table.md", text)
     atomic_write_text(out / "table.csv", summary.to_csv(index=False))
