@@ -157,6 +157,58 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
     return lines
 
 
+def teacher_references(root: Path, teacher: str) -> dict[str, float] | None:
+    """A teacher's baseline rows (``results/teacher``) as the references of the ADD bars: its best FID at
+    ≤ 1 and ≤ 4 network evaluations, and its best recall at 4 DDIM steps (with or without CFG)."""
+    rows = [r for r in teacher_rows(root) if r.get("model") == teacher and r.get("fid") is not None]
+    one = [r["fid"] for r in rows if 0 < r["nfe"] <= 1]
+    four = [r["fid"] for r in rows if 0 < r["nfe"] <= MULTI_STEP]
+    recall = [r["recall"] for r in rows if r["steps"] == MULTI_STEP and r.get("recall") is not None]
+    if not (one and four and recall):
+        return None
+    return {"fid1": min(one), "fid4": min(four), "recall4": max(recall)}
+
+
+def curve_section(root: Path, folder: Path) -> list[str]:
+    """One length curve (``python -m add_bench.curve``): 1- and 4-step FID and recall at each training
+    length, and at the longest one the ADD student against its teacher's baseline rows."""
+    from add_bench.curve import curve_frame, summarise
+
+    teacher = json.loads((folder / "config.json").read_text())["teacher"]["network"]
+    summary = summarise(curve_frame(folder))
+    table = []
+    for length, g in summary.groupby("length"):
+        row = {"training steps": length, "seeds": int(g["n"].max())}
+        for steps in (1, MULTI_STEP):
+            r = g[g["steps"] == steps]
+            if not r.empty:
+                r = r.iloc[0]
+                row[f"{steps}-step FID"] = T.fmt(r.fid_mean, r.fid_ci95, r.n, 2) or "—"
+                row[f"{steps}-step recall"] = T.fmt(r.recall_mean, r.recall_ci95, r.n, 3) or "—"
+        table.append(row)
+    out = [f"### `{folder.name}` (teacher and student init: {teacher})", "", T.to_markdown(pd.DataFrame(table)), ""]
+    ref = teacher_references(root, teacher)
+    last = summary[summary["length"] == summary["length"].max()].set_index("steps")
+    if ref is None or not {1, MULTI_STEP} <= set(last.index):
+        return out + [f"No baseline rows of {teacher} with recall in `results/teacher`: no bars.", ""]
+    bars = [
+        ("1-step FID ≤ 0.5× the teacher's best at 1 evaluation", last.loc[1, "fid_mean"], 0.5 * ref["fid1"], "≤"),
+        ("4-step FID ≤ the teacher's best at ≤ 4 evaluations", last.loc[MULTI_STEP, "fid_mean"], ref["fid4"], "≤"),
+        (
+            "1-step recall ≥ 0.5× the teacher's best 4-step recall",
+            last.loc[1, "recall_mean"],
+            0.5 * ref["recall4"],
+            "≥",
+        ),
+    ]
+    out.append(f"At {int(summary['length'].max())} training steps, against {teacher}'s rows in `results/teacher`:")
+    out.append("")
+    for text, value, bound, op in bars:
+        met = value <= bound if op == "≤" else value >= bound
+        out.append(f"- {text}: {value:.4g} {op} {bound:.4g}? **{'met' if met else 'not met'}**")
+    return out + [""]
+
+
 def compute_lines(ab: Ablation) -> list[str]:
     """Each trained method's training compute (teacher evaluations) against the default (ADD) row's."""
     default = ab.head[ab.head["default"]]
@@ -261,6 +313,11 @@ def report(root: str | Path = "results") -> str:
         out += ["## Probes (not paper tables)", ""]
         for ab in probes:
             out += section(ab, ab.title)
+    curves = sorted(p for p in root.glob("length_curve*") if (p / "config.json").is_file())
+    if curves:
+        out += ["## Quality against ADD training length", ""]
+        for folder in curves:
+            out += curve_section(root, folder)
     out += ["## Metric sanity ladder", "", *sanity_lines(root), ""]
     return "\n".join(out)
 

@@ -71,3 +71,27 @@ def test_table2_states_each_methods_training_compute_against_adds():
     equal = head.assign(teacher_evals=[0, 115200, 115200, 115200, 115200])
     (line, _) = findings.compute_lines(findings.Ablation("methods", {}, pd.DataFrame(), pd.DataFrame(), equal, ""))
     assert line.endswith("spent the default ADD cell's 0.12M teacher evaluations (equal compute).")
+
+
+def test_a_length_curve_is_judged_by_the_bars_against_its_own_teachers_rows(tmp_path):
+    import json
+
+    teacher_dir, curve_dir = tmp_path / "teacher" / "rows", tmp_path / "length_curve_x" / "rows"
+    teacher_dir.mkdir(parents=True)
+    curve_dir.mkdir(parents=True)
+    teacher = [(1, 1, 1, 26.0, 0.002), (4, 1, 4, 5.3, 0.51), (2, 2, 4, 6.1, 0.13), (4, 2, 8, 2.4, 0.39)]
+    for steps, cfg, nfe, fid, recall in teacher:
+        row = {"model": "t", "steps": steps, "cfg_scale": cfg, "nfe": nfe, "fid": fid, "recall": recall}
+        (teacher_dir / f"t_{steps}_{cfg}.json").write_text(json.dumps(row))
+    (teacher_dir / "other.json").write_text(json.dumps({**row, "model": "u", "fid": 0.1}))  # another teacher
+    (tmp_path / "length_curve_x" / "config.json").write_text(json.dumps({"teacher": {"network": "t"}}))
+    for length, fid1, rec1 in ((600, 14.0, 0.01), (1200, 12.0, 0.30)):
+        rows = [{"steps": 1, "fid": fid1, "recall": rec1}, {"steps": 4, "fid": 6.0, "recall": 0.2}]
+        (curve_dir / f"seed0_{length}steps.json").write_text(json.dumps({"length": length, "seed": 0, "rows": rows}))
+    lines = findings.curve_section(tmp_path, tmp_path / "length_curve_x")
+    bars = [x for x in lines if x.startswith("- ")]
+    assert bars == [
+        "- 1-step FID ≤ 0.5× the teacher's best at 1 evaluation: 12 ≤ 13? **met**",
+        "- 4-step FID ≤ the teacher's best at ≤ 4 evaluations: 6 ≤ 5.3? **not met**",
+        "- 1-step recall ≥ 0.5× the teacher's best 4-step recall: 0.3 ≥ 0.255? **met**",
+    ]
