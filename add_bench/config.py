@@ -371,6 +371,7 @@ class TrainConfig:
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SCHEMA_NODE = "add_bench_schema"  # TrainConfig
 PRIMARY_NODE = "add_bench"  # the schema, then a preset of the ``base`` group (embedded unless overridden)
+LAUNCH_NODE = "add_bench_launch"  # a launch profile of the ``launch`` group (LaunchProfile's defaults unless chosen)
 
 
 @functools.cache
@@ -387,6 +388,15 @@ def config_store() -> Any:
         cs.store(group="base", name=path.stem, node=load_yaml(path), package="_global_", provider="add_bench")
     defaults = [SCHEMA_NODE, {"base": "embedded"}, "_self_"]
     cs.store(name=PRIMARY_NODE, node={"defaults": defaults}, provider="add_bench")
+    from add_bench.launchers import LaunchProfile
+
+    # launch profiles (add_bench/presets/launch/<preset>.yaml): compose(config_name="add_bench_launch",
+    # overrides=["launch=sd21"]); the group's option ``default`` is LaunchProfile's defaults
+    cs.store(group="launch", name="default", node=LaunchProfile, package="_global_", provider="add_bench")
+    for path in sorted((PRESETS_DIR / "launch").glob("*.yaml")):
+        node = OmegaConf.merge(OmegaConf.structured(LaunchProfile), load_yaml(path))
+        cs.store(group="launch", name=path.stem, node=node, package="_global_", provider="add_bench")
+    cs.store(name=LAUNCH_NODE, node={"defaults": [{"launch": "default"}, "_self_"]}, provider="add_bench")
     return cs
 
 

@@ -41,3 +41,22 @@ def test_hydra_compose_gives_the_sweeps_cell(base, monkeypatch):
     assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(cell.config)
     assert sweep.cell_id(cfg) == cell.id
     assert cfg.steps == 500 and cfg.discriminator.augment == "color,cutout"
+
+
+def test_launch_profiles_are_the_launch_group(monkeypatch):
+    """compose(launch=sd21) gives the request and results root the sweep reads for a sweep on sd21."""
+    from add_bench.config import LAUNCH_NODE
+    from add_bench.launchers import SlurmConfig
+
+    monkeypatch.setenv("ADD_BENCH_RUNS", "/scratch/add")
+    assert config_store().list("launch") == ["default.yaml", "sd21.yaml"]
+    config_store()
+    with initialize(version_base=None, config_path=None):
+        sd21 = compose(config_name=LAUNCH_NODE, overrides=["launch=sd21", "slurm.partition=a100"])
+        default = compose(config_name=LAUNCH_NODE)
+    launch = sweep.launch_profile(PRESETS_DIR / "sd21.yaml", ["partition=a100"])
+    assert OmegaConf.to_container(sd21.slurm, resolve=True) == OmegaConf.to_container(
+        OmegaConf.structured(launch.slurm)
+    )
+    assert Path(sd21.runs) / "sweeps" == launch.results_root() == Path("/scratch/add/sweeps")
+    assert sd21.slurm.gpus_per_node == 1 and default.slurm == OmegaConf.structured(SlurmConfig())
