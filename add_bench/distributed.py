@@ -1,7 +1,8 @@
 """Devices and data-parallel training over processes (one per GPU), torch.distributed underneath.
 
-One process per device, started by ``torchrun --nproc_per_node=N -m add_bench.train ...`` or by SLURM
-(``slurm.tasks_per_node``; submitit's ``TorchDistributedEnvironment`` exports the same variables).
+One process per device, started by ``torchrun --nproc_per_node=N -m add_bench.train ...`` (or inside a
+SLURM job by hand: submitit's ``TorchDistributedEnvironment`` exports the same variables; the sweep's
+launcher runs one process per cell).
 Every process holds the whole student and discriminator; each draws its own share of the global batch
 from its own generator, and the gradients are averaged over processes before every optimiser step
 (:func:`average_gradients`: one flat all-reduce per network, as StyleGAN2-ADA does, because R1's
