@@ -62,24 +62,11 @@ if not students and teacher is None:
         f"no results under {ROOT} yet; run python -m add_bench.sweep ablations/table1.yaml --out {ROOT} "
         "and python -m add_bench.baseline"
     )
+# the quality columns both tables below show: FID and alignment with their intervals, recall and coverage
+QUALITY = ["fid_mean", "fid_ci95", "align_mean", "align_ci95", "recall_mean", "coverage_mean"]
 for name, agg in students.items():
     print(name)
-    display(
-        agg[
-            [
-                "steps",
-                "nfe",
-                "fid_mean",
-                "fid_ci95",
-                "align_mean",
-                "align_ci95",
-                "recall_mean",
-                "coverage_mean",
-                "intra_fid_mean",
-                "n_seeds",
-            ]
-        ]
-    )
+    display(agg[["steps", "nfe", *QUALITY, "intra_fid_mean", "n_seeds"]])
 
 # %% [markdown]
 # ## Our Table 2: methods on equal terms
@@ -103,12 +90,7 @@ else:
             "steps",
             "nfe",
             "sec_per_1000",
-            "fid_mean",
-            "fid_ci95",
-            "align_mean",
-            "align_ci95",
-            "recall_mean",
-            "coverage_mean",
+            *QUALITY,
             "collapsed",
             "n_seeds",
             "status",
