@@ -79,11 +79,6 @@ def make_progressive(cfg: TrainConfig, workdir: Path) -> Generators:
     return Generators(folders, cfg.sampling.sampler or "ddim", cfg.sampling.cfg_scale, steps, wall)
 
 
-def evaluations_per_call(cfg_scale: float) -> int:
-    """Teacher network evaluations of one guided prediction: conditional + unconditional under CFG."""
-    return 1 if cfg_scale == 1.0 else 2
-
-
 def teacher_evaluations(cfg: TrainConfig) -> int:
     """Teacher network evaluations a cell's training makes (per image, summed over batches and iterations):
     the compute both distillation methods spend on their teacher, the measure Table 2 compares them at.
@@ -92,9 +87,10 @@ def teacher_evaluations(cfg: TrainConfig) -> int:
     regression pairs' DPM-Solver++ samples. Progressive: the guided stage one guided prediction per image,
     each halving two predictions of its (unguided) teacher, a first halving without a guided stage two
     guided ones."""
+    from add_bench.evaluate import nfe_per_sample
     from add_bench.progressive import stages
 
-    guided = evaluations_per_call(cfg.teacher.cfg_scale)
+    guided = nfe_per_sample(1, cfg.teacher.cfg_scale)  # one guided prediction: conditional + unconditional
     if cfg.method == "teacher":
         return 0
     if cfg.method == "progressive":
