@@ -80,7 +80,12 @@ def against_default(ab: Ablation) -> list[str]:
             lines.append(f"- {r['label']}: {T.missing_text(r)}")
             continue
         ours = "better" if r["fid_mean"] < d["fid_mean"] else "worse"
-        verdict = f"{ours} than the default, intervals apart" if apart(r, d) else "within seed noise of the default"
+        if min(r["fid_n"], d["fid_n"]) < 2:
+            verdict = "fewer than 2 seeds, no interval yet"
+        elif apart(r, d):
+            verdict = f"{ours} than the default, intervals apart"
+        else:
+            verdict = "within seed noise of the default"
         paper = ""
         if pd.notna(r["paper_fid"]) and pd.notna(d["paper_fid"]) and r["paper_fid"] != d["paper_fid"]:
             paper = f"; paper: {'better' if r['paper_fid'] < d['paper_fid'] else 'worse'}"
@@ -169,6 +174,74 @@ def teacher_references(root: Path, teacher: str) -> dict[str, float] | None:
     return {"fid1": min(one), "fid4": min(four), "recall4": max(recall)}
 
 
+def bar_checks(ref: dict[str, float], fid1: float, fid4: float, recall1: float) -> list[tuple]:
+    """The ADD student's three bars against its teacher's references (``teacher_references``), each as
+    (text, value, bound, "≤" | "≥", met); a value that was not measured (NaN) is not met."""
+    bars = [
+        ("1-step FID ≤ 0.5× the teacher's best at 1 evaluation", fid1, 0.5 * ref["fid1"], "≤"),
+        ("4-step FID ≤ the teacher's best at ≤ 4 evaluations", fid4, ref["fid4"], "≤"),
+        ("1-step recall ≥ 0.5× the teacher's best 4-step recall", recall1, 0.5 * ref["recall4"], "≥"),
+    ]
+    return [(text, v, b, op, bool(v <= b if op == "≤" else v >= b)) for text, v, b, op in bars]
+
+
+def default_teacher(root: Path, ab: Ablation) -> str | None:
+    """The teacher network of an ablation's default cell, read from the cell's stored config."""
+    for cell in ab.df[ab.df["default"]]["id"]:
+        path = root / "cells" / cell / "config.yaml"
+        if path.is_file():
+            return load_yaml(path)["teacher"]["network"]
+    return None
+
+
+def late_grad_ratio(root: Path, ab: Ablation, name: str) -> float:
+    """‖∇θ L_adv‖ / ‖∇θ λ·L_distill‖ of a row's finished cells: the median over the last fifth of each cell's
+    logged steps (``log.jsonl``), averaged over its seeds; NaN when no finished cell logged both terms."""
+    medians = []
+    for cell in ab.df[(ab.df["name"] == name) & (ab.df["status"] == "done")]["id"].unique():
+        path = root / "cells" / cell / "log.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        ratios = [r["grad_ratio_adv_distill"] for r in rows if "grad_ratio_adv_distill" in r]
+        if ratios:
+            medians.append(float(pd.Series(ratios[-max(1, len(ratios) // 5) :]).median()))
+    return sum(medians) / len(medians) if medians else float("nan")
+
+
+def bars_table(root: Path, ab: Ablation) -> list[str]:
+    """Every row of an ablation against the bars of its default cell's teacher (1- and 4-step FID, 1-step
+    recall), when that teacher has baseline rows with recall in ``results/teacher``."""
+    teacher = default_teacher(root, ab)
+    ref = teacher_references(root, teacher) if teacher else None
+    if ref is None:
+        return []
+    rows = []
+    for _, r in ab.head.iterrows():
+        multi = ab.at(r["name"], MULTI_STEP)
+        fid4 = multi["fid_mean"] if multi is not None else float("nan")
+        met = [c[-1] for c in bar_checks(ref, r["fid_mean"], fid4, r["recall_mean"])]
+        rows.append(
+            {
+                "row": r["label"] + (" *" if r["default"] else ""),
+                "1-step FID ↓": fid_text(r),
+                "1-step recall ↑": T.metric_text(r, "recall", 3),
+                f"{MULTI_STEP}-step FID ↓": fid_text(multi) if multi is not None else "—",
+                f"{MULTI_STEP}-step recall ↑": T.metric_text(multi, "recall", 3) if multi is not None else "—",
+                "bars met": f"{sum(met)} of 3" if r["fid_n"] else "—",
+                "‖∇L_adv‖ / ‖∇λL_distill‖": T.paper_number(late_grad_ratio(root, ab, r["name"]), 1),
+                "seeds": f"{r['fid_n']}/{r['n_seeds']}",
+            }
+        )
+    return [
+        f"Against {teacher}'s baseline in `results/teacher`, the bars are 1-step FID ≤ {0.5 * ref['fid1']:.2f}, "
+        f"{MULTI_STEP}-step FID ≤ {ref['fid4']:.2f} and 1-step recall ≥ {0.5 * ref['recall4']:.3f} (means over seeds); the last column is the student's "
+        "gradient norm from L_adv over that from λ·L_distill late in training (median of the last fifth of the "
+        "logged steps):",
+        "",
+        T.to_markdown(pd.DataFrame(rows)),
+        "",
+    ]
+
+
 def curve_section(root: Path, folder: Path) -> list[str]:
     """One length curve (``python -m add_bench.curve``): 1- and 4-step FID and recall at each training
     length, and at the longest one the ADD student against its teacher's baseline rows."""
@@ -191,20 +264,10 @@ def curve_section(root: Path, folder: Path) -> list[str]:
     last = summary[summary["length"] == summary["length"].max()].set_index("steps")
     if ref is None or not {1, MULTI_STEP} <= set(last.index):
         return out + [f"No baseline rows of {teacher} with recall in `results/teacher`: no bars.", ""]
-    bars = [
-        ("1-step FID ≤ 0.5× the teacher's best at 1 evaluation", last.loc[1, "fid_mean"], 0.5 * ref["fid1"], "≤"),
-        ("4-step FID ≤ the teacher's best at ≤ 4 evaluations", last.loc[MULTI_STEP, "fid_mean"], ref["fid4"], "≤"),
-        (
-            "1-step recall ≥ 0.5× the teacher's best 4-step recall",
-            last.loc[1, "recall_mean"],
-            0.5 * ref["recall4"],
-            "≥",
-        ),
-    ]
+    checks = bar_checks(ref, last.loc[1, "fid_mean"], last.loc[MULTI_STEP, "fid_mean"], last.loc[1, "recall_mean"])
     out.append(f"At {int(summary['length'].max())} training steps, against {teacher}'s rows in `results/teacher`:")
     out.append("")
-    for text, value, bound, op in bars:
-        met = value <= bound if op == "≤" else value >= bound
+    for text, value, bound, op, met in checks:
         out.append(f"- {text}: {value:.4g} {op} {bound:.4g}? **{'met' if met else 'not met'}**")
     return out + [""]
 
@@ -312,7 +375,7 @@ def report(root: str | Path = "results") -> str:
     if probes:
         out += ["## Probes (not paper tables)", ""]
         for ab in probes:
-            out += section(ab, ab.title)
+            out += section(ab, ab.title) + bars_table(root, ab)
     curves = sorted(p for p in root.glob("length_curve*") if (p / "config.json").is_file())
     if curves:
         out += ["## Quality against ADD training length", ""]

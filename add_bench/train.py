@@ -120,8 +120,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss.regression_weight > 0:
         check_positive(cfg.loss.regression_pairs, "loss.regression_pairs")
         check_positive(cfg.loss.regression_steps, "loss.regression_steps")
-    if not cfg.loss.adversarial and not cfg.loss.distillation:
-        raise ConfigError("loss.adversarial=false and loss.distillation=false: at least one loss term is needed")
+    if not cfg.loss.adversarial and not cfg.loss.distillation and cfg.loss.regression_weight == 0:
+        raise ConfigError(
+            "loss.adversarial=false, loss.distillation=false and loss.regression_weight=0: at least one loss term "
+            "is needed"
+        )
     if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
         raise ConfigError(
             f"teacher.t_min={cfg.teacher.t_min}, teacher.t_max={cfg.teacher.t_max}: need 0 ≤ t_min < t_max ≤ 999"

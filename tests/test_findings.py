@@ -95,3 +95,45 @@ def test_a_length_curve_is_judged_by_the_bars_against_its_own_teachers_rows(tmp_
         "- 4-step FID ≤ the teacher's best at ≤ 4 evaluations: 6 ≤ 5.3? **not met**",
         "- 1-step recall ≥ 0.5× the teacher's best 4-step recall: 0.3 ≥ 0.255? **met**",
     ]
+
+
+def test_a_probe_is_judged_by_the_bars_of_its_default_cells_teacher_with_the_late_gradient_ratio(tmp_path):
+    import json
+
+    teacher_dir = tmp_path / "teacher" / "rows"
+    teacher_dir.mkdir(parents=True)
+    for steps, nfe, fid, recall in ((1, 1, 26.0, 0.002), (4, 4, 5.3, 0.5)):
+        row_ = {"model": "t", "steps": steps, "cfg_scale": 1, "nfe": nfe, "fid": fid, "recall": recall}
+        (teacher_dir / f"t_{steps}.json").write_text(json.dumps(row_))
+    for cell, ratios in (("c_default", [30.0] * 8 + [10.0, 12.0]), ("c_other", [1.0, 3.0])):
+        (tmp_path / "cells" / cell).mkdir(parents=True)
+        (tmp_path / "cells" / cell / "config.yaml").write_text("teacher: {network: t}\n")
+        log = [{"step": 10 * i, "grad_ratio_adv_distill": r} for i, r in enumerate(ratios)] + [{"step": 99}]
+        (tmp_path / "cells" / cell / "log.jsonl").write_text("\n".join(json.dumps(x) for x in log))
+
+    def agg_row(name, steps, fid, recall, default):
+        return {
+            "name": name, "label": name, "default": default, "steps": steps, "status": "done", "n_seeds": 1,
+            "fid_mean": fid, "fid_ci95": 0.0, "fid_n": 1,
+            "recall_mean": recall, "recall_ci95": 0.0, "recall_n": 1,
+        }  # fmt: skip
+
+    agg = pd.DataFrame(
+        [
+            agg_row("default", 1, 12.0, 0.0, True),
+            agg_row("default", 4, 7.0, 0.1, True),
+            agg_row("other", 1, 12.5, 0.3, False),
+            agg_row("other", 4, 5.0, 0.6, False),
+        ]
+    )
+    df = pd.DataFrame(
+        {"name": ["default", "other"], "default": [True, False], "id": ["c_default", "c_other"], "status": "done"}
+    )
+    ab = findings.Ablation("p", {}, df, agg, agg[agg["steps"] == 1], "align. prob")
+    assert findings.default_teacher(tmp_path, ab) == "t"
+    assert findings.late_grad_ratio(tmp_path, ab, "default") == 11.0  # the median of the last fifth (10, 12)
+    lines = findings.bars_table(tmp_path, ab)
+    assert "1-step FID ≤ 13.00, 4-step FID ≤ 5.30 and 1-step recall ≥ 0.250" in lines[0]
+    table = lines[2].splitlines()
+    assert table[2].split("|")[6:8] == [" 1 of 3     ", "                         11 "]
+    assert table[3].split("|")[6:8] == [" 3 of 3     ", "                          3 "]  # 2 rows: the last

@@ -68,19 +68,26 @@ def env(tmp_path, monkeypatch):
 
 
 def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_cell():
-    """A probe is read beside Table 1 only if its default row is Table 1's default cell, seed for seed."""
-    default = {
-        c.seed: c.id
-        for a in sweep.load_ablations(REPO / "ablations" / "loss_weighting.yaml", ["seeds=[0,1,2]"])
-        for c in a.cells
-        if c.default
-    }
+    """A probe is read beside Table 1 only if its default row is Table 1's default cell, seed for seed, in
+    the probe's own setting: a file's ``set`` (e.g. another teacher) applied to Table 1's default cell."""
+
+    def defaults(overrides):
+        path = REPO / "ablations" / "loss_weighting.yaml"
+        return {c.seed: c.id for a in sweep.load_ablations(path, overrides) for c in a.cells if c.default}
+
     files = sorted((REPO / "ablations").rglob("*.yaml"))
-    assert {"training_length.yaml", "teacher_quality.yaml"} <= {f.name for f in files}
+    assert {"training_length.yaml", "teacher_quality.yaml", "collapse.yaml"} <= {f.name for f in files}
+    setting = {}
     for path in files:
+        data = yaml.safe_load(path.read_text())
+        if "include" in data:
+            continue
+        over = [f"{k}={v}" for k, v in (data.get("set") or {}).items()]
+        setting[path.name] = over
         for a in sweep.load_ablations(path, ["seeds=[0,1,2]"]):
             rows = {c.seed: c.id for c in a.cells if c.default}
-            assert rows == default, f"{path}: {a.name}'s default row is not the default cell"
+            assert rows == defaults(["seeds=[0,1,2]", *over]), f"{path}: {a.name}'s default row is not the default cell"
+    assert setting["loss_weighting.yaml"] == [] and setting["regression.yaml"] != []  # the check compares settings
 
 
 def test_every_ablation_file_expands_and_the_default_cell_is_shared():
