@@ -207,18 +207,14 @@ def late_grad_ratio(root: Path, ab: Ablation, name: str) -> float:
     return sum(medians) / len(medians) if medians else float("nan")
 
 
-def bars_table(root: Path, ab: Ablation) -> list[str]:
-    """Every row of an ablation against the bars of its default cell's teacher (1- and 4-step FID, 1-step
-    recall), when that teacher has baseline rows with recall in ``results/teacher``."""
-    teacher = default_teacher(root, ab)
-    ref = teacher_references(root, teacher) if teacher else None
-    if ref is None:
-        return []
+def bars_rows(root: Path, ab: Ablation, ref: dict[str, float]) -> list[dict]:
+    """Per row of an ablation: 1- and 4-step FID and recall, how many of the bars of ``ref`` it meets, the
+    late gradient ratio and the seeds (``met`` is None while the row has no finished seed)."""
     rows = []
     for _, r in ab.head.iterrows():
         multi = ab.at(r["name"], MULTI_STEP)
         fid4 = multi["fid_mean"] if multi is not None else float("nan")
-        met = [c[-1] for c in bar_checks(ref, r["fid_mean"], fid4, r["recall_mean"])]
+        met = sum(c[-1] for c in bar_checks(ref, r["fid_mean"], fid4, r["recall_mean"])) if r["fid_n"] else None
         rows.append(
             {
                 "row": r["label"] + (" *" if r["default"] else ""),
@@ -226,11 +222,28 @@ def bars_table(root: Path, ab: Ablation) -> list[str]:
                 "1-step recall ↑": T.metric_text(r, "recall", 3),
                 f"{MULTI_STEP}-step FID ↓": fid_text(multi) if multi is not None else "—",
                 f"{MULTI_STEP}-step recall ↑": T.metric_text(multi, "recall", 3) if multi is not None else "—",
-                "bars met": f"{sum(met)} of 3" if r["fid_n"] else "—",
+                "bars met": "—" if met is None else f"{met} of 3",
                 "‖∇L_adv‖ / ‖∇λL_distill‖": T.paper_number(late_grad_ratio(root, ab, r["name"]), 1),
                 "seeds": f"{r['fid_n']}/{r['n_seeds']}",
+                "met": met,
+                "recall": r["recall_mean"],
+                "default": bool(r["default"]),
             }
         )
+    return rows
+
+
+HIDDEN = ("met", "recall", "default")  # bars_rows' keys used for sorting, not shown
+
+
+def bars_table(root: Path, ab: Ablation) -> list[str]:
+    """Every row of an ablation against the bars of its default cell's teacher (1- and 4-step FID, 1-step
+    recall), when that teacher has baseline rows with recall in ``results/teacher``."""
+    teacher = default_teacher(root, ab)
+    ref = teacher_references(root, teacher) if teacher else None
+    if ref is None:
+        return []
+    rows = [{k: v for k, v in r.items() if k not in HIDDEN} for r in bars_rows(root, ab, ref)]
     return [
         f"Against {teacher}'s baseline in `results/teacher`, the bars are 1-step FID ≤ {0.5 * ref['fid1']:.2f}, "
         f"{MULTI_STEP}-step FID ≤ {ref['fid4']:.2f} and 1-step recall ≥ {0.5 * ref['recall4']:.3f} (means over seeds); the last column is the student's "
@@ -240,6 +253,39 @@ def bars_table(root: Path, ab: Ablation) -> list[str]:
         T.to_markdown(pd.DataFrame(rows)),
         "",
     ]
+
+
+def probe_summary(root: Path, probes: list[Ablation]) -> list[str]:
+    """The rows of every probe judged against the same teacher's bars, in one table ordered by 1-step recall
+    (the bar the default cell misses by the widest margin), the default row once; and which rows meet all three."""
+    by_teacher: dict[str, list[tuple[str, dict]]] = {}
+    for ab in probes:
+        teacher = default_teacher(root, ab)
+        ref = teacher_references(root, teacher) if teacher else None
+        if ref is None:
+            continue
+        for r in bars_rows(root, ab, ref):
+            if r["met"] is not None and not (
+                r["default"] and any(x["default"] for _, x in by_teacher.get(teacher, []))
+            ):
+                by_teacher.setdefault(teacher, []).append((ab.name, r))
+    out = []
+    for teacher, rows in by_teacher.items():
+        rows.sort(key=lambda pr: -pr[1]["recall"] if pr[1]["recall"] == pr[1]["recall"] else 0.0)
+        table = [
+            {"probe": "(default)" if r["default"] else title} | {k: v for k, v in r.items() if k not in HIDDEN}
+            for title, r in rows
+        ]
+        all_met = [f"{r['row']} (`{title}`, {r['seeds']} seeds)" for title, r in rows if r["met"] == 3]
+        out += [
+            f"### Every probe row on {teacher}, by 1-step recall",
+            "",
+            T.to_markdown(pd.DataFrame(table)),
+            "",
+            ("Rows meeting all three bars: " + "; ".join(all_met) + ".") if all_met else "No row meets all three bars.",
+            "",
+        ]
+    return out
 
 
 def curve_section(root: Path, folder: Path) -> list[str]:
@@ -376,6 +422,7 @@ def report(root: str | Path = "results") -> str:
         out += ["## Probes (not paper tables)", ""]
         for ab in probes:
             out += section(ab, ab.title) + bars_table(root, ab)
+        out += probe_summary(root, probes)
     curves = sorted(p for p in root.glob("length_curve*") if (p / "config.json").is_file())
     if curves:
         out += ["## Quality against ADD training length", ""]

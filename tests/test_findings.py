@@ -137,3 +137,8 @@ def test_a_probe_is_judged_by_the_bars_of_its_default_cells_teacher_with_the_lat
     table = lines[2].splitlines()
     assert table[2].split("|")[6:8] == [" 1 of 3     ", "                         11 "]
     assert table[3].split("|")[6:8] == [" 3 of 3     ", "                          3 "]  # 2 rows: the last
+    summary = findings.probe_summary(tmp_path, [ab, ab])  # two probes sharing the default cell
+    rows = [line for line in summary[2].splitlines()[2:]]
+    assert len(rows) == 3  # the default row once, then each probe's other row
+    assert [r.split("|")[2].strip() for r in rows] == ["other", "other", "default *"]  # by 1-step recall
+    assert summary[4] == "Rows meeting all three bars: other (`p`, 1/1 seeds); other (`p`, 1/1 seeds)."

@@ -1,5 +1,6 @@
 """The sweep runner: expansion, shared cells, resume after SIGKILL, failures, locks, bad input."""
 
+import functools
 import json
 import os
 import random
@@ -71,9 +72,10 @@ def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_
     """A probe is read beside Table 1 only if its default row is Table 1's default cell, seed for seed, in
     the probe's own setting: a file's ``set`` (e.g. another teacher) applied to Table 1's default cell."""
 
-    def defaults(overrides):
+    @functools.cache
+    def defaults(overrides: tuple[str, ...]):
         path = REPO / "ablations" / "loss_weighting.yaml"
-        return {c.seed: c.id for a in sweep.load_ablations(path, overrides) for c in a.cells if c.default}
+        return {c.seed: c.id for a in sweep.load_ablations(path, list(overrides)) for c in a.cells if c.default}
 
     files = sorted((REPO / "ablations").rglob("*.yaml"))
     assert {"training_length.yaml", "teacher_quality.yaml", "collapse.yaml"} <= {f.name for f in files}
@@ -86,7 +88,7 @@ def test_every_ablation_and_probe_file_loads_and_its_default_row_is_the_default_
         setting[path.name] = over
         for a in sweep.load_ablations(path, ["seeds=[0,1,2]"]):
             rows = {c.seed: c.id for c in a.cells if c.default}
-            assert rows == defaults(["seeds=[0,1,2]", *over]), f"{path}: {a.name}'s default row is not the default cell"
+            assert rows == defaults(("seeds=[0,1,2]", *over)), f"{path}: {a.name}'s default row is not the default cell"
     assert setting["loss_weighting.yaml"] == [] and setting["regression.yaml"] != []  # the check compares settings
 
 
