@@ -273,10 +273,10 @@ def probe_summary(root: Path, probes: list[Ablation]) -> list[str]:
     for teacher, rows in by_teacher.items():
         rows.sort(key=lambda pr: -pr[1]["recall"] if pr[1]["recall"] == pr[1]["recall"] else 0.0)
         table = [
-            {"probe": "(default)" if r["default"] else title} | {k: v for k, v in r.items() if k not in HIDDEN}
-            for title, r in rows
+            {"probe": "(default)" if r["default"] else probe} | {k: v for k, v in r.items() if k not in HIDDEN}
+            for probe, r in rows
         ]
-        all_met = [f"{r['row']} (`{title}`, {r['seeds']} seeds)" for title, r in rows if r["met"] == 3]
+        all_met = [f"{r['row']} (`{probe}`, {r['seeds']} seeds)" for probe, r in rows if r["met"] == 3]
         out += [
             f"### Every probe row on {teacher}, by 1-step recall",
             "",
