@@ -34,7 +34,6 @@ import torch.distributed as dist
 from add_bench.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class Processes:
     rank: int = 0
