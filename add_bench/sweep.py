@@ -20,7 +20,7 @@ training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
 ``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
-``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
@@ -500,7 +500,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             finally:
                 distributed.finish()  # the other processes are done: process 0 evaluates alone
             eval_start = time.time()
-            result, grids = evaluate_generators(made, cfg)
+            result, grids = evaluate_generators(made, cfg, wd / EVAL_SHARDS)
             result["cell"] = cell
             result["method"] = cfg.method
             result["train"] = {
@@ -588,16 +588,20 @@ def archive_stale(wd: Path) -> Path:
     return dest
 
 
-def evaluate_generators(made, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+EVAL_SHARDS = "eval_shards"  # a cell's evaluation samples, in resumable shards (evaluate.Shards)
+
+
+def evaluate_generators(made, cfg: Any, shards: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score every step count of a method's generators (one evaluation per weights folder) and draw
-    a 100-sample grid per step count; rows in step order."""
+    a 100-sample grid per step count; rows in step order. ``shards``: where the samples are kept in
+    shards, so that an interrupted evaluation resumes without sampling the finished ones again."""
     from add_bench.evaluate import evaluate, load_generator
 
     rows, kinds, grids = [], set(), {}
     grid_cfg = cfg.eval.copy()
     grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
     for folder, steps in made.groups().items():
-        r = evaluate(folder, steps, cfg.eval, made.sampler, made.cfg_scale, device=cfg.device)
+        r = evaluate(folder, steps, cfg.eval, made.sampler, made.cfg_scale, device=cfg.device, shards=shards)
         rows += r["rows"]
         kinds.add(r["kind"])
         _, draw = load_generator(folder, grid_cfg, made.cfg_scale, cfg.device)
