@@ -476,11 +476,11 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
 
     wd = Path(workdir)
     if not distributed.processes().is_writer:
-        if join_cell(wd, False):  # process 0's decision
-            try:
+        try:
+            if join_cell(wd, False):  # process 0's decision
                 make(load(TrainConfig, wd / "config.yaml"), wd)
-            finally:
-                distributed.finish()
+        finally:
+            distributed.finish()
         return {"cell": cell, "process": distributed.processes().rank}
     with FolderLock(wd, f"cell {cell}"):
         status = cell_status(wd)
@@ -488,6 +488,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             archive_stale(wd)
         (wd / "error.json").unlink(missing_ok=True)
         if not join_cell(wd, status != "done"):
+            distributed.finish()
             return json.loads((wd / "metrics.json").read_text())
         start = time.time()
         try:
