@@ -12,15 +12,18 @@ import functools
 import torch
 
 from add_bench.config import choose
+from add_bench.distributed import rows
 
 
-# draws come from a CPU generator and move to the images' device (the same augmentations everywhere)
+# draws come from a CPU generator and move to the images' device (the same augmentations everywhere); one
+# row per image: in a training step over several processes, this process's rows of the global batch's draw
 def rand(x: torch.Tensor, generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, dtype=x.dtype).to(x.device)
+    draw = rows(lambda m: torch.rand((m, *shape[1:]), generator=generator, dtype=x.dtype), shape[0])
+    return draw.to(x.device)
 
 
 def randint(x: torch.Tensor, generator: torch.Generator | None, low: int, high: int, n: int) -> torch.Tensor:
-    return torch.randint(low, high, (n,), generator=generator).to(x.device)
+    return rows(lambda m: torch.randint(low, high, (m,), generator=generator), n).to(x.device)
 
 
 def color(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -100,8 +100,13 @@ def schedule_from_card(card: dict) -> Schedule:
 # ----------------------------------------------------------------------------------- conversions
 def randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     """N(0, I) drawn from a CPU generator and moved to ``like``'s device and dtype: the same numbers on
-    every device, so a seed means one run whatever the hardware (and CPU runs are unchanged)."""
-    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+    every device, so a seed means one run whatever the hardware (and CPU runs are unchanged). One row per
+    sample: in a training step over several processes, this process's rows of the global batch's draw
+    (distributed.rows)."""
+    from add_bench.distributed import rows
+
+    noise = rows(lambda m: torch.randn((m, *shape[1:]), generator=generator), shape[0])
+    return noise.to(like.device, like.dtype)
 
 
 def add_noise(x0, eps, alpha, sigma):

@@ -1,13 +1,20 @@
 """Devices and data-parallel training over processes (one per GPU), torch.distributed underneath.
 
-One process per device, started by ``torchrun --nproc_per_node=N -m add_bench.train ...`` (or inside a
-SLURM job by hand: submitit's ``TorchDistributedEnvironment`` exports the same variables; the sweep's
-launcher runs one process per cell).
-Every process holds the whole student and discriminator; each draws its own share of the global batch
-from its own generator, and the gradients are averaged over processes before every optimiser step
-(:func:`average_gradients`: one flat all-reduce per network, as StyleGAN2-ADA does, because R1's
-double backward does not go through DistributedDataParallel's hooks). Parameters therefore stay equal
-on every process; process 0 writes checkpoints, logs, the student and its metrics.
+One process per device, started by ``torchrun --nproc_per_node=N -m add_bench.train ...``, by a sweep's
+launcher (``--procs-per-cell N``: N local gloo processes per cell; ``slurm.tasks_per_node`` ×
+``slurm.nodes``: SLURM tasks, the process group from the SLURM environment through submitit's
+``TorchDistributedEnvironment``: :func:`export_slurm_environment`).
+Every process holds the whole student and discriminator. ``batch_size`` is the GLOBAL batch: each process
+takes batch_size / processes samples (:func:`local_batch`), but every random draw of a step is made for
+the whole global batch from the one cell seed and each process keeps its own rows (:func:`rows`, inside
+:func:`global_batch`), so the processes' generators stay equal and the run does not depend on the process
+count: N processes equal one process within float tolerance (the discriminator's BatchNormLocal groups of
+8 and minibatch-std groups must then fall within one process's share: a local batch that is a multiple of
+the group sizes). The gradients are averaged over processes before every optimiser step
+(:func:`average_gradients`: one flat all-reduce per network, as StyleGAN2-ADA does, because R1's double
+backward does not go through DistributedDataParallel's hooks). Parameters therefore stay equal on every
+process; process 0 writes checkpoints, logs, the student and its metrics. A checkpoint holds the one
+shared generator, so a run may resume with another process count.
 
 A single process (no ``WORLD_SIZE`` in the environment, or 1) is the plain loop: nothing here changes
 it, so embedded runs on one CPU are bit-identical with or without this module.
@@ -16,6 +23,8 @@ it, so embedded runs on one CPU are bit-identical with or without this module.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +32,6 @@ import torch
 import torch.distributed as dist
 
 from add_bench.errors import ConfigError
-
-RANK_SEED_STRIDE = 1_000_003  # process r > 0 draws from seed + r·stride (a prime, far from nearby seeds)
 
 
 @dataclass(frozen=True)
@@ -95,18 +102,40 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank_seed(seed: int, p: Processes) -> int:
-    """Process 0 keeps the cell's seed (a one-process run is unchanged); others get their own stream."""
-    return seed + p.rank * RANK_SEED_STRIDE
-
-
-def local_batch(batch_size: int, p: Processes) -> int:
-    """The global batch is split evenly over the processes."""
+def local_batch(cfg: Any, p: Processes) -> int:
+    """This process's share of the global ``cfg.batch_size`` (one place to combine with gradient
+    accumulation); a batch that does not split evenly is an error before anything runs."""
+    batch_size = cfg.batch_size
     if batch_size % p.world:
         raise ConfigError(
-            f"batch_size={batch_size} does not split over {p.world} processes; accepted: a multiple of {p.world}"
+            f"batch_size={batch_size} (the global batch) does not split over {p.world} processes; accepted: a "
+            f"multiple of {p.world}, or another process count (--procs-per-cell, slurm.nodes × slurm.tasks_per_node)"
         )
     return batch_size // p.world
+
+
+_SHARE: Processes | None = None  # inside global_batch(): the process whose rows rows() keeps
+
+
+@contextmanager
+def global_batch(p: Processes) -> Iterator[None]:
+    """Within: :func:`rows` draws for the global batch and keeps process ``p``'s rows (a training step)."""
+    global _SHARE
+    before, _SHARE = _SHARE, p
+    try:
+        yield
+    finally:
+        _SHARE = before
+
+
+def rows(draw: Callable[[int], Any], n: int) -> Any:
+    """``draw(m)`` makes m rows of random numbers (one per sample). Inside :func:`global_batch` with several
+    processes: the draw for all processes' samples (n · processes: every process draws the same numbers)
+    and this process's n rows of it; otherwise ``draw(n)`` itself."""
+    p = _SHARE
+    if p is None or p.world == 1:
+        return draw(n)
+    return draw(n * p.world)[p.rank * n : (p.rank + 1) * n]
 
 
 def _comm_device() -> torch.device:
@@ -175,6 +204,21 @@ def check_in_sync(step: int, **modules: torch.nn.Module) -> None:
         raise TrainingDiverged(
             f"step {step}: the processes' {', '.join(bad)} parameters differ "
             f"({[round(s[bad[0]], 6) for s in everyone]}); the last good checkpoint is kept"
+        )
+
+
+def check_same_stream(step: int, generator: torch.Generator) -> None:
+    """Raise if the processes' generators differ: each draws the whole global batch (:func:`rows`), so they
+    stay equal unless a draw of one process's share bypassed ``rows``."""
+    if not active():
+        return
+    states = gather_objects(generator.get_state())
+    if any(not torch.equal(states[0], s) for s in states[1:]):
+        from add_bench.errors import TrainingDiverged
+
+        raise TrainingDiverged(
+            f"step {step}: the processes' random generators differ (a draw of one process's share of the batch "
+            "instead of distributed.rows over the global batch); the last good checkpoint is kept"
         )
 
 

@@ -8,6 +8,13 @@ teacher and ADD multi-step sampling for a student (``--sampler ddim|dpm_solver|a
 every step count starts from the same noise; ``--export-samples`` writes uint8 images (N, 28, 28) and
 int labels so any other tool can score the same samples.
 
+``--shards DIR``: the samples are made in shards of ``eval.batch_size`` (one sampling batch each), each
+saved atomically to ``DIR/<sampler>_<steps>steps_cfg<scale>/`` with the generator state after it; a re-run
+skips the finished shards (an interrupted evaluation resumes where it stopped, with the same samples) and
+scores all of them together: the samples, and so the metrics, equal an evaluation without shards. A sweep
+cell keeps its shards in ``<cell>/eval_shards/``. FID reference statistics are computed once per reference
+set and cached (``metrics.STATS_CACHE``).
+
 Cluster scale: a Stable Diffusion folder in diffusers' layout (``add_bench.networks.sd``) is sampled in
 latent space from the captions of ``eval.num_samples`` COCO images and scored with ``metrics=cluster``:
 
@@ -49,6 +56,48 @@ def load_denoiser(checkpoint: str | Path) -> tuple[Denoiser, dict[str, Any]]:
     ), card
 
 
+class Shards:
+    """One evaluation's samples as shards in ``folder``: ``shard_<k>.npz`` holds sampling batch k's images, its
+    seconds and the sampling generator's state after it, written atomically. ``spec`` (what decides the
+    samples: weights, sampler, steps, seed, ...) is kept in ``spec.json``; shards made under another spec are
+    an error, not mixed in."""
+
+    def __init__(self, folder: Path, spec: dict[str, Any]):
+        import json
+
+        self.folder = Path(folder)
+        path = self.folder / "spec.json"
+        spec = json.loads(json.dumps(spec, default=str))
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = [
+                f"{k}={before.get(k)!r}, now {spec.get(k)!r}"
+                for k in spec.keys() | before
+                if before.get(k) != spec.get(k)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"{self.folder}: shards made with {'; '.join(sorted(changed))}; accepted: the same evaluation "
+                    "settings, or another (or an emptied) shards folder"
+                )
+        else:
+            atomic_write_json(path, spec)
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"shard_{k:05d}.npz"
+
+    def load(self, k: int) -> tuple[np.ndarray, float, torch.Tensor] | None:
+        """Shard k's (images, seconds, generator state after it), or None when it is not finished."""
+        if not self.path(k).is_file():
+            return None
+        with np.load(self.path(k)) as z:
+            return z["images"], float(z["seconds"]), torch.from_numpy(z["generator"])
+
+    def save(self, k: int, images: np.ndarray, seconds: float, generator: torch.Tensor) -> None:
+        with atomic_path(self.path(k)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=images, seconds=seconds, generator=generator.numpy())
+
+
 @dataclass
 class Generated:
     samples: SampleSet
@@ -67,19 +116,32 @@ def sample_in_batches(
     batch_size: int,
     cfg_scale: float,
     progress: bool,
+    shards: Shards | None = None,
 ) -> tuple[np.ndarray, float]:
     """Run ``sampler`` over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
-    ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken."""
+    ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken. With
+    ``shards``, each batch is a shard: a finished one is read back (and ``gen`` set to its state after it),
+    a new one saved."""
     check_positive(steps, "steps")
     sample_fn = get_sampler(sampler)
     device = denoiser.device
-    out = []
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(noise), batch_size), desc=f"{sampler} {steps} steps", leave=False, disable=not progress):
-        j = i + batch_size
-        z = noise[i:j].to(device)
-        out.append(to_images(sample_fn(denoiser, z, condition(i, j).to(device), steps, cfg_scale, gen)))
-    return np.concatenate(out), time.perf_counter() - start
+    out, seconds = [], 0.0
+    batches = range(0, len(noise), batch_size)
+    for k, i in enumerate(tqdm(batches, desc=f"{sampler} {steps} steps", leave=False, disable=not progress)):
+        done = shards.load(k) if shards is not None else None
+        if done is not None:
+            images, took, state = done
+            gen.set_state(state)
+        else:
+            start, j = time.perf_counter(), i + batch_size
+            z = noise[i:j].to(device)
+            images = to_images(sample_fn(denoiser, z, condition(i, j).to(device), steps, cfg_scale, gen))
+            took = time.perf_counter() - start
+            if shards is not None:
+                shards.save(k, images, took, gen.get_state())
+        out.append(images)
+        seconds += took
+    return np.concatenate(out), seconds
 
 
 def nfe_per_sample(steps: int, cfg_scale: float) -> int:
@@ -96,6 +158,7 @@ def generate(
     batch_size: int = 500,
     cfg_scale: float = 1.0,
     progress: bool = True,
+    shards: Shards | None = None,
 ) -> Generated:
     """Balanced-class samples from fixed-seed noise; the same seed gives the same noise at every step count."""
     check_positive(steps, "steps")
@@ -104,7 +167,17 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_samples, 1, 28, 28), generator=gen)
     images, seconds = sample_in_batches(
-        denoiser, sampler, steps, noise, lambda i, j: labels[i:j], to_uint8, gen, batch_size, cfg_scale, progress
+        denoiser,
+        sampler,
+        steps,
+        noise,
+        lambda i, j: labels[i:j],
+        to_uint8,
+        gen,
+        batch_size,
+        cfg_scale,
+        progress,
+        shards,
     )
     return Generated(SampleSet(images, labels.numpy()), seconds, nfe_per_sample(steps, cfg_scale))
 
@@ -126,6 +199,7 @@ def generate_text(
     cfg_scale: float = 1.0,
     resolution: int = 512,
     progress: bool = True,
+    shards: Shards | None = None,
 ) -> Generated:
     """Text-to-image samples of a Stable Diffusion model (latent space, then decoded): one per prompt,
     fixed-seed latent noise, so every step count starts from the same noise."""
@@ -145,18 +219,40 @@ def generate_text(
         batch_size,
         cfg_scale,
         progress,
+        shards,
     )
     return Generated(SampleSet(images, ids, list(prompts)), seconds, nfe_per_sample(steps, cfg_scale))
 
 
-def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float, device: str = "auto"):
+def load_generator(
+    checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float, device: str = "auto", shards: str | Path | None = None
+):
     """(kind, make) where make(sampler, steps) → Generated: a class-conditional weights folder
     (embedded) or a Stable Diffusion folder prompted with COCO captions (cluster), sampled on
-    ``device`` (auto: a GPU if one is visible); the noise is drawn on the CPU either way."""
+    ``device`` (auto: a GPU if one is visible); the noise is drawn on the CPU either way. ``shards``: a
+    folder that keeps the samples of each (sampler, steps) in resumable shards (:class:`Shards`)."""
     from add_bench.distributed import processes, resolve_device
+    from add_bench.provenance import weights_versions
 
     dev = resolve_device(device, processes().local_rank)
     folder = resolve_weights(checkpoint)
+
+    def store(sampler: str, steps: int, **more: Any) -> Shards | None:
+        if shards is None:
+            return None
+        spec = {
+            "checkpoint": str(folder.resolve()),
+            "weights": weights_versions({"generator": folder}).get("generator", {}).get("blob"),
+            "sampler": sampler,
+            "steps": steps,
+            "cfg_scale": cfg_scale,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            **more,
+        }
+        return Shards(Path(shards) / f"{sampler}_{steps}steps_cfg{cfg_scale:g}", spec)
+
     if is_stable_diffusion(folder):
         from add_bench.data.coco import eval_set
         from add_bench.networks.sd import load_stable_diffusion
@@ -172,12 +268,22 @@ def load_generator(checkpoint: str | Path, cfg: EvalConfig, cfg_scale: float, de
         prompts, ids = [coco.captions[i] for i in pick], coco.image_ids[pick]
         denoiser = sd.denoiser().to(dev)  # ∅ encoded once, for every step count
         return kind, lambda sampler, s: generate_text(
-            sd, denoiser, sampler, s, prompts, ids, cfg.seed, cfg.batch_size, cfg_scale, cfg.coco.resolution
+            sd,
+            denoiser,
+            sampler,
+            s,
+            prompts,
+            ids,
+            cfg.seed,
+            cfg.batch_size,
+            cfg_scale,
+            cfg.coco.resolution,
+            shards=store(sampler, s, coco_split=cfg.coco.split, resolution=cfg.coco.resolution),
         )
     denoiser, card = load_denoiser(folder)
     denoiser.to(dev)
     return card["kind"], lambda sampler, s: generate(
-        denoiser, sampler, s, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale
+        denoiser, sampler, s, cfg.num_samples, cfg.seed, cfg.batch_size, cfg_scale, shards=store(sampler, s)
     )
 
 
@@ -201,11 +307,13 @@ def evaluate(
     export: str | Path | None = None,
     suite=None,
     device: str = "auto",
+    shards: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Score ``checkpoint`` at each step count; ``shards``: a folder keeping the samples in resumable shards."""
     for s in steps:
         check_positive(s, "steps")
     suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
-    kind, make = load_generator(checkpoint, cfg, cfg_scale, device)
+    kind, make = load_generator(checkpoint, cfg, cfg_scale, device, shards)
     sampler = sampler or default_sampler(kind)
     rows = []
     for s in steps:
@@ -246,11 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="metrics JSON path (default: <checkpoint>/metrics.json)")
     p.add_argument("--export-samples", metavar="PATH.npz")
     p.add_argument("--device", default="auto", help="auto (a GPU if visible, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--shards",
+        metavar="DIR",
+        help="make the samples in shards of eval.batch_size saved to DIR; a re-run skips finished shards",
+    )
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     cfg = load(EvalConfig, overrides=a.overrides)
     start = time.time()
-    result = evaluate(a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device)
+    result = evaluate(
+        a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device, shards=a.shards
+    )
     result["provenance"] = provenance(
         cfg, cfg.seed, time.time() - start, command=" ".join(["python -m add_bench.evaluate", *sys.argv[1:]])
     )

@@ -8,7 +8,11 @@ call when SLURM signals an upcoming time limit or a preemption.
 
 * ``run_local(cells, workers=1)``: sequential in this process, or ``workers`` spawned processes each
   using ``cores // workers`` torch threads; a failing cell is recorded and the others still run.
-* ``submit_slurm(cells, folder, cfg)``: one job array (one task per cell) via submitit; returns the job
+  ``procs_per_cell=N``: each cell, one after another, as N spawned processes joined by gloo on the CPU
+  (:mod:`add_bench.distributed`), the others stopped when one fails.
+* ``submit_slurm(cells, folder, cfg)``: one job array (a job of ``nodes`` × ``tasks_per_node`` tasks per
+  cell; several tasks: one data-parallel process each, the process group from the SLURM environment,
+  ``srun --kill-on-bad-exit``) via submitit; returns the job
   ids at once and records ``folder/slurm_jobs.json`` (cell_id → job_id). ``status_slurm(folder)``
   reports each cell's state (sacct, else squeue, else submitit's result file). ``cfg`` (SlurmConfig)
   usually comes from a preset's :class:`LaunchProfile` with the command line's overrides on top
@@ -51,13 +55,16 @@ LOGS_DIR = "slurm_logs"
 # ----------------------------------------------------------------------------------------- config
 @dataclass
 class SlurmConfig:
-    """SLURM resources for each cell of a sweep (one array task per cell)."""
+    """SLURM resources for each cell of a sweep (one array job per cell)."""
 
     partition: str = "debug"  # sbatch --partition
     timeout_min: int = 60  # time limit of ONE run of a cell; a cell that hits it is requeued and resumes
-    cpus_per_task: int = 2  # sbatch --cpus-per-task; also the cell's OMP_NUM_THREADS
+    cpus_per_task: int = 2  # sbatch --cpus-per-task; also each process's OMP_NUM_THREADS
     gpus_per_node: int = 0  # sbatch --gpus-per-node (0: not requested)
-    mem_gb: float = 4  # sbatch --mem, per cell
+    # a cell's processes: nodes × tasks_per_node data-parallel tasks, one per GPU (tasks_per_node ≤ gpus_per_node)
+    nodes: int = 1  # sbatch --nodes
+    tasks_per_node: int = 1  # sbatch --ntasks-per-node
+    mem_gb: float = 4  # sbatch --mem, per node (all of its tasks)
     max_num_timeout: int = 3  # how many times a cell may be requeued after hitting its time limit
     array_parallelism: int = 8  # at most this many cells of the array run at once (--array=0-N%P)
     # seconds before the time limit at which SLURM sends USR2 so that submitit requeues the cell;
@@ -84,9 +91,9 @@ MANAGED_FLAGS = {
     "error": "submitit's log files",
     "open-mode": "submitit's log files",
     "job-name": "the launcher's job name",
-    "nodes": "a cell is one task on one node",
-    "ntasks": "a cell is one task on one node",
-    "ntasks-per-node": "a cell is one task on one node",
+    "nodes": "set slurm.nodes",
+    "ntasks": "set slurm.nodes and slurm.tasks_per_node",
+    "ntasks-per-node": "set slurm.tasks_per_node",
 }
 
 
@@ -166,11 +173,20 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
                 f"{key}.additional_parameters.{flag}={value!r}: must be one value (a string or number; true for a "
                 "flag without a value)"
             )
+    gpus = _positive_int(get("gpus_per_node"), f"{key}.gpus_per_node", minimum=0)
+    tasks = _positive_int(get("tasks_per_node"), f"{key}.tasks_per_node")
+    if gpus and tasks > gpus:
+        raise ConfigError(
+            f"{key}.tasks_per_node={tasks} with {key}.gpus_per_node={gpus}: a cell runs one process per GPU; "
+            f"accepted: {key}.tasks_per_node ≤ {gpus} (= {gpus} to use them all)"
+        )
     return dict(
         partition=partition,
         timeout_min=timeout_min,
         cpus_per_task=_positive_int(get("cpus_per_task"), f"{key}.cpus_per_task"),
-        gpus_per_node=_positive_int(get("gpus_per_node"), f"{key}.gpus_per_node", minimum=0),
+        gpus_per_node=gpus,
+        nodes=_positive_int(get("nodes"), f"{key}.nodes"),
+        tasks_per_node=tasks,
         mem_gb=float(mem_gb),
         max_num_timeout=_positive_int(get("max_num_timeout"), f"{key}.max_num_timeout", minimum=0),
         array_parallelism=_positive_int(get("array_parallelism"), f"{key}.array_parallelism"),
@@ -182,6 +198,11 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
 def check_slurm_config(cfg: Any, key: str = "slurm") -> SlurmConfig:
     """Validate a SlurmConfig (dataclass or OmegaConf node); returns a plain SlurmConfig copy."""
     return SlurmConfig(**_validated(cfg, key))
+
+
+def processes_per_cell(cfg: SlurmConfig) -> int:
+    """A cell's data-parallel processes under ``cfg``: nodes × tasks_per_node."""
+    return cfg.nodes * cfg.tasks_per_node
 
 
 def signal_delay(cfg: SlurmConfig) -> int:
@@ -232,10 +253,13 @@ def _parse_sacct(out: str) -> dict[str, dict[str, str]]:
 class CellJob(submitit.helpers.Checkpointable):
     """One cell as a submitit job: ``fn(cell_id, workdir)``, requeued (not restarted from scratch by
     us, but called again) when SLURM signals a time limit or preemption; the cell resumes from the
-    checkpoints it keeps in ``workdir``."""
+    checkpoints it keeps in ``workdir``. A job of several tasks runs ``fn`` in each, with torch.distributed's
+    variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) set from the SLURM environment by submitit's
+    ``TorchDistributedEnvironment``."""
 
     gpus_per_node = 0  # class defaults: what a CellJob pickled without these fields reads
     launch = "the SLURM request"
+    processes = 1
 
     def __init__(
         self,
@@ -244,11 +268,12 @@ class CellJob(submitit.helpers.Checkpointable):
         workdir: str,
         gpus_per_node: int = 0,
         launch: str = "the SLURM request",
+        processes: int = 1,
     ) -> None:
         self.fn = fn
         self.cell_id = cell_id
         self.workdir = str(workdir)
-        self.gpus_per_node, self.launch = gpus_per_node, launch
+        self.gpus_per_node, self.launch, self.processes = gpus_per_node, launch, processes
         self.requeues = 0  # incremented in the pickled copy at every requeue
 
     def __call__(self) -> dict:
@@ -257,6 +282,9 @@ class CellJob(submitit.helpers.Checkpointable):
             from add_bench.distributed import EXPECT_GPU_ENV
 
             os.environ[EXPECT_GPU_ENV] = f"{self.launch} asks for gpus_per_node={self.gpus_per_node}"
+        if self.processes > 1:  # one task of a data-parallel cell
+            # every task sees its node's GPUs and picks cuda:LOCAL_RANK (distributed.resolve_device)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             os.environ.setdefault("OMP_NUM_THREADS", cpus)
@@ -307,10 +335,14 @@ def submit_slurm(
         cpus_per_task=cfg.cpus_per_task,
         gpus_per_node=cfg.gpus_per_node or None,  # --gpus-per-node=0 is refused where no GRES exist
         mem_gb=cfg.mem_gb,
+        nodes=cfg.nodes,
+        tasks_per_node=cfg.tasks_per_node,
         slurm_partition=cfg.partition,
         slurm_array_parallelism=cfg.array_parallelism,
         slurm_signal_delay_s=signal_delay(cfg),
         slurm_additional_parameters=dict(cfg.additional_parameters),
+        # a cell's tasks train together: one that fails ends the others (no all-reduce waits for it)
+        slurm_srun_args=["--kill-on-bad-exit=1"] if processes_per_cell(cfg) > 1 else [],
         # the array tasks must import add_bench (CellJob) even when it is not pip-installed
         slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
@@ -318,12 +350,14 @@ def submit_slurm(
     try:
         with executor.batch():
             for cell_id, fn in cells:
-                jobs.append(executor.submit(CellJob(fn, cell_id, str(folder / cell_id), cfg.gpus_per_node, launch)))
+                job = CellJob(fn, cell_id, str(folder / cell_id), cfg.gpus_per_node, launch, processes_per_cell(cfg))
+                jobs.append(executor.submit(job))
     except SbatchRefused as e:
         msg = " ".join(str(e).split()) or "no message"
         raise ConfigError(
             f"sbatch refused the submission of {launch} (slurm.partition={cfg.partition!r}, "
-            f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}, gpus_per_node={cfg.gpus_per_node}): {msg}"
+            f"mem_gb={cfg.mem_gb}, cpus_per_task={cfg.cpus_per_task}, gpus_per_node={cfg.gpus_per_node}, "
+            f"nodes={cfg.nodes}, tasks_per_node={cfg.tasks_per_node}): {msg}"
         ) from None
     ids = [str(job.job_id) for job in jobs]
     path = folder / JOBS_FILE
@@ -449,6 +483,71 @@ def _call_pickled(payload: bytes, cell_id: str, workdir: str, threads: int) -> d
     return fn(cell_id, workdir)
 
 
+def _cell_process(
+    rank: int, payload: bytes, cell_id: str, workdir: str, world: int, port: int, threads: int, out: str
+) -> None:
+    """Process ``rank`` of a cell run as ``world`` local processes (torch.multiprocessing's entry point): the
+    variables torchrun would set, then the cell; its result or error goes to ``out/<rank>.pkl``."""
+    import cloudpickle
+
+    _die_with_parent()
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+    )
+    try:
+        outcome = ("ok", _call_pickled(payload, cell_id, workdir, threads))
+    except Exception as e:
+        outcome = ("error", _error_text(e))
+        raise
+    finally:
+        Path(out, f"{rank}.pkl").write_bytes(cloudpickle.dumps(outcome))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(fn: Callable[[str, str], dict], cell_id: str, workdir: Path, world: int) -> Any:
+    """``fn(cell_id, workdir)`` in ``world`` spawned processes joined as one data-parallel group (gloo on the
+    CPU, each with cores // world threads); when one fails the others are stopped. Returns process 0's result,
+    or the error text of the first process that failed."""
+    import cloudpickle
+    import torch.multiprocessing as mp
+
+    threads = max(1, usable_cores() // world)
+    payload = cloudpickle.dumps(fn)
+    with tempfile.TemporaryDirectory(prefix="add-bench-procs-") as out:
+        args = (payload, cell_id, str(workdir), world, _free_port(), threads, out)
+        try:
+            mp.start_processes(_cell_process, args=args, nprocs=world, start_method="spawn")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # the others were terminated
+            failed = e
+        else:
+            failed = None
+        outcomes = {
+            r: cloudpickle.loads(Path(out, f"{r}.pkl").read_bytes())
+            for r in range(world)
+            if Path(out, f"{r}.pkl").is_file()
+        }
+    if failed is None and outcomes.get(0, ("",))[0] == "ok":
+        return outcomes[0][1]
+    errors = [(r, text) for r, (kind, text) in sorted(outcomes.items()) if kind == "error"]
+    if not errors:
+        return f"error: {type(failed).__name__}: {str(failed).splitlines()[0] if failed else 'no result'}"
+    rank, text = errors[0]
+    return text if rank == 0 else f"{text} (process {rank} of {world})"
+
+
 def round_sizes(n: int, workers: int) -> list[int]:
     """Cells per round when ``n`` cells of about equal length run on ``workers`` processes."""
     workers = max(1, min(workers, n))
@@ -469,17 +568,26 @@ def _error_text(e: BaseException) -> str:
     return f"error: {type(e).__name__}: {e}"
 
 
-def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None = None) -> dict[str, Any]:
+def run_local(
+    cells: Sequence[Cell], workers: int = 1, folder: str | Path | None = None, procs_per_cell: int = 1
+) -> dict[str, Any]:
     """Run cells here; returns cell_id → the cell's result dict, or ``"error: <Type>: <message>"``.
 
     ``workers=1`` runs them one after another in this process; ``workers>1`` uses that many spawned
     processes (each cell with ``cores // workers`` torch threads, a short last round with more:
     :func:`thread_plan`), each worker's progress bar on its own line under a bar over the cells. Each cell's workdir is
     ``folder/<cell_id>`` (``folder`` defaults to a new temporary directory). A failing cell's
-    traceback goes to stderr and does not stop the other cells.
+    traceback goes to stderr and does not stop the other cells. ``procs_per_cell`` > 1: the cells one after
+    another, each as that many processes (:func:`run_processes`; ``workers`` must then be 1).
     """
     cells = check_cells(cells)
     workers = _positive_int(workers, "workers")
+    procs_per_cell = _positive_int(procs_per_cell, "procs_per_cell")
+    if procs_per_cell > 1 and workers > 1:
+        raise ConfigError(
+            f"workers={workers} with procs_per_cell={procs_per_cell}: a cell's processes share the cores; accepted: "
+            "workers=1 (cells one after another)"
+        )
     base = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="add-bench-local-"))
     results: dict[str, Any] = {}
 
@@ -492,7 +600,12 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
             workdir = base / cell_id
             try:
                 workdir.mkdir(parents=True, exist_ok=True)
-                results[cell_id] = fn(cell_id, str(workdir))
+                if procs_per_cell > 1:
+                    results[cell_id] = run_processes(fn, cell_id, workdir, procs_per_cell)
+                    if isinstance(results[cell_id], str):
+                        print(f"cell {cell_id!r} failed: {results[cell_id]}", file=sys.stderr)
+                else:
+                    results[cell_id] = fn(cell_id, str(workdir))
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 record_error(cell_id, e)
         return results
@@ -528,13 +641,19 @@ def run_local(cells: Sequence[Cell], workers: int = 1, folder: str | Path | None
 
 
 def launch(
-    launcher: str, cells: Sequence[Cell], folder: str | Path, *, workers: int = 1, slurm: Any = None
+    launcher: str,
+    cells: Sequence[Cell],
+    folder: str | Path,
+    *,
+    workers: int = 1,
+    slurm: Any = None,
+    procs_per_cell: int = 1,
 ) -> dict[str, Any] | list[str]:
     """``launcher='local'``: run_local's results; ``launcher='slurm'``: submit_slurm's job ids."""
     check_launcher(launcher)
     if launcher == "slurm":
         return submit_slurm(cells, folder, slurm)
-    return run_local(cells, workers=workers, folder=folder)
+    return run_local(cells, workers=workers, folder=folder, procs_per_cell=procs_per_cell)
 
 
 __all__ = [
@@ -548,4 +667,6 @@ __all__ = [
     "check_launcher",
     "LAUNCHERS",
     "thread_plan",
+    "run_processes",
+    "processes_per_cell",
 ]

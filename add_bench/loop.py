@@ -88,8 +88,10 @@ class Run:
     The caller owns the loop and advances ``run.step``; ``end_of_step`` checkpoints when due and says
     whether to stop early (budget used up, a checkpoint written).
 
-    Several processes (``procs``, :mod:`add_bench.distributed`): all of them load the checkpoint, each
-    restores its own generator; process 0 writes it, holding every process's generator state."""
+    Several processes (``procs``, :mod:`add_bench.distributed`): all of them load the checkpoint and restore
+    the one generator they share (each draws the global batch's numbers: distributed.rows); process 0
+    writes it after checking that every process's generator is still the same. (A checkpoint of an older
+    version, one generator per process, resumes only with as many processes.)"""
 
     def __init__(
         self,
@@ -117,14 +119,14 @@ class Run:
         if checkpoint.exists(self.workdir):
             state = checkpoint.load(self.workdir)
             self.step = checkpoint.restore(state, objects, generator)
-            generators = state["extra"].get("generators")
-            if self.procs.world > 1 or generators:
-                if not generators or len(generators) != self.procs.world:
+            generators = state["extra"].get("generators")  # older versions: one stream per process
+            if generators:
+                if len(generators) != self.procs.world:
                     from add_bench.errors import CheckpointError
 
                     raise CheckpointError(
-                        f"{self.workdir}: checkpoint written by {len(generators or [0])} process(es), "
-                        f"resumed with {self.procs.world}; resume with the same number"
+                        f"{self.workdir}: checkpoint written by {len(generators)} process(es) with one random "
+                        f"stream each (an older version), resumed with {self.procs.world}; resume with the same number"
                     )
                 generator.set_state(generators[self.procs.rank])
             self._wall_before = state["extra"].get("wall_time_s", 0.0)
@@ -147,11 +149,11 @@ class Run:
 
     def save(self) -> None:
         from add_bench import checkpoint
-        from add_bench.distributed import gather_objects
+        from add_bench.distributed import check_same_stream
 
         extra = {"wall_time_s": self.wall_time_s}
         if self.procs.world > 1:
-            extra["generators"] = gather_objects(self.generator.get_state())  # a collective: every process
+            check_same_stream(self.step, self.generator)  # a collective: every process
         if self.procs.is_writer:
             checkpoint.save(self.workdir, self.step, self.objects, self.generator, extra, self.keep)
 

@@ -2,14 +2,17 @@
 locally or as a SLURM job array, and write tables and plots that mirror the paper.
 
     python -m add_bench.sweep ablations/loss_weighting.yaml [key=value ...] [--out DIR]
-        [--launcher local|slurm] [--workers N|auto] [--cells NAME,...] [--dry-run] [--status] [--collect]
+        [--launcher local|slurm] [--workers N|auto] [--procs-per-cell N] [--cells NAME,...] [--dry-run] [--status]
+        [--collect]
     python -m add_bench.sweep loss.weighting=exp,sds,nfsd [key=a,b ...] [key=value ...] [options]
 
 The second form is an ablation written on the command line (Hydra's sweep syntax): one row per
 combination of the comma-separated values, the same cells (same ids) as a YAML file with those rows.
 
 ``--launcher slurm`` asks SLURM for what the preset's launch profile says (``presets/launch/<preset>.yaml``
-beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top.
+beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top; a cell runs
+as its ``slurm.nodes`` × ``slurm.tasks_per_node`` data-parallel processes (``--procs-per-cell N`` locally:
+gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`).
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -17,7 +20,7 @@ training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
 ``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
-``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, metrics.json or
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
@@ -465,26 +468,40 @@ class FolderLock:
 def run_cell(cell: str, workdir: str) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell from ``<workdir>/config.yaml``; write metrics.json or error.json.
 
-    Module-level and self-contained, so local workers and SLURM array tasks can call it."""
+    Module-level and self-contained, so local workers and SLURM array tasks can call it. Run as several
+    processes (``--procs-per-cell``, ``slurm.tasks_per_node``: :mod:`add_bench.distributed`), process 0 locks
+    the cell, decides whether it trains and evaluates it; the others only train with it."""
+    from add_bench import distributed
     from add_bench.methods import make
 
     wd = Path(workdir)
+    if not distributed.processes().is_writer:
+        try:
+            if join_cell(wd, False):  # process 0's decision
+                make(load(TrainConfig, wd / "config.yaml"), wd)
+        finally:
+            distributed.finish()
+        return {"cell": cell, "process": distributed.processes().rank}
     with FolderLock(wd, f"cell {cell}"):
         status = cell_status(wd)
-        if status == "done":
-            return json.loads((wd / "metrics.json").read_text())
         if status == "stale":
             archive_stale(wd)
         (wd / "error.json").unlink(missing_ok=True)
+        if not join_cell(wd, status != "done"):
+            distributed.finish()
+            return json.loads((wd / "metrics.json").read_text())
         start = time.time()
         try:
             from add_bench.methods import inputs
 
             cfg = load(TrainConfig, wd / "config.yaml")
             versions = weights_versions(inputs(cfg))  # the weights this run reads, before it reads them
-            made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
+            try:
+                made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
+            finally:
+                distributed.finish()  # the other processes are done: process 0 evaluates alone
             eval_start = time.time()
-            result, grids = evaluate_generators(made, cfg)
+            result, grids = evaluate_generators(made, cfg, wd / EVAL_SHARDS)
             result["cell"] = cell
             result["method"] = cfg.method
             result["train"] = {
@@ -519,6 +536,37 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
             raise
 
 
+def join_cell(wd: Path, train: bool) -> bool:
+    """A cell run as several processes: join them (the process group) and return process 0's ``train``
+    (whether the cell trains; every process passes its own, process 0's wins). Alone: ``train``."""
+    from add_bench import distributed
+
+    procs = distributed.processes()
+    if procs.world == 1:
+        return train
+    cfg = load(TrainConfig, wd / "config.yaml")
+    check_processes(cfg, procs.world, f"cell {wd.name}")
+    distributed.init(distributed.resolve_device(cfg.device, procs.local_rank))
+    return bool(distributed.gather_objects(train)[0])
+
+
+def check_processes(cfg: Any, world: int, where: str) -> None:
+    """A cell can run as ``world`` data-parallel processes: an ADD cell whose global batch_size splits."""
+    from add_bench import distributed
+
+    if world == 1:
+        return
+    if cfg.method != "add":
+        raise ConfigError(
+            f"{where}: method={cfg.method!r} with {world} processes per cell; accepted: method=add, or one process "
+            "(--procs-per-cell 1, slurm.nodes=1 slurm.tasks_per_node=1)"
+        )
+    try:
+        distributed.local_batch(cfg, distributed.Processes(0, world, 0))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def archive_stale(wd: Path) -> Path:
     """Move a stale cell's outputs (everything but its config and lock) to ``stale/<finished_at>/`` with
     a ``why.json``, so that the cell re-runs from scratch and nothing computed is lost."""
@@ -541,16 +589,20 @@ def archive_stale(wd: Path) -> Path:
     return dest
 
 
-def evaluate_generators(made, cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+EVAL_SHARDS = "eval_shards"  # a cell's evaluation samples, in resumable shards (evaluate.Shards)
+
+
+def evaluate_generators(made, cfg: Any, shards: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score every step count of a method's generators (one evaluation per weights folder) and draw
-    a 100-sample grid per step count; rows in step order."""
+    a 100-sample grid per step count; rows in step order. ``shards``: where the samples are kept in
+    shards, so that an interrupted evaluation resumes without sampling the finished ones again."""
     from add_bench.evaluate import evaluate, load_generator
 
     rows, kinds, grids = [], set(), {}
     grid_cfg = cfg.eval.copy()
     grid_cfg.num_samples = grid_cfg.batch_size = min(100, cfg.eval.num_samples)
     for folder, steps in made.groups().items():
-        r = evaluate(folder, steps, cfg.eval, made.sampler, made.cfg_scale, device=cfg.device)
+        r = evaluate(folder, steps, cfg.eval, made.sampler, made.cfg_scale, device=cfg.device, shards=shards)
         rows += r["rows"]
         kinds.add(r["kind"])
         _, draw = load_generator(folder, grid_cfg, made.cfg_scale, cfg.device)
@@ -744,17 +796,22 @@ def run_sweep(
     workers: int = 1,
     launches: dict[str, Launch] | None = None,
     only: set[str] | None = None,
+    procs_per_cell: int = 1,
 ) -> dict:
     """Train and evaluate every unfinished cell (or only the ids in ``only``), then write the tables.
     ``launcher='slurm'``: one job array per launch profile (``launches``: ablation name → Launch; default: each
-    ablation's preset's profile)."""
+    ablation's preset's profile), each cell as the profile's nodes × tasks_per_node processes.
+    ``launcher='local'``: ``procs_per_cell`` > 1 runs the cells one after another, each as that many gloo
+    processes on the CPU (``workers`` is then 1)."""
     from tqdm import tqdm
 
     from add_bench.launchers import check_launcher, run_local, submit_slurm
 
     check_launcher(launcher)
+    launches = launches or launch_profiles(ablations)
     if launcher == "slurm":
         check_paths(ablations, out, only)  # nothing is submitted that would fail on the node for a missing path
+    check_splits(ablations, out, only, launcher, launches, procs_per_cell)
     with FolderLock(out, "results folder"):
         cells = prepare(ablations, out, only)
         status = {i: cell_status(out / "cells" / i) for i in cells}
@@ -768,7 +825,7 @@ def run_sweep(
         )
         if launcher == "slurm":
             submitted: dict[str, str] = {}
-            for launch, group in launch_groups(ablations, launches or launch_profiles(ablations), todo):
+            for launch, group in launch_groups(ablations, launches, todo):
                 ids = submit_slurm([(i, run_cell) for i in group], out / "cells", launch.slurm, launch.describe())
                 submitted.update(zip(group, ids))
             print(
@@ -778,13 +835,15 @@ def run_sweep(
             )
             return {"submitted": submitted}
         results: dict[str, Any] = {}
-        if min(workers, len(todo)) > 1:
+        if min(workers, len(todo)) > 1 and procs_per_cell == 1:
             results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
         else:
             for i in tqdm(todo, desc="cells", dynamic_ncols=True):
                 c = cells[i]
                 print(f"\ncell {i}: {c.ablation}/{c.name} seed {c.seed} → {out / 'cells' / i}", file=sys.stderr)
-                results.update(run_local([(i, run_cell)], workers=1, folder=out / "cells"))
+                results.update(
+                    run_local([(i, run_cell)], workers=1, folder=out / "cells", procs_per_cell=procs_per_cell)
+                )
         failed = {i: r for i, r in results.items() if isinstance(r, str)}
         for i, err in failed.items():
             print(
@@ -794,6 +853,29 @@ def run_sweep(
             )
         collect(ablations, out)
         return results
+
+
+def check_splits(
+    ablations: list[Ablation],
+    out: Path,
+    only: set[str] | None,
+    launcher: str,
+    launches: dict[str, Launch],
+    procs_per_cell: int = 1,
+) -> None:
+    """Every cell still to run can run as the processes its launch gives it (``--procs-per-cell``, or the
+    SLURM profile's nodes × tasks_per_node: ``check_processes``), else an error naming the cell and the
+    launch, before anything runs or is submitted."""
+    from add_bench.launchers import processes_per_cell
+
+    for ab in ablations:
+        if launcher == "slurm":
+            world, launch = processes_per_cell(launches[ab.name].slurm), launches[ab.name].describe()
+        else:
+            world, launch = procs_per_cell, f"--procs-per-cell {procs_per_cell}"
+        for c in ab.cells:
+            if (only is None or c.id in only) and cell_status(out / "cells" / c.id) != "done":
+                check_processes(c.config, world, f"{launch}: cell {c.id} ({ab.name}/{c.name} seed {c.seed})")
 
 
 def check_paths(ablations: list[Ablation], out: Path, only: set[str] | None = None) -> None:
@@ -871,6 +953,14 @@ def main(argv: list[str] | None = None) -> int:
         help="SLURM settings over the preset's launch profile: partition, timeout_min, cpus_per_task, "
         "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>",
     )
+    p.add_argument(
+        "--procs-per-cell",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local: run each cell as N data-parallel processes (gloo on the CPU), cells one after another; "
+        "batch_size stays the global batch (SLURM: slurm.nodes × slurm.tasks_per_node)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
     p.add_argument("--collect", action="store_true", help="only (re)write manifests, tables and plots from results")
@@ -890,12 +980,24 @@ def main(argv: list[str] | None = None) -> int:
     launches = launch_profiles(ablations, a.slurm)
     out = Path(a.out) if a.out else default_out(launches)
     only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
-    workers = parse_workers(a.workers)
+    procs = a.procs_per_cell
+    if procs < 1 or (procs > 1 and a.launcher != "local"):
+        raise ConfigError(
+            f"--procs-per-cell {procs}: accepted: a positive integer, with --launcher local (on SLURM a cell's "
+            "processes are slurm.nodes × slurm.tasks_per_node: --slurm tasks_per_node=N)"
+        )
+    workers = parse_workers(a.workers) if procs == 1 else parse_workers(1 if a.workers == "auto" else a.workers)
+    if procs > 1 and workers > 1:
+        raise ConfigError(
+            f"--workers {a.workers} with --procs-per-cell {procs}: a cell's processes share the cores; accepted: "
+            "--workers 1 or auto (cells one after another)"
+        )
     if a.dry_run:
         print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
         if a.launcher == "slurm":
             print_requests(launches)
         check_paths(ablations, out, only)
+        check_splits(ablations, out, only, a.launcher, launches, procs)
     elif a.status:
         show_status(ablations, out)
     elif a.collect:  # tables from whatever results exist, for this file's current rows and seeds
@@ -904,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if a.launcher == "local":  # before a SLURM submission run_sweep checks them itself
             check_paths(ablations, out, only)
-        run_sweep(ablations, out, a.launcher, workers, launches, only)
+        run_sweep(ablations, out, a.launcher, workers, launches, only, procs)
     return 0
 
 

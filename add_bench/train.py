@@ -270,8 +270,8 @@ def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Te
     tc = cfg.teacher
     if tc.timestep_sampling == "student":
         grid = torch.tensor(list(cfg.student.timesteps))
-        return grid[torch.randint(0, len(grid), (n,), generator=gen)]
-    return torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=gen)
+        return grid[distributed.rows(lambda m: torch.randint(0, len(grid), (m,), generator=gen), n)]
+    return distributed.rows(lambda m: torch.randint(tc.t_min, tc.t_max + 1, (m,), generator=gen), n)
 
 
 def distillation_term(
@@ -312,7 +312,8 @@ def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, 
     n = len(labels)
     null = nets.teacher.null_condition(labels)
     if cfg.loss.nfsd_negative == "other_class":  # a random different class plays the negative prompt
-        negative = (labels + torch.randint(1, NUM_CLASSES, (n,), generator=gen).to(labels.device)) % NUM_CLASSES
+        other = distributed.rows(lambda m: torch.randint(1, NUM_CLASSES, (m,), generator=gen), n)
+        negative = (labels + other.to(labels.device)) % NUM_CLASSES
     else:
         negative = null
     z = add_noise(x_student.detach(), eps, alpha, sigma)
@@ -423,8 +424,8 @@ def draw_student_timesteps(cfg: TrainConfig, n: int, gen: torch.Generator) -> to
     contiguous blocks (the discriminator's BatchNormLocal groups of fakes then hold one timestep each)."""
     grid = torch.tensor(list(cfg.student.timesteps))
     if cfg.student.timestep_draw == "stratified":
-        return grid.repeat_interleave(n // len(grid))
-    return grid[torch.randint(0, len(grid), (n,), generator=gen)]
+        return distributed.rows(lambda m: grid.repeat_interleave(m // len(grid)), n)
+    return grid[distributed.rows(lambda m: torch.randint(0, len(grid), (m,), generator=gen), n)]
 
 
 @torch.no_grad()
@@ -474,7 +475,7 @@ def regression_term(nets: Networks, cfg: TrainConfig, n: int, gen: torch.Generat
     """The noise-anchored regression (an extension): the student's x̂θ(ε, τN) from n stored pairs' noise at the
     top student timestep τN, against the teacher's sample from the same noise."""
     pairs = nets.pairs
-    idx = torch.randint(0, len(pairs.noise), (n,), generator=gen)
+    idx = distributed.rows(lambda m: torch.randint(0, len(pairs.noise), (m,), generator=gen), n)
     device = nets.student.device
     noise, labels = pairs.noise[idx].to(device), pairs.labels[idx].to(device)
     top = torch.full((n,), max(cfg.student.timesteps), device=device)
@@ -590,15 +591,16 @@ def adam(params, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
 def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: bool = True) -> Path | None:
     """Train (or resume) the cell in ``workdir``; return the student weights folder when finished.
 
-    On ``cfg.device``; started as several processes (torchrun, SLURM tasks: :mod:`add_bench.distributed`)
-    each takes batch_size / processes samples per step and the gradients are averaged."""
+    On ``cfg.device``; started as several processes (torchrun, a sweep's --procs-per-cell or SLURM tasks:
+    :mod:`add_bench.distributed`) each takes its rows of the global batch_size per step, drawn as one
+    process would, and the gradients are averaged."""
     set_threads(cfg.threads)
     procs = distributed.processes()
     device = distributed.resolve_device(cfg.device, procs.local_rank)
     distributed.init(device)
-    batch = distributed.local_batch(cfg.batch_size, procs)
+    batch = distributed.local_batch(cfg, procs)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, procs))
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same draws in every process: distributed.rows
     nets = build_networks(cfg).to(device)
     if cfg.loss.regression_weight > 0:
         nets.pairs = teacher_pairs(nets, cfg, workdir)
@@ -621,9 +623,10 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         for opt, lr in ((opt_s, o.student_lr), (opt_d, o.discriminator_lr)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, lr, o.warmup_steps, cfg.steps, o.min_lr_ratio, o.lr_schedule)
-        idx = torch.randint(0, len(data), (batch,), generator=gen)
-        x0, cond, extra = to_device(data.batch(idx, gen), device)
-        row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, step, log_step=is_log_step(cfg, step + 1), **extra)
+        with distributed.global_batch(procs):  # every draw is the global batch's, this process's rows kept
+            idx = distributed.rows(lambda m: torch.randint(0, len(data), (m,), generator=gen), batch)
+            x0, cond, extra = to_device(data.batch(idx, gen), device)
+            row = add_step(nets, cfg, x0, cond, gen, opt_s, opt_d, step, log_step=is_log_step(cfg, step + 1), **extra)
         row["lr_student"], row["lr_discriminator"] = opt_s.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         if "loss_r1" in row and r1_due(cfg, step):
             last_r1.clear()

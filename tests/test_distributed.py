@@ -93,8 +93,7 @@ def test_two_processes_train_in_sync_resume_exactly_and_one_writes(tmp_path):
     run_processes("_train", str(tmp_path / "full"), TINY, 0, False)
     assert not list((tmp_path / "full").glob("error*.txt"))
     state = checkpoint.load(tmp_path / "full")
-    assert state["step"] == 4 and len(state["extra"]["generators"]) == 2
-    assert not torch.equal(*state["extra"]["generators"])  # each process its own draws
+    assert state["step"] == 4 and "generators" not in state["extra"]  # one stream, the same in every process
     rows = [json.loads(r) for r in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer: each step logged once
     # the per-term gradient norms are of the averaged gradient, the same in every process
@@ -110,12 +109,15 @@ def test_two_processes_train_in_sync_resume_exactly_and_one_writes(tmp_path):
         for k, v in a["objects"][obj].items():
             assert torch.equal(v, b["objects"][obj][k]), (obj, k)
 
-    # resumed with another number of processes: refused, the checkpoint left as it was
+    # a checkpoint of an older version (one stream per process) resumes only with as many processes
     from add_bench import train as train_mod
     from add_bench.config import TrainConfig, load
     from add_bench.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\), resumed with 1"):
+    old = checkpoint.load(tmp_path / "part")
+    old["extra"]["generators"] = [old["generator"], old["generator"]]
+    torch.save(old, tmp_path / "part" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) with one random stream each"):
         train_mod.train(load(TrainConfig, overrides=TINY + ["steps=6"]), tmp_path / "part", progress=False)
     assert checkpoint.load(tmp_path / "part")["step"] == 4
 
@@ -128,8 +130,11 @@ def test_processes_out_of_sync_are_caught(tmp_path):
 
 
 def test_batch_must_split_and_devices_are_checked(monkeypatch):
-    with pytest.raises(ConfigError, match=r"batch_size=10 does not split over 4 processes"):
-        distributed.local_batch(10, distributed.Processes(0, 4, 0))
+    from types import SimpleNamespace
+
+    with pytest.raises(ConfigError, match=r"batch_size=10 \(the global batch\) does not split over 4 processes"):
+        distributed.local_batch(SimpleNamespace(batch_size=10), distributed.Processes(0, 4, 0))
+    assert distributed.local_batch(SimpleNamespace(batch_size=12), distributed.Processes(1, 4, 1)) == 3
     assert distributed.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.resolve_device("auto") == torch.device("cpu")
@@ -137,3 +142,76 @@ def test_batch_must_split_and_devices_are_checked(monkeypatch):
         distributed.resolve_device("cuda:1")
     with pytest.raises(ConfigError, match=r"device='tpu': unknown; accepted: auto, cpu, cuda, cuda:N"):
         distributed.resolve_device("tpu")
+
+
+def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_path, monkeypatch):
+    """The sweep's own local launch path (--procs-per-cell 2: two gloo processes per cell) trains the cell
+    the one-process sweep trains: batch_size is the global batch and every process draws all of it from the
+    cell's seed, keeping its half. Losses and final weights agree within float tolerance; one process writes."""
+    from test_sweep import ablation_file, tiny_preset
+
+    from add_bench import metrics, sweep
+
+    monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "cache" / "fid_stats")
+    # 16 = two local batches of 8: the discriminator's BatchNormLocal groups of 8 fall within one process
+    preset = tiny_preset(tiny_assets, tmp_path, batch_size=16, steps=3)
+    abl = ablation_file(tmp_path, preset, cells=[{"name": "exp", "default": True}])
+    for procs in (1, 2):
+        assert sweep.main([str(abl), "--out", str(tmp_path / f"p{procs}"), "--procs-per-cell", str(procs)]) == 0
+    (cell,) = sweep.load_ablations(abl)[0].cells
+    one, two = tmp_path / "p1" / "cells" / cell.id, tmp_path / "p2" / "cells" / cell.id
+    rows = [[json.loads(r) for r in (wd / "log.jsonl").read_text().splitlines()] for wd in (one, two)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]  # written once, by process 0
+    for a, b in zip(*rows):
+        for key in ("loss_g", "loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake", "grad_norm_student"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    a, b = checkpoint.load(one), checkpoint.load(two)
+    assert torch.equal(a["generator"], b["generator"])  # the same draws, whatever the process count
+    for obj in ("student", "ema"):
+        for k, v in a["objects"][obj].items():
+            torch.testing.assert_close(b["objects"][obj][k], v, rtol=1e-4, atol=1e-5)
+    # the discriminator by what it computes: the conv biases in front of its BatchNormLocal get a gradient of
+    # float noise (the normalisation removes them) that Adam scales to lr-sized steps, so they differ and
+    # change nothing
+    from add_bench import train as train_mod
+    from add_bench.config import TrainConfig, load
+
+    nets = train_mod.build_networks(load(TrainConfig, one / "config.yaml"))
+    x = torch.rand((16, 1, 28, 28), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    labels = torch.arange(16) % 10
+    c_text, c_img = train_mod.conditioning(nets, x, labels)
+    logits = []
+    for state in (a, b):
+        nets.discriminator.load_state_dict(state["objects"]["discriminator"])
+        with torch.no_grad():
+            logits.append(nets.discriminator(nets.feature_network(x), c_text, c_img))
+    for got, want in zip(*logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert json.loads((two / "metrics.json").read_text())["rows"]  # evaluated by process 0
+
+
+def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs(tiny_assets, tmp_path, capsys):
+    import re
+
+    from test_sweep import ablation_file, tiny_preset
+
+    from add_bench import sweep
+
+    abl = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path, batch_size=16))
+    out = tmp_path / "out"
+    for extra, message in (
+        (
+            ["--procs-per-cell", "3"],
+            r"error: --procs-per-cell 3: cell \w+ \(mini/exp seed 0\): batch_size=16 \(the global batch\) does not "
+            r"split over 3 processes; accepted: a multiple of 3",
+        ),
+        (["--procs-per-cell", "3", "--dry-run"], r"batch_size=16 \(the global batch\) does not split over 3"),
+        (["--procs-per-cell", "2", "--workers", "2"], r"--workers 2 with --procs-per-cell 2: .* accepted: --workers 1"),
+        (["--procs-per-cell", "2", "--launcher", "slurm"], r"--procs-per-cell 2: accepted: .* --slurm tasks_per_node"),
+    ):
+        assert sweep.main([str(abl), "--out", str(out), *extra]) == 2
+        assert re.search(message, capsys.readouterr().err), extra
+        assert not (out / "cells").exists()  # nothing prepared, nothing trained
+    with pytest.raises(ConfigError, match=r"--procs-per-cell 2: cell \w+ \(mini/exp seed 0\): method='teacher' with 2"):
+        sweep.check_splits(sweep.load_ablations(abl, ["method=teacher"]), out, None, "local", {}, 2)

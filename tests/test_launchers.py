@@ -216,3 +216,26 @@ def test_a_cell_job_saves_its_step_on_the_requeue_signal_and_resumes_exactly(tin
         for k, v in a["objects"][obj].items():
             assert torch.equal(v, b["objects"][obj][k]), (obj, k)
     assert weights_file(full).read_bytes() == weights_file(Path(result["student"])).read_bytes()
+
+
+def test_a_cell_of_several_tasks_asks_sbatch_for_them_and_srun_ends_them_together(tmp_path, monkeypatch):
+    """slurm.nodes × slurm.tasks_per_node: the flags of the job, srun --kill-on-bad-exit, one task per GPU."""
+    from add_bench.errors import ConfigError
+    from add_bench.launchers import SlurmConfig, processes_per_cell, slurm_request, submit_slurm
+
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    cfg = slurm_request({"gpus_per_node": 4, "tasks_per_node": 4}, ["nodes=2"])
+    assert processes_per_cell(cfg) == 8
+    submit_slurm([("c", lambda cell, wd: {})], tmp_path / "out", cfg)
+    (script,) = [p.read_text() for p in scripts.iterdir()]
+    for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"):
+        assert f"#SBATCH {flag}\n" in script, (flag, script)
+    assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script
+    with pytest.raises(
+        ConfigError, match=r"slurm.tasks_per_node=2 with slurm.gpus_per_node=1: a cell runs one process"
+    ):
+        SlurmConfig(gpus_per_node=1, tasks_per_node=2)
+    with pytest.raises(ConfigError, match=r"slurm.nodes=0: must be a positive integer"):
+        SlurmConfig(nodes=0)
+    with pytest.raises(ConfigError, match=r"additional_parameters.ntasks_per_node: .* \(set slurm.tasks_per_node\)"):
+        slurm_request({}, ["additional_parameters.ntasks_per_node=2"])

@@ -453,3 +453,44 @@ def test_sweep_on_slurm_with_a_cell_that_times_out(slurm_cluster, tiny_assets, t
         assert f"#SBATCH {flag}\n" in script, (flag, script)
     assert sweep.main([str(abl), "--out", str(out), "--collect"]) == 0
     assert (out / "mini" / "table.md").is_file()
+
+
+@pytest.mark.slurm
+def test_a_cell_of_two_tasks_through_a_launch_profile_equals_one_process(
+    slurm_cluster, tiny_assets, tmp_path, cancel_after, monkeypatch
+):
+    """A launch profile with tasks_per_node=2: the sweep submits the cell as one job of two SLURM tasks (CPU,
+    gloo, the process group from the SLURM environment); it finishes, process 0 evaluates, and the losses and
+    weights equal the cell trained by one local process."""
+    import torch
+    import yaml
+    from test_sweep import ablation_file, tiny_preset
+
+    from add_bench import checkpoint, sweep
+
+    monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
+    preset = tiny_preset(tiny_assets, tmp_path, batch_size=16)  # two local batches of 8 (BatchNormLocal's groups)
+    (tmp_path / "launch").mkdir()
+    profile = {"slurm": {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 2, "tasks_per_node": 2}}
+    (tmp_path / "launch" / preset.name).write_text(yaml.safe_dump(profile))
+    abl = ablation_file(tmp_path, preset, cells=[{"name": "exp", "default": True}])
+    (cell,) = sweep.load_ablations(abl)[0].cells
+    out = tmp_path / "slurm"
+    assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm"]) == 0
+    cancel_after.extend(json.loads((out / "cells" / "slurm_jobs.json").read_text()).values())
+    assert sweep.main([str(abl), "--out", str(tmp_path / "local"), "--workers", "1"]) == 0  # meanwhile: 1 process
+    two, one = out / "cells" / cell.id, tmp_path / "local" / "cells" / cell.id
+    _wait_for([two / "metrics.json"], 300, out / "cells")
+    (script,) = [p.read_text() for p in (out / "cells" / "slurm_logs").rglob("*_submission.sh")]
+    assert "#SBATCH --ntasks-per-node=2\n" in script and "--kill-on-bad-exit=1" in script
+    assert list((out / "cells" / "slurm_logs").rglob("*_1_log.err"))  # the second task ran
+    rows = [[json.loads(r) for r in (wd / "log.jsonl").read_text().splitlines()] for wd in (one, two)]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]  # one writer
+    for a, b in zip(*rows):
+        for key in ("loss_g", "loss_distill", "loss_d"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    a, b = checkpoint.load(one), checkpoint.load(two)
+    for k, v in a["objects"]["ema"].items():
+        torch.testing.assert_close(b["objects"]["ema"][k], v, rtol=1e-4, atol=1e-5)
+    logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.out"))
+    assert json.loads((two / "metrics.json").read_text())["rows"], logs[-3000:]

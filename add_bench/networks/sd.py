@@ -208,8 +208,15 @@ class StableDiffusion:
     ) -> torch.Tensor:
         """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode."""
         posterior = self.vae.encode(pixels).latent_dist
-        z = posterior.mode() if mode else posterior.sample(generator)
-        return z * self.vae.config.scaling_factor
+        if mode:
+            return posterior.mode() * self.vae.config.scaling_factor
+        # posterior.sample(generator), with one noise row per image (distributed.rows: in a training step over
+        # several processes, this process's rows of the global batch's draw)
+        from add_bench.distributed import rows
+
+        mean = posterior.mean
+        noise = rows(lambda m: torch.randn((m, *mean.shape[1:]), generator=generator, dtype=mean.dtype), len(mean))
+        return (mean + posterior.std * noise.to(mean.device)) * self.vae.config.scaling_factor
 
     def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → pixels, ≈ [−1, 1] and not clamped, so that gradients reach every latent
