@@ -20,7 +20,7 @@ training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
 ``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
-``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/, metrics.json or
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/ until metrics.json is written, metrics.json or
 error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -527,6 +528,7 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
                     f, labels=next(iter(grids.values())).labels, **{k: v.images for k, v in grids.items()}
                 )
             atomic_write_json(wd / "metrics.json", result)
+            shutil.rmtree(wd / EVAL_SHARDS, ignore_errors=True)  # only a resume reads them; metrics.json is written
             return result
         except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
             atomic_write_json(

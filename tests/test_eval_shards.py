@@ -105,7 +105,7 @@ def test_a_sweep_cell_killed_during_evaluation_resumes_it_without_retraining(tin
             sweep.main([str(abl), "--out", str(out), "--workers", "1"])
     assert sweep.cell_status(wd) == "partial"  # trained, not evaluated
     (first,) = wd.glob("eval_shards/*_1steps_*/shard_00000.npz")
-    written, log = first.stat().st_mtime_ns, (wd / "log.jsonl").read_text()
+    log = (wd / "log.jsonl").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cell trained again")
@@ -117,6 +117,6 @@ def test_a_sweep_cell_killed_during_evaluation_resumes_it_without_retraining(tin
     assert sorted(saved) == [(first.parent.name, 1), (first.parent.name.replace("_1steps", "_2steps"), 0)] + [
         (first.parent.name.replace("_1steps", "_2steps"), 1)
     ]
-    assert first.stat().st_mtime_ns == written
+    assert not (wd / "eval_shards").exists()  # removed once metrics.json is written (only a resume reads them)
     metrics = json.loads((wd / "metrics.json").read_text())
     assert without_timing(metrics["rows"]) == without_timing(whole["rows"])
