@@ -257,7 +257,16 @@ def default_out(launches: dict[str, Launch]) -> Path:
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
-EXECUTION_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard")
+EXECUTION_KEYS = (
+    "threads",
+    "device",
+    "ckpt_every",
+    "keep_checkpoints",
+    "log_every",
+    "tensorboard",
+    "gradient_checkpointing",  # recomputes activations: the same numbers within float tolerance
+    "vae_decode_chunk",  # decodes in chunks: the same numbers within float tolerance
+)
 
 
 def cell_id(config: Any) -> str:
