@@ -50,7 +50,7 @@ def micro_batches(n: int, size: int, batch_size: int | None = None) -> list[tupl
     if size <= 0 or size >= n:
         return [(slice(0, n), 1.0)]
     if n % size:
-        whole = f"batch_size={batch_size}" if batch_size in (None, n) else f"batch_size={batch_size} ({n} per process)"
+        whole = f"batch_size={n}" if batch_size in (None, n) else f"batch_size={batch_size} ({n} per process)"
         divisors = [d for d in range(1, n) if n % d == 0]
         raise ConfigError(
             f"micro_batch_size={size} does not divide {whole}: accepted: 0 (the whole batch) or a divisor of {n} "
@@ -72,6 +72,41 @@ def rows_of(x: Any, rows: slice) -> Any:
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """Micro-batches' tensors concatenated along the batch (the tensor itself for one)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class SpectralNormReplay:
+    """Micro-batches see the spectral normalisation of one batch. A spectral-norm layer in training mode runs
+    a power iteration at every forward pass (updating its u, v), so k micro-batches would iterate k times
+    where one batch iterates once. Here the first micro-batch of each named pass (``generator``, ``real``,
+    ``fake``) iterates as the batch would and its u, v are kept; the later micro-batches of that pass use
+    them without iterating (the layers in eval mode), and leave them as the pass left them."""
+
+    def __init__(self, module: torch.nn.Module):
+        from torch.nn.utils.parametrizations import _SpectralNorm
+
+        self.norms = [m for m in module.modules() if isinstance(m, _SpectralNorm)]
+        self.saved: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, rows: slice, whole: bool) -> Iterator[None]:
+        """The forward pass ``name`` of the micro-batch ``rows``; ``whole``: the batch is one micro-batch."""
+        if whole:
+            yield
+        elif rows.start == 0:
+            yield
+            self.saved[name] = [(m._u.clone(), m._v.clone()) for m in self.norms]
+        else:
+            modes = [m.training for m in self.norms]
+            with torch.no_grad():
+                for m, (u, v) in zip(self.norms, self.saved[name]):
+                    m._u.copy_(u)
+                    m._v.copy_(v)
+                    m.train(False)
+            try:
+                yield
+            finally:
+                for m, mode in zip(self.norms, modes):
+                    m.train(mode)
 
 
 def chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

@@ -432,8 +432,10 @@ def add_step(
     terms = TermGradients(nets.student.unet) if log_step else None
     fake_parts: list[list[torch.Tensor]] = []
     opt_s.zero_grad(set_to_none=True)
-    for rows, share in execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size):
-        with execution.autocast(cfg.precision, x0.device):
+    parts = execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size)
+    replay = execution.SpectralNormReplay(nets.discriminator)
+    for rows, share in parts:
+        with execution.autocast(cfg.precision, x0.device), replay("generator", rows, len(parts) == 1):
             g = generator_losses(
                 nets,
                 cfg,
@@ -639,7 +641,9 @@ def discriminator_step(
     opt_d.zero_grad(set_to_none=True)
     log: dict[str, float] = {}
     real_parts, fake_parts = [], []
-    for rows, share in execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size):
+    parts = execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size)
+    replay = execution.SpectralNormReplay(discriminator)
+    for rows, share in parts:
         with torch.no_grad(), execution.autocast(cfg.precision, device):
             real_features = feature_network(
                 apply_augment(pixels[rows], cfg.discriminator.augment, slice_draws(aug, rows))
@@ -647,8 +651,10 @@ def discriminator_step(
         real_features = [f.float().requires_grad_(gamma > 0) for f in real_features]
         cond = execution.rows_of(c_text, rows), execution.rows_of(c_img, rows)
         with execution.full_precision(cfg.precision, device):
-            real_logits = discriminator(real_features, *cond)
-            fake_logits = discriminator([f[rows].detach().float() for f in fake_features], *cond)
+            with replay("real", rows, len(parts) == 1):
+                real_logits = discriminator(real_features, *cond)
+            with replay("fake", rows, len(parts) == 1):
+                fake_logits = discriminator([f[rows].detach().float() for f in fake_features], *cond)
             loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
             loss_r1 = r1_penalty(real_logits, real_features, gamma)
             loss_d = loss_hinge + loss_r1
