@@ -29,7 +29,7 @@ def print_gpu_plan(ablations: list, out, only: set[str] | None, gpus: dict[str, 
     from add_bench.sweep import cell_status
 
     print(
-        f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'gpu':<10} {'micro':>5} {'GiB':>7} {'GPU-h':>7}"
+        f"{'ablation':<16} {'cell':<22} {'seed':>4}  {'id':<12}  {'status':<8} {'gpu':<10} {'micro':>5} {'GiB':>7} {'s/step':>8} {'GPU-h':>7}"
     )
     total, seen, too_big = 0.0, set(), []
     for ab in ablations:
@@ -54,7 +54,7 @@ def print_gpu_plan(ablations: list, out, only: set[str] | None, gpus: dict[str, 
             gib = est.peak / GIB
             print(
                 f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {name:<10} {est.micro_batch:>5} "
-                f"{gib:>7.1f} {hours:>7.1f}{shared}"
+                f"{gib:>7.2f} {est.seconds_per_step:>8.3g} {hours:>7.2f}{shared}"
             )
             if todo and gib > card.memory_gib:
                 fits = fitting_micro_batch(est, card.memory_gib)
