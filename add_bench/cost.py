@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from add_bench.errors import ConfigError
+from add_bench.errors import AddBenchError, ConfigError
 
 
 def fitting_micro_batch(est: Any, memory_gib: float) -> int:
@@ -46,7 +46,12 @@ def print_gpu_plan(ablations: list, out, only: set[str] | None, gpus: dict[str, 
                 )
                 seen.add(c.id)
                 continue
-            est = estimate(c.config, name)
+            try:
+                est = estimate(c.config, name)
+            except AddBenchError as e:  # a folder without its configs: the path check below names what is missing
+                print(f"{ab.name:<16} {c.name:<22} {c.seed:>4}  {c.id:<12}  {status:<8} {name:<10}  not estimated: {e}")
+                seen.add(c.id)
+                continue
             hours = est.gpu_hours if todo else 0.0
             shared = " (shared)" if c.id in seen else ""
             seen.add(c.id)
