@@ -29,7 +29,7 @@ T = TypeVar("T")
 # Version 1 is the schema of the first computed cells; a field added later is declared with
 # ``added(version, ...)``, and SCHEMA_VERSION is the highest version in use. Bump it when adding a field:
 # ``field_name: int = added(SCHEMA_VERSION + 1, default)`` and SCHEMA_VERSION = that version.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class Added(NamedTuple):
@@ -343,6 +343,14 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
     batch_size: int = 32
+    # forward passes (student, teacher, VAE, feature and text networks) in fp32, or under bf16 autocast (CUDA
+    # and CPU); master weights, optimiser states, the losses, the discriminator heads (GAN hinge, R1) stay fp32
+    precision: str = added(8, "fp32")
+    # gradient accumulation: each update over batch_size / micro_batch_size micro-batches (0 = the whole batch at
+    # once). Every random draw is made for the whole batch first, so it equals one batch within float tolerance,
+    # except the discriminator's batch statistics, taken within each micro-batch: BatchNormLocal's groups of 8
+    # are the whole batch's when micro_batch_size is a multiple of 8; minibatch-std groups never are
+    micro_batch_size: int = added(8, 0)
     ckpt_every: int = 200
     # training checkpoints kept in the work folder: 1 = the newest only (checkpoint.pt, replaced at each save);
     # K > 1 = the K newest (checkpoint-<step>.pt, checkpoint.pt a link to the newest); 0 = every one
@@ -350,6 +358,11 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
+    # execution only (sweep.EXECUTION_KEYS; the same numbers within float tolerance, less memory, more time):
+    # torch.utils.checkpoint in the student UNet and, for a latent model, the VAE decoder that x̂θ is
+    # decoded through (diffusers' enable_gradient_checkpointing): activations recomputed in the backward pass
+    gradient_checkpointing: bool = False
+    vae_decode_chunk: int = 0  # decode x̂θ (and x̂ψ) at most this many samples at a time; 0 = all at once
     # TensorBoard events (the log's numbers, sample grids at checkpoints) in <workdir>/tensorboard
     tensorboard: bool = True
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -103,6 +103,9 @@ class LaunchProfile:
     when ``--out`` is not given, and what each cell asks SLURM for."""
 
     runs: str | None = None  # results root (a sweep writes <runs>/sweeps); None: $ADD_BENCH_RUNS, else runs/
+    # the GPU a cell runs on (add_bench.memory.GPUS, e.g. A100-80GB): --dry-run prints each cell's estimated
+    # memory and GPU-hours on it and refuses a cell that does not fit; None: no GPU plan (--gpu gives one)
+    gpu: str | None = None
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 

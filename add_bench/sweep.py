@@ -198,6 +198,7 @@ class Launch:
     slurm: Any  # launchers.SlurmConfig
     runs: str | None = None  # the profile's results root as written (an ${oc.env:...} is resolved when used)
     overrides: list[str] = field(default_factory=list)
+    gpu: str | None = None  # the profile's GPU (add_bench.memory.GPUS): --dry-run's GPU plan
 
     def describe(self) -> str:
         from add_bench.provenance import display_path
@@ -237,7 +238,15 @@ def launch_profile(preset: Path, overrides: list[str] | None = None) -> Launch:
         raise ConfigError(f"{path}: slurm: {str(e).splitlines()[0]}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return Launch(path, slurm_request(slurm, overrides), OmegaConf.to_container(cfg)["runs"], overrides)
+    values = OmegaConf.to_container(cfg)
+    if values["gpu"] is not None:
+        from add_bench.memory import gpu
+
+        try:
+            gpu(values["gpu"], "gpu")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return Launch(path, slurm_request(slurm, overrides), values["runs"], overrides, values["gpu"])
 
 
 def launch_profiles(ablations: list[Ablation], overrides: list[str] | None = None) -> dict[str, Launch]:
@@ -261,7 +270,16 @@ def default_out(launches: dict[str, Launch]) -> Path:
 # How a cell is run, not what it computes (resume is exact at any checkpoint interval; the thread
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
-EXECUTION_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard")
+EXECUTION_KEYS = (
+    "threads",
+    "device",
+    "ckpt_every",
+    "keep_checkpoints",
+    "log_every",
+    "tensorboard",
+    "gradient_checkpointing",  # recomputes activations: the same numbers within float tolerance
+    "vae_decode_chunk",  # decodes in chunks: the same numbers within float tolerance
+)
 
 
 def cell_id(config: Any) -> str:
@@ -964,6 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size stays the global batch (SLURM: slurm.nodes × slurm.tasks_per_node)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the cells, which are done, and the cost")
+    p.add_argument(
+        "--gpu",
+        default=None,
+        help="--dry-run: each cell's estimated GPU memory and GPU-hours on this GPU (add_bench.memory.GPUS; default: "
+        "the launch profile's gpu), refusing cells that do not fit",
+    )
     p.add_argument("--status", action="store_true", help="show each cell's state (and SLURM job state)")
     p.add_argument("--collect", action="store_true", help="only (re)write manifests, tables and plots from results")
     p.add_argument(
@@ -995,7 +1019,16 @@ def main(argv: list[str] | None = None) -> int:
             "--workers 1 or auto (cells one after another)"
         )
     if a.dry_run:
-        print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
+        gpus = {name: a.gpu or launch.gpu for name, launch in launches.items()}
+        if any(gpus.values()):
+            from add_bench.cost import print_gpu_plan
+
+            missing = sorted(name for name, g in gpus.items() if not g)
+            if missing:
+                raise ConfigError(f"--dry-run: no GPU for ablation(s) {', '.join(missing)}; give --gpu")
+            print_gpu_plan(ablations, out, only, gpus)
+        else:
+            print_plan(ablations, {c.id: c for ab in ablations for c in ab.cells}, out, only, workers)
         if a.launcher == "slurm":
             print_requests(launches)
         check_paths(ablations, out, only)

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from add_bench import checkpoint, distributed
-from add_bench.augment import diff_augment
+from add_bench import checkpoint, distributed, execution
+from add_bench.augment import apply_augment, draw_augment, slice_draws
 from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, schedule_from_card
@@ -74,10 +74,11 @@ class Networks:
     teacher_sd: Any = None  # a teacher from another folder (own VAE, text encoders); None = shares ``sd``
     pairs: Any = None  # loss.regression_weight > 0: the teacher's (ε, c) → sample pairs (TeacherPairs)
     data_shape: tuple[int, ...] = (1, 28, 28)  # one x0 (pixel models: the embedded images)
+    vae_chunk: int = 0  # VAE passes at most this many samples at a time (``vae_decode_chunk``; 0 = all)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The model's space → images in [−1, 1]: the identity, or the VAE decoder (differentiable)."""
-        return x if self.sd is None else self.sd.to_pixels(x)
+        return x if self.sd is None else self.sd.to_pixels(x, self.vae_chunk)
 
     def to(self, device: torch.device) -> Networks:
         """Every network (trainable and frozen) and fixed tensor on ``device``."""
@@ -97,6 +98,7 @@ class Networks:
 def validate(cfg: TrainConfig) -> None:
     check_positive(cfg.steps, "steps")
     check_positive(cfg.batch_size, "batch_size")
+    execution.check(cfg.precision, cfg.micro_batch_size, cfg.batch_size, cfg.vae_decode_chunk)
     choose(C_WEIGHTINGS, cfg.loss.weighting, "loss.weighting")
     choose(dict.fromkeys(TEACHER_SAMPLING), cfg.teacher.timestep_sampling, "teacher.timestep_sampling")
     choose(dict.fromkeys(NFSD_NEGATIVES), cfg.loss.nfsd_negative, "loss.nfsd_negative")
@@ -146,7 +148,7 @@ def build_networks(cfg: TrainConfig) -> Networks:
     from add_bench.evaluate import is_stable_diffusion
 
     if is_stable_diffusion(t_folder) or is_stable_diffusion(s_folder):
-        return build_sd_networks(cfg, t_folder, s_folder)
+        return with_execution(build_sd_networks(cfg, t_folder, s_folder), cfg)
     t_card, s_card = read_card(t_folder), read_card(s_folder)
     # each network keeps the schedule it was trained on (Table 1e may pair teachers of different schedules):
     # the student's x_s and x̂θ use the student's, the teacher's diffused sample and x̂ψ the teacher's
@@ -157,7 +159,7 @@ def build_networks(cfg: TrainConfig) -> Networks:
         load_into(student, s_folder)
     student.train()
     feature_network, c_img_network, c_text, disc = class_discriminator_side(cfg)
-    return Networks(
+    nets = Networks(
         Denoiser(student, student_schedule(schedule_from_card(s_card), cfg), NUM_CLASSES),
         checkpoint.EMA(student, cfg.optim.ema_decay),
         Denoiser(teacher, schedule, NUM_CLASSES),
@@ -166,6 +168,18 @@ def build_networks(cfg: TrainConfig) -> Networks:
         c_text,
         disc,
     )
+    return with_execution(nets, cfg)
+
+
+def with_execution(nets: Networks, cfg: TrainConfig) -> Networks:
+    """``nets`` set up for the execution keys: gradient checkpointing in the student UNet and in the VAE
+    decoder x̂θ is decoded through (a decoder with gradient); chunked VAE passes (``vae_decode_chunk``)."""
+    nets.vae_chunk = cfg.vae_decode_chunk
+    if cfg.gradient_checkpointing:
+        execution.enable_gradient_checkpointing(nets.student.unet, "the student UNet")
+        if nets.sd is not None:  # only the passes that keep a graph (the student's decode) checkpoint
+            execution.enable_gradient_checkpointing(nets.sd.vae, "the VAE")
+    return nets
 
 
 def student_schedule(own: Schedule, cfg: TrainConfig) -> Schedule:
@@ -274,46 +288,82 @@ def sample_teacher_t(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Te
     return distributed.rows(lambda m: torch.randint(tc.t_min, tc.t_max + 1, (m,), generator=gen), n)
 
 
+@dataclass
+class TeacherDraws:
+    """The distillation term's random draws for a batch: the teacher's t, its noise ε' and, for NFSD with
+    another class as the negative prompt, that class's offset from the label."""
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    negative_offset: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> TeacherDraws:
+        return TeacherDraws(self.t[rows], self.eps[rows], execution.rows_of(self.negative_offset, rows))
+
+
+def draw_teacher(cfg: TrainConfig, shape, gen: torch.Generator, like: torch.Tensor) -> TeacherDraws:
+    """t, ε' (of ``shape``: the teacher's input) and NFSD's negative class offset, in this order, for a batch."""
+    n = shape[0]
+    t = sample_teacher_t(cfg, n, gen).to(like.device)
+    eps = randn(shape, gen, like)
+    offset = None
+    if cfg.loss.weighting == "nfsd" and cfg.loss.nfsd_negative == "other_class":
+        offset = distributed.rows(lambda m: torch.randint(1, NUM_CLASSES, (m,), generator=gen), n).to(like.device)
+    return TeacherDraws(t, eps, offset)
+
+
+def teacher_input_shape(nets: Networks, x_student_shape, pixel_shape) -> tuple[int, ...]:
+    """The shape of the teacher's input: x̂θ's, or x̂θ decoded and re-encoded by a teacher with its own VAE."""
+    if nets.teacher_sd is None:
+        return tuple(x_student_shape)
+    vs = nets.teacher_sd.vae_scale
+    return (pixel_shape[0], nets.teacher_sd.unet.config.in_channels, pixel_shape[-2] // vs, pixel_shape[-1] // vs)
+
+
 def distillation_term(
-    nets: Networks, cfg: TrainConfig, x_student, labels, gen, img_student=None, teacher_cond=None
+    nets: Networks,
+    cfg: TrainConfig,
+    x_student,
+    labels,
+    gen,
+    img_student=None,
+    teacher_cond=None,
+    draws: TeacherDraws | None = None,
 ) -> torch.Tensor:
     """λ-free Eq. 4 for the configured c(t): the teacher sees the diffused student sample. For a latent
     model with ``loss.space=pixel`` both x̂θ and x̂ψ are decoded first (``img_student``: x̂θ decoded).
     A teacher with its own VAE (``nets.teacher_sd``) sees sg(x̂θ) re-encoded into its latent space, is
-    conditioned by ``teacher_cond`` (its own prompt embeddings) and its x̂ψ is decoded by its own VAE."""
+    conditioned by ``teacher_cond`` (its own prompt embeddings) and its x̂ψ is decoded by its own VAE.
+    ``draws``: t and ε' drawn beforehand (a micro-batch's rows of the batch's draws); None: drawn from ``gen``."""
     bridge = nets.teacher_sd is not None
-    device = x_student.device
     if bridge:
-        img_student = img_student if img_student is not None else nets.to_pixels(x_student)
+        img_student = img_student if img_student is not None else nets.to_pixels(x_student).float()
         with torch.no_grad():
-            x_teacher_in = nets.teacher_sd.to_latents(img_student.detach(), mode=True)
+            x_teacher_in = nets.teacher_sd.to_latents(img_student.detach(), mode=True, chunk=nets.vae_chunk).float()
         labels = teacher_cond
     else:
         x_teacher_in = x_student
-    n = x_teacher_in.shape[0]
-    t = sample_teacher_t(cfg, n, gen).to(device)
-    eps = randn(x_teacher_in.shape, gen, x_teacher_in)
+    draws = draws if draws is not None else draw_teacher(cfg, x_teacher_in.shape, gen, x_teacher_in)
+    t, eps = draws.t, draws.eps
     alpha, sigma = nets.teacher.schedule.alpha_sigma(t, x_teacher_in.ndim)
     c_t = C_WEIGHTINGS[cfg.loss.weighting](alpha, sigma)
     if cfg.loss.weighting == "nfsd":
-        target = nfsd_x0_target(nets, cfg, x_teacher_in, labels, t, eps, alpha, sigma, gen)
+        target = nfsd_x0_target(nets, cfg, x_teacher_in, labels, t, eps, alpha, sigma, draws.negative_offset)
     else:
         target = teacher_target(nets.teacher, x_teacher_in, labels, t, eps, cfg.teacher.steps, cfg.teacher.cfg_scale)
     if nets.sd is not None and cfg.loss.space == "pixel":
-        with torch.no_grad():
-            target = (nets.teacher_sd or nets.sd).to_pixels(target)  # x̂ψ decoded by the teacher's own VAE
-        x_student = img_student if img_student is not None else nets.to_pixels(x_student)
-    return distillation_loss(x_student, target, c_t, cfg.loss.reduction)
+        with torch.no_grad():  # x̂ψ decoded by the teacher's own VAE
+            target = (nets.teacher_sd or nets.sd).to_pixels(target, nets.vae_chunk)
+        x_student = img_student if img_student is not None else nets.to_pixels(x_student).float()
+    return distillation_loss(x_student, target.float(), c_t, cfg.loss.reduction)
 
 
 @torch.no_grad()
-def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, alpha, sigma, gen):
+def nfsd_x0_target(nets: Networks, cfg: TrainConfig, x_student, labels, t, eps, alpha, sigma, negative_offset):
     """NFSD: ε(z;y), ε(z;∅), ε(z;negative) in one batched teacher pass, then the equivalent x0 target."""
-    n = len(labels)
     null = nets.teacher.null_condition(labels)
     if cfg.loss.nfsd_negative == "other_class":  # a random different class plays the negative prompt
-        other = distributed.rows(lambda m: torch.randint(1, NUM_CLASSES, (m,), generator=gen), n)
-        negative = (labels + other.to(labels.device)) % NUM_CLASSES
+        negative = (labels + negative_offset) % NUM_CLASSES
     else:
         negative = null
     z = add_noise(x_student.detach(), eps, alpha, sigma)
@@ -351,57 +401,75 @@ def add_step(
     """One ADD iteration: a generator (student) update, then a discriminator update.
 
     ``log_step``: this step's row is written to the log, so it also carries the student's gradient norm
-    from each term of Eq. 1 alone (:func:`term_gradient_norms`; the update is the same either way).
+    from each term of Eq. 1 alone (:class:`TermGradients`; the update is the same either way).
 
     ``labels`` is the denoisers' condition (class labels, or prompt embeddings of a text model). A latent
     model also passes ``pixels`` (the real images whose latents are x0) and ``c_text`` (per-sample text
     embeddings); for a pixel model both default to x0 and the class prompt's c_text. ``teacher_cond``:
-    the teacher's own condition when it comes from another folder (``nets.teacher_sd``)."""
+    the teacher's own condition when it comes from another folder (``nets.teacher_sd``).
+
+    ``precision`` and ``micro_batch_size``: :mod:`add_bench.execution` (every draw is made for the whole batch,
+    then each micro-batch's losses, scaled by its share, are back-propagated in turn)."""
     pixels = x0 if pixels is None else pixels
     n = x0.shape[0]
     s = draw_student_timesteps(cfg, n, gen).to(x0.device)
     eps = randn(x0.shape, gen, x0)
     alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
     x_s = add_noise(x0, eps, alpha_s, sigma_s)
-    x_student = nets.student(x_s, s, labels).x0  # x̂θ(x_s, s)
-    decode = cfg.loss.adversarial or (cfg.loss.distillation and cfg.loss.space == "pixel")
-    img_student = nets.to_pixels(x_student) if decode else None  # the identity for pixel models
-    c_text, c_img = conditioning(nets, pixels, labels, c_text)
     aug = cfg.discriminator.augment
+    fake_aug = draw_augment(aug, pixels.shape, gen, pixels.dtype) if cfg.loss.adversarial else None
+    teacher_draws = None
+    if cfg.loss.distillation:
+        teacher_draws = draw_teacher(cfg, teacher_input_shape(nets, x0.shape, pixels.shape), gen, x0)
+    regression_idx = (
+        distributed.rows(lambda m: torch.randint(0, len(nets.pairs.noise), (m,), generator=gen), n)
+        if cfg.loss.regression_weight
+        else None
+    )
+    with execution.autocast(cfg.precision, x0.device):
+        c_text, c_img = (c if c is None else c.float() for c in conditioning(nets, pixels, labels, c_text))
     log: dict[str, float] = {}
 
-    # ---- generator (student) update: Eq. 1
-    loss_g = x0.new_zeros(())
-    fake_features = loss_adv = weighted_distill = None
-    if cfg.loss.adversarial:
-        nets.discriminator.requires_grad_(False)
-        fake_features = nets.feature_network(diff_augment(img_student, aug, gen))
-        loss_adv = generator_adversarial_loss(nets.discriminator(fake_features, c_text, c_img))
-        nets.discriminator.requires_grad_(True)
-        loss_g = loss_g + loss_adv
-        log["loss_g_adv"] = loss_adv.item()
-    if cfg.loss.distillation:
-        loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student, teacher_cond)
-        weighted_distill = cfg.loss.lambda_distill * loss_distill
-        loss_g = loss_g + weighted_distill
-        log["loss_distill"] = loss_distill.item()
-    if cfg.loss.regression_weight > 0:
-        loss_regression = regression_term(nets, cfg, n, gen)
-        loss_g = loss_g + cfg.loss.regression_weight * loss_regression
-        log["loss_regression"] = loss_regression.item()
-    check_finite(loss_g, "generator loss", step)
-    if log_step:
-        log.update(term_gradient_norms(nets.student.unet, loss_adv, weighted_distill))
+    # ---- generator (student) update: Eq. 1, accumulated over the micro-batches
+    terms = TermGradients(nets.student.unet) if log_step else None
+    fake_parts: list[list[torch.Tensor]] = []
     opt_s.zero_grad(set_to_none=True)
-    loss_g.backward()
+    parts = execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size)
+    replay = execution.SpectralNormReplay(nets.discriminator)
+    for rows, share in parts:
+        with execution.autocast(cfg.precision, x0.device), replay("generator", rows, len(parts) == 1):
+            g = generator_losses(
+                nets,
+                cfg,
+                x_s[rows],
+                s[rows],
+                labels[rows],
+                execution.rows_of(c_text, rows),
+                execution.rows_of(c_img, rows),
+                execution.rows_of(teacher_cond, rows),
+                Draws(fake_aug, teacher_draws, regression_idx, rows),
+                gen,
+            )
+        for key, value in g.values.items():
+            add_share(log, key, value, share)
+        check_finite(g.total, "generator loss", step)
+        if terms is not None:
+            terms.add(execution.scaled(g.adv, share), execution.scaled(g.weighted_distill, share))
+        execution.scaled(g.total, share).backward()
+        add_share(log, "loss_g", g.total, share)
+        if g.fake_features is not None:
+            fake_parts.append([f.detach() for f in g.fake_features])
+    if terms is not None:
+        log.update(terms.norms())
     distributed.average_gradients(nets.student.unet)
     log["grad_norm_student"] = clip(nets.student.unet, cfg.optim.student_grad_clip)
     opt_s.step()
     nets.ema.update(nets.student.unet, step)
-    log["loss_g"] = loss_g.item()
+    log["loss_g"] = log.pop("loss_g")
 
     # ---- discriminator update: Eq. 3 (the fake features are those of this step's x̂θ, detached)
     if cfg.loss.adversarial:
+        fake_features = [execution.joined(level) for level in zip(*fake_parts)]
         _, fake_logits, d_log = discriminator_step(
             nets.feature_network, nets.discriminator, cfg, pixels, fake_features, c_text, c_img, gen, opt_d, step
         )
@@ -412,11 +480,67 @@ def add_step(
         for tau in sorted(set(s.tolist())):
             log[f"d_fake_acc_s{tau}"] = fake_ok[s == tau].mean().item()
         for _ in range(cfg.discriminator.steps - 1):  # extra discriminator updates, each on fresh fakes
-            features = fresh_fake_features(nets, cfg, x0, labels, gen)
+            features = fresh_fake_features(nets, cfg, x0, labels, gen, pixels.shape)
             discriminator_step(
                 nets.feature_network, nets.discriminator, cfg, pixels, features, c_text, c_img, gen, opt_d, step
             )
     return log
+
+
+@dataclass
+class Draws:
+    """The generator update's draws, made for the whole batch, and the rows of the micro-batch at hand."""
+
+    fake_augment: list | None  # DiffAugment parameters of x̂θ
+    teacher: TeacherDraws | None  # the teacher's t, ε' (and NFSD's negative class)
+    regression_idx: torch.Tensor | None  # the stored (ε, class, sample) pairs of the regression term
+    rows: slice  # the micro-batch's rows of the batch
+
+
+@dataclass
+class GeneratorLosses:
+    total: torch.Tensor  # Eq. 1 (+ the regression term) of the micro-batch
+    adv: torch.Tensor | None  # L_adv^G
+    weighted_distill: torch.Tensor | None  # λ·L_distill
+    fake_features: list[torch.Tensor] | None  # F(aug(x̂θ)), for the discriminator update
+    values: dict[str, torch.Tensor]  # the log's loss terms
+
+
+def generator_losses(
+    nets: Networks, cfg: TrainConfig, x_s, s, labels, c_text, c_img, teacher_cond, draws: Draws, gen
+) -> GeneratorLosses:
+    """The student's x̂θ(x_s, s) on one micro-batch and its losses (fp32), with the draws made beforehand."""
+    x_student = nets.student(x_s, s, labels).x0.float()  # x̂θ(x_s, s)
+    decode = cfg.loss.adversarial or (cfg.loss.distillation and cfg.loss.space == "pixel")
+    img_student = nets.to_pixels(x_student).float() if decode else None  # the identity for pixel models
+    total = x_s.new_zeros((), dtype=torch.float32)
+    values: dict[str, torch.Tensor] = {}
+    fake_features = loss_adv = weighted_distill = None
+    if cfg.loss.adversarial:
+        nets.discriminator.requires_grad_(False)
+        augmented = apply_augment(img_student, cfg.discriminator.augment, slice_draws(draws.fake_augment, draws.rows))
+        fake_features = nets.feature_network(augmented)
+        with execution.full_precision(cfg.precision, x_s.device):
+            logits = nets.discriminator([f.float() for f in fake_features], c_text, c_img)
+            loss_adv = values["loss_g_adv"] = generator_adversarial_loss(logits)
+        nets.discriminator.requires_grad_(True)
+        total = total + loss_adv
+    if cfg.loss.distillation:
+        teacher = draws.teacher.rows(draws.rows)
+        loss_distill = distillation_term(nets, cfg, x_student, labels, gen, img_student, teacher_cond, teacher)
+        weighted_distill = cfg.loss.lambda_distill * loss_distill
+        total = total + weighted_distill
+        values["loss_distill"] = loss_distill
+    if cfg.loss.regression_weight > 0:
+        loss_regression = regression_term(nets, cfg, len(s), gen, draws.regression_idx[draws.rows])
+        total = total + cfg.loss.regression_weight * loss_regression
+        values["loss_regression"] = loss_regression
+    return GeneratorLosses(total, loss_adv, weighted_distill, fake_features, values)
+
+
+def add_share(log: dict[str, float], key: str, loss: torch.Tensor, share: float) -> None:
+    """log[key] += share·loss: a micro-batch's part of the batch's value (the value itself for one batch)."""
+    log[key] = log.get(key, 0.0) + share * loss.item()
 
 
 def draw_student_timesteps(cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -429,13 +553,20 @@ def draw_student_timesteps(cfg: TrainConfig, n: int, gen: torch.Generator) -> to
 
 
 @torch.no_grad()
-def fresh_fake_features(nets: Networks, cfg: TrainConfig, x0, labels, gen) -> list[torch.Tensor]:
-    """F(aug(x̂θ)) of the (just updated) student on new noise and timesteps, for an extra discriminator update."""
+def fresh_fake_features(nets: Networks, cfg: TrainConfig, x0, labels, gen, pixel_shape=None) -> list[torch.Tensor]:
+    """F(aug(x̂θ)) of the (just updated) student on new noise and timesteps, for an extra discriminator update
+    (``pixel_shape``: the decoded images' shape; None: x0's, a pixel model)."""
     s = draw_student_timesteps(cfg, x0.shape[0], gen).to(x0.device)
     alpha_s, sigma_s = nets.student.schedule.alpha_sigma(s, x0.ndim)
     x_s = add_noise(x0, randn(x0.shape, gen, x0), alpha_s, sigma_s)
-    images = nets.to_pixels(nets.student(x_s, s, labels).x0)
-    return nets.feature_network(diff_augment(images, cfg.discriminator.augment, gen))
+    aug = draw_augment(cfg.discriminator.augment, pixel_shape or x0.shape, gen, x0.dtype)
+    parts = []
+    for rows, _ in execution.micro_batches(x0.shape[0], cfg.micro_batch_size, cfg.batch_size):
+        with execution.autocast(cfg.precision, x0.device):
+            images = nets.to_pixels(nets.student(x_s[rows], s[rows], labels[rows]).x0.float()).float()
+            features = nets.feature_network(apply_augment(images, cfg.discriminator.augment, slice_draws(aug, rows)))
+        parts.append([f.float() for f in features])
+    return [execution.joined(level) for level in zip(*parts)]
 
 
 @dataclass
@@ -471,15 +602,23 @@ def teacher_pairs(nets: Networks, cfg: TrainConfig, workdir: Path) -> TeacherPai
     return TeacherPairs(**pairs)
 
 
-def regression_term(nets: Networks, cfg: TrainConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+def regression_term(
+    nets: Networks, cfg: TrainConfig, n: int, gen: torch.Generator, idx: torch.Tensor | None = None
+) -> torch.Tensor:
     """The noise-anchored regression (an extension): the student's x̂θ(ε, τN) from n stored pairs' noise at the
-    top student timestep τN, against the teacher's sample from the same noise."""
+    top student timestep τN, against the teacher's sample from the same noise (``idx``: the pairs, drawn
+    beforehand; None: n drawn from ``gen``)."""
     pairs = nets.pairs
-    idx = distributed.rows(lambda m: torch.randint(0, len(pairs.noise), (m,), generator=gen), n)
+    idx = (
+        idx
+        if idx is not None
+        else distributed.rows(lambda m: torch.randint(0, len(pairs.noise), (m,), generator=gen), n)
+    )
+    n = len(idx)
     device = nets.student.device
     noise, labels = pairs.noise[idx].to(device), pairs.labels[idx].to(device)
     top = torch.full((n,), max(cfg.student.timesteps), device=device)
-    return noise_anchored_regression(nets.student(noise, top, labels).x0, pairs.target[idx].to(device))
+    return noise_anchored_regression(nets.student(noise, top, labels).x0.float(), pairs.target[idx].to(device))
 
 
 def discriminator_step(
@@ -496,27 +635,50 @@ def discriminator_step(
 ):
     """One update of the heads D_φ,k by Eq. 3: hinge on F(aug(x0)) against ``fake_features`` (detached here),
     plus γ·R1 on the real features every ``discriminator.r1_every`` steps (lazy R1: γ scaled by the interval).
-    Real and fake share the conditioning (c_text, c_img). Returns (real logits, fake logits, log entries)."""
-    with torch.no_grad():
-        real_features = feature_network(diff_augment(pixels, cfg.discriminator.augment, gen))
+    Real and fake share the conditioning (c_text, c_img). Returns (real logits, fake logits, log entries).
+
+    Over ``micro_batch_size`` micro-batches: the DiffAugment draws are made for the whole batch, each
+    micro-batch's hinge and R1 terms (means over its samples) are scaled by its share of the batch, so their
+    sum is the whole batch's; the heads see each micro-batch alone (:mod:`add_bench.execution` on their
+    BatchNormLocal groups). The heads, the hinge loss and R1 run in fp32 under any ``precision``."""
+    device, n = pixels.device, pixels.shape[0]
+    aug = draw_augment(cfg.discriminator.augment, pixels.shape, gen, pixels.dtype)
     gamma = cfg.discriminator.r1_gamma * cfg.discriminator.r1_every if r1_due(cfg, step) else 0.0
-    real_features = [f.requires_grad_(gamma > 0) for f in real_features]
-    real_logits = discriminator(real_features, c_text, c_img)
-    fake_logits = discriminator([f.detach() for f in fake_features], c_text, c_img)
-    loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
-    loss_r1 = r1_penalty(real_logits, real_features, gamma)
-    loss_d = loss_hinge + loss_r1
-    check_finite(loss_d, "discriminator loss", step)
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
+    log: dict[str, float] = {}
+    real_parts, fake_parts = [], []
+    parts = execution.micro_batches(n, cfg.micro_batch_size, cfg.batch_size)
+    replay = execution.SpectralNormReplay(discriminator)
+    for rows, share in parts:
+        with torch.no_grad(), execution.autocast(cfg.precision, device):
+            real_features = feature_network(
+                apply_augment(pixels[rows], cfg.discriminator.augment, slice_draws(aug, rows))
+            )
+        real_features = [f.float().requires_grad_(gamma > 0) for f in real_features]
+        cond = execution.rows_of(c_text, rows), execution.rows_of(c_img, rows)
+        with execution.full_precision(cfg.precision, device):
+            with replay("real", rows, len(parts) == 1):
+                real_logits = discriminator(real_features, *cond)
+            with replay("fake", rows, len(parts) == 1):
+                fake_logits = discriminator([f[rows].detach().float() for f in fake_features], *cond)
+            loss_hinge = discriminator_hinge_loss(real_logits, fake_logits)
+            loss_r1 = r1_penalty(real_logits, real_features, gamma)
+            loss_d = loss_hinge + loss_r1
+        check_finite(loss_d, "discriminator loss", step)
+        execution.scaled(loss_d, share).backward()
+        add_share(log, "loss_d", loss_hinge, share)
+        add_share(log, "loss_r1", loss_r1, share)
+        real_parts.append([r.detach() for r in real_logits])
+        fake_parts.append([f.detach() for f in fake_logits])
+    real_logits, fake_logits = (
+        [execution.joined(level) for level in zip(*parts)] for parts in (real_parts, fake_parts)
+    )
     distributed.average_gradients(discriminator)
-    log = {"grad_norm_discriminator": clip(discriminator, cfg.optim.discriminator_grad_clip)}
+    log = {"grad_norm_discriminator": clip(discriminator, cfg.optim.discriminator_grad_clip)} | log
     opt_d.step()
     real_mean = torch.stack([r.mean() for r in real_logits]).mean().item()
     fake_mean = torch.stack([f.mean() for f in fake_logits]).mean().item()
     log.update(
-        loss_d=loss_hinge.item(),
-        loss_r1=loss_r1.item(),
         d_real=real_mean,
         d_fake=fake_mean,
         d_acc=0.5
@@ -533,26 +695,47 @@ def r1_due(cfg: TrainConfig, step: int) -> bool:
     return step % cfg.discriminator.r1_every == 0
 
 
-def term_gradient_norms(
-    student: torch.nn.Module, loss_adv: torch.Tensor | None, weighted_distill: torch.Tensor | None
-) -> dict[str, float]:
-    """The student's gradient norm from L_adv^G alone and from λ·L_distill alone (0 for an absent term),
-    and their ratio adv/distill (left out when the distillation gradient is 0: λ = 0 or no L_distill).
-    Each gradient is taken with the graph kept and without touching ``.grad``, so the combined backward
-    that follows, and the update, are unchanged."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    adv, distill = gradient_norm(loss_adv, params), gradient_norm(weighted_distill, params)
-    norms = {"grad_norm_student_adv": adv, "grad_norm_student_distill": distill}
-    if distill > 0:
-        norms["grad_ratio_adv_distill"] = adv / distill
-    return norms
+class TermGradients:
+    """The student's gradient from L_adv^G alone and from λ·L_distill alone, summed over the micro-batches
+    (:meth:`add`), and their norms (:meth:`norms`). Each gradient is taken with the graph kept and without
+    touching ``.grad``, so the combined backward that follows, and the update, are unchanged."""
+
+    def __init__(self, student: torch.nn.Module):
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.adv: list | None = None
+        self.distill: list | None = None
+
+    def add(self, loss_adv: torch.Tensor | None, weighted_distill: torch.Tensor | None) -> None:
+        """A micro-batch's terms (each scaled by its share of the batch; None for an absent term)."""
+        self.adv = summed(self.adv, term_gradient(loss_adv, self.params))
+        self.distill = summed(self.distill, term_gradient(weighted_distill, self.params))
+
+    def norms(self) -> dict[str, float]:
+        """Each term's gradient norm (0 for an absent term) and their ratio adv/distill (left out when the
+        distillation gradient is 0: λ = 0 or no L_distill)."""
+        adv, distill = gradient_norm(self.adv), gradient_norm(self.distill)
+        norms = {"grad_norm_student_adv": adv, "grad_norm_student_distill": distill}
+        if distill > 0:
+            norms["grad_ratio_adv_distill"] = adv / distill
+        return norms
 
 
-def gradient_norm(loss: torch.Tensor | None, params: list[torch.Tensor]) -> float:
-    """‖∂loss/∂params‖₂ of the gradient averaged over the processes (the one the update uses); 0 for None."""
-    if loss is None:
+def term_gradient(loss: torch.Tensor | None, params: list[torch.Tensor]) -> list | None:
+    """∂loss/∂params (None where a parameter is unused), the graph kept; None for no loss."""
+    return None if loss is None else list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def summed(total: list | None, grads: list | None) -> list | None:
+    """Gradient lists added parameter by parameter (None entries are zeros)."""
+    if total is None or grads is None:
+        return grads if total is None else total
+    return [b if a is None else a if b is None else a + b for a, b in zip(total, grads)]
+
+
+def gradient_norm(grads: list | None) -> float:
+    """‖grads‖₂ of the gradient averaged over the processes (the one the update uses); 0 for None."""
+    if grads is None:
         return 0.0
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     grads = distributed.mean_tensors([g for g in grads if g is not None])
     if not grads:
         return 0.0
@@ -738,7 +921,8 @@ class CocoBatches:
         extra = {"pixels": pixels, "c_text": c_text}
         if self.nets.teacher_sd is not None:
             extra["teacher_cond"] = self.nets.teacher_sd.encode_prompts(prompts)
-        return self.nets.sd.to_latents(pixels, gen), self.nets.sd.encode_prompts(prompts), extra
+        latents = self.nets.sd.to_latents(pixels, gen, chunk=self.nets.vae_chunk)
+        return latents, self.nets.sd.encode_prompts(prompts), extra
 
 
 def training_data(cfg: TrainConfig, nets: Networks):

@@ -178,6 +178,8 @@ def test_added_fields_are_the_hand_kept_list_they_replace():
         "coco": {"root": None, "split": "train2017", "resolution": 512},
         "loss.space": "pixel",
         "method": "add",
+        "precision": "fp32",
+        "micro_batch_size": 0,
         "sampling": {"sampler": None, "cfg_scale": 1.0},
         "progressive": {
             "start_steps": 8,

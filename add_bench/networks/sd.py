@@ -204,10 +204,18 @@ class StableDiffusion:
         return TextDenoiser(unet, self.schedule, self.null_embedding())
 
     def to_latents(
-        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False, chunk: int = 0
     ) -> torch.Tensor:
-        """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode."""
-        posterior = self.vae.encode(pixels).latent_dist
+        """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode.
+        ``chunk`` > 0: encoded at most that many images at a time, the posterior's noise drawn for the whole
+        batch at once (the same latents as ``chunk=0``)."""
+        if 0 < chunk < pixels.shape[0]:
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            moments = [self.vae.encode(p).latent_dist.parameters for p in pixels.split(chunk)]
+            posterior = DiagonalGaussianDistribution(torch.cat(moments))
+        else:
+            posterior = self.vae.encode(pixels).latent_dist
         if mode:
             return posterior.mode() * self.vae.config.scaling_factor
         # posterior.sample(generator), with one noise row per image (distributed.rows: in a training step over
@@ -218,10 +226,14 @@ class StableDiffusion:
         noise = rows(lambda m: torch.randn((m, *mean.shape[1:]), generator=generator, dtype=mean.dtype), len(mean))
         return (mean + posterior.std * noise.to(mean.device)) * self.vae.config.scaling_factor
 
-    def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+    def to_pixels(self, latents: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """Scaled latents → pixels, ≈ [−1, 1] and not clamped, so that gradients reach every latent
-        (the discriminator and the pixel-space distillation loss backpropagate through the decoder)."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        (the discriminator and the pixel-space distillation loss backpropagate through the decoder);
+        ``chunk`` > 0: at most that many samples at a time."""
+        z = latents / self.vae.config.scaling_factor
+        if 0 < chunk < z.shape[0]:
+            return torch.cat([self.vae.decode(part).sample for part in z.split(chunk)])
+        return self.vae.decode(z).sample
 
 
 def _load(cls, folder: Path, subfolder: str):
