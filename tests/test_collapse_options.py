@@ -83,6 +83,27 @@ def test_noise_anchored_regression_pairs_are_the_teachers_samples(tiny_assets, t
     )
 
 
+def test_the_regression_alone_trains_only_the_student_on_the_pairs(tiny_assets, tmp_path):
+    """The probe's sanity rung: neither of the paper's terms, the regression alone; the heads are not updated."""
+    terms = {"loss.adversarial": False, "loss.distillation": False, "loss.regression_pairs": 12}
+    with pytest.raises(ConfigError, match="at least one loss term"):
+        train_mod.validate(cfg_for(tiny_assets, **terms))
+    cfg = cfg_for(tiny_assets, **terms, **{"loss.regression_weight": 2.0, "loss.regression_steps": 3})
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    nets.pairs = train_mod.teacher_pairs(nets, cfg, tmp_path)
+    opt_s = torch.optim.Adam(nets.student.unet.parameters(), 1e-4)
+    opt_d = torch.optim.Adam(nets.discriminator.parameters(), 1e-4)
+    heads = {k: v.clone() for k, v in nets.discriminator.state_dict().items()}
+    student = [p.clone() for p in nets.student.unet.parameters()]
+    x0, y = batch(tiny_assets)
+    row = train_mod.add_step(nets, cfg, x0, y, torch.Generator().manual_seed(0), opt_s, opt_d, 0)
+    assert "loss_g_adv" not in row and "loss_distill" not in row
+    assert row["loss_g"] == pytest.approx(2.0 * row["loss_regression"], rel=1e-6) and row["loss_regression"] > 0
+    assert all(torch.equal(v, nets.discriminator.state_dict()[k]) for k, v in heads.items())
+    assert any(not torch.equal(a, b) for a, b in zip(student, nets.student.unet.parameters()))
+
+
 def test_the_options_default_to_the_papers_recipe():
     cfg = TrainConfig()
     assert cfg.student.timestep_draw == "uniform" and cfg.discriminator.steps == 1
