@@ -246,7 +246,7 @@ def bars_table(root: Path, ab: Ablation) -> list[str]:
     rows = [{k: v for k, v in r.items() if k not in HIDDEN} for r in bars_rows(root, ab, ref)]
     return [
         f"Against {teacher}'s baseline in `results/teacher`, the bars are 1-step FID ≤ {0.5 * ref['fid1']:.2f}, "
-        f"{MULTI_STEP}-step FID ≤ {ref['fid4']:.2f} and 1-step recall ≥ {0.5 * ref['recall4']:.3f} (means over seeds); the last column is the student's "
+        f"{MULTI_STEP}-step FID ≤ {ref['fid4']:.2f} and 1-step recall ≥ {0.5 * ref['recall4']:.4f} (means over seeds, judged unrounded); the last column is the student's "
         "gradient norm from L_adv over that from λ·L_distill late in training (median of the last fifth of the "
         "logged steps):",
         "",

@@ -133,7 +133,7 @@ def test_a_probe_is_judged_by_the_bars_of_its_default_cells_teacher_with_the_lat
     assert findings.default_teacher(tmp_path, ab) == "t"
     assert findings.late_grad_ratio(tmp_path, ab, "default") == 11.0  # the median of the last fifth (10, 12)
     lines = findings.bars_table(tmp_path, ab)
-    assert "1-step FID ≤ 13.00, 4-step FID ≤ 5.30 and 1-step recall ≥ 0.250" in lines[0]
+    assert "1-step FID ≤ 13.00, 4-step FID ≤ 5.30 and 1-step recall ≥ 0.2500" in lines[0]
     table = lines[2].splitlines()
     assert table[2].split("|")[6:8] == [" 1 of 3     ", "                         11 "]
     assert table[3].split("|")[6:8] == [" 3 of 3     ", "                          3 "]  # 2 rows: the last
