@@ -75,9 +75,11 @@ def whole_batch(tiny_assets, sd_assets):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_micro_batches_equal_one_batch_embedded(tiny_assets, whole_batch, k):
-    whole = whole_batch["embedded"]
-    parts = one_step(embedded_cfg(tiny_assets, batch_size=32, micro_batch_size=32 // k))
+@pytest.mark.parametrize("model", ["embedded", "stable_diffusion"])
+def test_micro_batches_equal_one_batch(tiny_assets, sd_assets, whole_batch, model, k):
+    make_cfg, assets = (embedded_cfg, tiny_assets) if model == "embedded" else (sd_cfg, sd_assets)
+    whole = whole_batch[model]
+    parts = one_step(make_cfg(assets, batch_size=32, micro_batch_size=32 // k))
     assert all(k in whole["row"] for k in LOSS_KEYS) and whole["row"]["loss_r1"] > 0
     assert_same_step(whole, parts, rtol=1e-4, atol=1e-6)
 
@@ -92,14 +94,6 @@ def test_extra_discriminator_updates_see_the_same_fresh_fakes_in_micro_batches(t
     cfg.micro_batch_size = 8
     parts = train_mod.fresh_fake_features(nets, cfg, x0, labels, torch.Generator().manual_seed(1))
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("k", [2, 4])
-def test_micro_batches_equal_one_batch_stable_diffusion(sd_assets, whole_batch, k):
-    whole = whole_batch["stable_diffusion"]
-    parts = one_step(sd_cfg(sd_assets, batch_size=32, micro_batch_size=32 // k))
-    assert all(k in whole["row"] for k in LOSS_KEYS) and whole["row"]["loss_r1"] > 0
-    assert_same_step(whole, parts, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_checkpointing_and_chunked_vae_give_the_same_step(sd_assets):
