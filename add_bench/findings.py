@@ -359,6 +359,53 @@ def sanity_lines(root: Path) -> list[str]:
     ]
 
 
+def bench_lines(root: Path) -> list[str]:
+    """What ``python -m add_bench.bench --profile`` and ``--against REF`` measured (``results/bench``)."""
+    lines = []
+    for path in sorted((root / "bench").glob("against_*.json")):
+        d = json.loads(path.read_text())
+        t, machine = d["timings"], d["provenance"]["machine"]
+        agree = "equal" if t["loss_first_step_over_rtol"] < 0 else f"differ from step {t['loss_first_step_over_rtol']}"
+        lines.append(
+            f"- This tree's ADD step against {t['ref']}'s (`{path.relative_to(root.parent)}`, {t['threads']} "
+            f"thread, same config, seed and batches): {t['s_per_step_current']:.3f} s against "
+            f"{t['s_per_step_ref']:.3f} s, **{t['ratio_ref_to_current']:.2f}×**; the losses of every step "
+            f"{agree} (largest relative difference {t['loss_max_rel_diff']:.1e}, tolerance {t['loss_rtol']:.0e}). "
+            f"Load average {machine.get('load_average_1m', '?')} on {machine['cpu_count']} cores."
+        )
+    path = root / "bench" / "profile.json"
+    if path.is_file():
+        t = json.loads(path.read_text())["timings"]
+        for name, label in (("add_step", "ADD step"), ("progressive_step", "progressive-distillation step")):
+            shares = t[name]["op_classes"]
+            text = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+            lines.append(f"- Operators of one {label} (`torch.profiler`, self time): {text}.")
+        by_batch = {int(b): v for b, v in t["add_step_s_per_sample_by_batch"].items()}
+        lo, hi = min(by_batch), max(by_batch)
+        # time per step = fixed + per_sample·B: the fixed part is what less per-operator overhead could remove
+        fixed = (by_batch[lo] - by_batch[hi]) / (1 / lo - 1 / hi)
+        text = ", ".join(f"{b}: {v * 1e3:.1f} ms" for b, v in by_batch.items())
+        batch = json.loads(path.read_text())["batch_size"]
+        step = by_batch.get(batch, by_batch[hi]) * batch
+        lines += [
+            f"- ADD step time per sample by batch size ({text}): a fixed cost of {fixed * 1e3:.0f} ms per step "
+            f"(per-operator overhead, what compilation or fusion could remove) is {fixed / step:.0%} of a step at "
+            f"batch {batch}; the rest grows with the batch: arithmetic.",
+            f"- The same step with the student, teacher and feature network under `torch.compile`: "
+            f"{t['ratio_eager_to_compiled']:.2f}× the eager speed; under bf16 autocast (which also changes the "
+            f"numbers): {t['ratio_fp32_to_bf16_autocast']:.2f}×.",
+        ]
+    path = root / "bench" / "local_layout.json"
+    if path.is_file():
+        t = json.loads(path.read_text())["timings"]
+        cores = int(t["cores"])
+        lines.append(
+            f"- A local sweep's layout: {cores} one-thread workers run "
+            f"{t['ratio_workers_to_threads']:.2f}× the ADD steps per second of one worker on {cores} threads."
+        )
+    return lines
+
+
 def status_lines(abls: list[Ablation]) -> list[str]:
     counts: dict[str, int] = {}
     seen = set()
@@ -429,6 +476,9 @@ def report(root: str | Path = "results") -> str:
         for folder in curves:
             out += curve_section(root, folder)
     out += ["## Metric sanity ladder", "", *sanity_lines(root), ""]
+    lines = bench_lines(root)
+    if lines:
+        out += ["## Where the time goes (`python -m add_bench.bench`)", "", *lines, ""]
     return "\n".join(out)
 
 
