@@ -26,7 +26,7 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 # checked from outside the repository, so that the installed package (not the working directory) answers
-installed=$(cd / && "$PY" -c "import add_bench, diffusers, transformers, cleanfid, open_clip, timm, submitit, nbclient, tensorboard, jupytext, ruff, os
+installed=$(cd / && "$PY" -c "import add_bench, diffusers, transformers, cleanfid, open_clip, timm, submitit, nbclient, tensorboard, jupytext, ruff, xdist, os
 print(os.path.realpath(os.path.dirname(add_bench.__file__)))" 2>/dev/null || true)
 if [ "$installed" != "$(realpath add_bench)" ]; then
   echo "setup: pip install -e .[dev]"

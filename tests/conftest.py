@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -11,6 +12,21 @@ import numpy as np
 import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+# pytest-xdist (``-n auto`` in pyproject.toml) runs one test process per core: each keeps to one torch thread,
+# so the processes do not oversubscribe the cores (a test's own subprocesses choose their threads themselves)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that submit to the one local SLURM cluster run in one test process, one after another
+    (``--dist loadgroup``): its start/stop fixture and its two slots are not shared between processes."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
