@@ -331,12 +331,17 @@ class ProgressiveConfig:
     warmup_steps: int = 50
 
 
+# how any run is carried out (threads, device, checkpoints, logs), never what it computes
+RUN_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard")
+
+
 @dataclass
 class TrainConfig:
     """``python -m add_bench.train``: one ADD cell, on the embedded benchmark or, when ``teacher.network``
     is a Stable Diffusion folder, on COCO (``coco``) in the teacher's latent space. A sweep cell of
-    another ``method`` (Table 2: the teacher sampled as is, progressive distillation) reads the same
-    schema; the fields a method does not use are ignored by it."""
+    another ``method`` (Table 2: the teacher sampled as is, progressive distillation) reads its part of the
+    same schema, declared in ``add_bench.methods.READS`` (an ablation row that sets a key its method does not
+    read is refused); the schema stays one because a cell's id hashes all of it."""
 
     # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
     method: str = added(4, "add")

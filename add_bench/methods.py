@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from add_bench.config import TrainConfig, check_positive, choose
+from add_bench.config import RUN_KEYS, TrainConfig, check_positive, choose
+from add_bench.errors import ConfigError
 
 
 @dataclass
@@ -108,6 +109,48 @@ def teacher_evaluations(cfg: TrainConfig) -> int:
 
 
 METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progressive}
+
+# The part of the one config schema each method reads (dotted keys; a group name covers the group). ADD reads
+# all of it; a cell's id still hashes the whole config, so that committed cells keep their ids.
+COMMON_KEYS = (
+    "method",
+    "seed",
+    *RUN_KEYS,
+    "data",
+    "eval",
+    "eval_steps",
+    "sampling",
+    "teacher.network",
+)
+READS: dict[str, tuple[str, ...] | None] = {
+    "add": None,
+    "teacher": COMMON_KEYS,
+    "progressive": (
+        *COMMON_KEYS,
+        "batch_size",
+        "teacher.cfg_scale",
+        "optim.ema_decay",
+        "optim.student_grad_clip",
+        "progressive",
+    ),
+}
+
+
+def reads(method: str, key: str) -> bool:
+    """Whether ``method`` reads the config key ``key`` (dotted)."""
+    keys = choose(READS, method, "method")
+    return keys is None or any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def check_reads(method: str, keys: list[str]) -> None:
+    """A row that sets a key its method never reads would look like an ablation and change nothing."""
+    unread = [k for k in keys if not reads(method, k)]
+    if unread:
+        accepted = ", ".join(READS[method] or ())
+        raise ConfigError(
+            f"{', '.join(unread)}: not read by method={method}, so setting it changes nothing; the keys "
+            f"method={method} reads: {accepted}"
+        )
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -52,6 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from add_bench.config import (
     PRESETS_DIR,
+    RUN_KEYS,
     SCHEMA_VERSION,
     TrainConfig,
     added_fields,
@@ -271,12 +272,7 @@ def default_out(launches: dict[str, Launch]) -> Path:
 # count is the launcher's choice): left out of the cell id, so that --workers N or a different
 # checkpoint interval finds the same finished cells.
 EXECUTION_KEYS = (
-    "threads",
-    "device",
-    "ckpt_every",
-    "keep_checkpoints",
-    "log_every",
-    "tensorboard",
+    *RUN_KEYS,
     "gradient_checkpointing",  # recomputes activations: the same numbers within float tolerance
     "vae_decode_chunk",  # decodes in chunks: the same numbers within float tolerance
 )
@@ -379,6 +375,7 @@ def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[st
                 raise ConfigError(f"{where}: {e}") from None
             cfg = resolved(load_cli(cfg, train_over), f"{where} on base {base_name}")
             validate_names(cfg, where)
+            check_row_reads(cfg.method, {**spec.set, **scale.set}, where)
             if spec.steps is not None and spec.steps not in cfg.eval_steps:
                 raise ConfigError(
                     f"{where}: steps={spec.steps} is not among the cell's eval_steps={list(cfg.eval_steps)}"
@@ -434,6 +431,17 @@ def validate_names(cfg: Any, where: str) -> None:
         choose(FEATURE_NETWORKS, cfg.feature_network.name, "feature_network.name")
         if cfg.discriminator.c_img:
             choose(FEATURE_NETWORKS, cfg.discriminator.c_img_network, "discriminator.c_img_network")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_row_reads(method: str, row_set: dict, where: str) -> None:
+    """A row's own ``set:`` (and its ``by_base`` one) holds only keys its method reads (the file's ``set:`` and
+    the command line apply to every row, whatever its method)."""
+    from add_bench.methods import check_reads
+
+    try:
+        check_reads(method, [k for k in row_set if k not in ("method", "eval_steps")])
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

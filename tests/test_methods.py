@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_train_overrides
 from test_sweep import ablation_file, env, tiny_preset  # noqa: F401 (fixture)
 
-from add_bench import checkpoint, progressive, sweep
+from add_bench import checkpoint, methods, progressive, sweep
 from add_bench.config import ScheduleConfig, TrainConfig, load
 from add_bench.diffusion import Schedule, ddim_step, eps_from_x0
 from add_bench.errors import ConfigError
@@ -210,6 +210,37 @@ def test_a_row_step_count_must_be_evaluated(tiny_assets, env):  # noqa: F811 (py
     )
     with pytest.raises(ConfigError, match=r"cells\[0\] \(dpm\): steps=8 is not among the cell's eval_steps=\[4\]"):
         sweep.load_ablations(path)
+
+
+def test_a_row_that_sets_a_key_its_method_does_not_read_is_refused(tiny_assets, env):  # noqa: F811 (fixture)
+    preset = tiny_preset(tiny_assets, env)
+    cells = [
+        {"name": "pd", "set": {"method": "progressive", "progressive.steps_per_stage": 3, "teacher.cfg_scale": 1.5}},
+        {"name": "pd_d2", "set": {"method": "progressive", "discriminator.steps": 2, "loss.lambda_distill": 1.0}},
+    ]
+    path = ablation_file(env, preset, cells=cells)
+    with pytest.raises(
+        ConfigError,
+        match=r"cells\[1\] \(pd_d2\): discriminator.steps, loss.lambda_distill: not read by method=progressive, so "
+        r"setting it changes nothing; the keys method=progressive reads: method, seed, .*progressive$",
+    ):
+        sweep.load_ablations(path)
+    path = ablation_file(env, preset, cells=[{"name": "dpm", "set": {"method": "teacher", "batch_size": 64}}])
+    with pytest.raises(ConfigError, match=r"\(dpm\): batch_size: not read by method=teacher"):
+        sweep.load_ablations(path)
+    assert len(sweep.load_ablations(ablation_file(env, preset, cells=cells[:1]))[0].cells) == 1
+
+
+def test_every_key_a_method_reads_is_in_the_schema():
+    """``methods.READS`` names real config keys (a renamed field cannot leave the registry behind)."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(TrainConfig)
+    for method, keys in methods.READS.items():
+        for key in keys or ():
+            assert OmegaConf.select(schema, key, default="<missing>") != "<missing>", (method, key)
+    assert methods.reads("add", "discriminator.steps") and methods.reads("progressive", "progressive.lr")
+    assert not methods.reads("teacher", "progressive.lr") and not methods.reads("progressive", "teacher.steps")
 
 
 @pytest.mark.parametrize(
