@@ -943,6 +943,16 @@ def launch_groups(ablations: list[Ablation], launches: dict[str, Launch], ids: l
     return list(groups.values())
 
 
+def check_fit(ablations: list[Ablation], launches: dict[str, Launch], out: Path, only: set[str] | None) -> None:
+    """Before a SLURM submission: the cells of ablations whose launch profile names a GPU must fit its memory
+    (the dry run's GPU plan, printed; a ConfigError names each cell that does not fit)."""
+    with_gpu = [ab for ab in ablations if launches[ab.name].gpu]
+    if with_gpu:
+        from add_bench.cost import print_gpu_plan
+
+        print_gpu_plan(with_gpu, out, only, {ab.name: launches[ab.name].gpu for ab in with_gpu})
+
+
 def show_status(ablations: list[Ablation], out: Path) -> None:
     from add_bench.launchers import status_slurm
 
@@ -1047,8 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
         write_manifests(ablations, out)
         collect(ablations, out)
     else:
-        if a.launcher == "local":  # before a SLURM submission run_sweep checks them itself
-            check_paths(ablations, out, only)
+        check_paths(ablations, out, only)
+        if a.launcher == "slurm":
+            check_fit(ablations, launches, out, only)
         run_sweep(ablations, out, a.launcher, workers, launches, only, procs)
     return 0
 

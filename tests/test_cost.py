@@ -112,6 +112,19 @@ def test_a_cell_that_does_not_fit_is_refused_with_its_memory(tiny_preset, capsys
     assert re.search(where, message) and "samples per micro-batch fit" in message
 
 
+def test_a_submission_whose_cell_does_not_fit_the_profiles_gpu_is_refused_before_anything_is_submitted(
+    tiny_preset, capsys
+):
+    """The launch profile names an A100-80GB: a SLURM submission checks the fit as the dry run does and
+    stops before sbatch (no job ids recorded)."""
+    preset, _, root = tiny_preset
+    out = root / "submit"
+    args = ["teacher.steps=1,2", f"base={preset}", "batch_size=40000", "--launcher", "slurm", "--out", str(out)]
+    assert sweep.main(args) == 2
+    assert re.search(r"2 cell\(s\) do not fit", capsys.readouterr().err)
+    assert not (out / "cells" / "slurm_jobs.json").exists()
+
+
 def test_unknown_gpu_names_the_accepted_ones(tiny_preset, capsys):
     preset, _, root = tiny_preset
     args = ["teacher.steps=1,2", f"base={preset}", "--dry-run", "--gpu", "B200", "--out", str(root / "out")]
