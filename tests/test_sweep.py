@@ -372,7 +372,7 @@ def test_missing_weights_and_metric_paths_fail_before_anything_is_submitted(tmp_
             "name: x\ncells:\n  - {name: a, by_base: {embedded: {paper: {}}}}\n",
             r"cells\[0\] \(a\): by_base.embedded: unknown key\(s\) paper; accepted: label, set",
         ),
-        ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21"),
+        ("name: x\nbase: sd99\ncells:\n  - {name: a}\n", r"base='sd99': unknown; accepted: embedded, sd21, sdxl"),
         ("name: x\ncolour: red\ncells: []\n", r"x.yaml: unknown key\(s\) colour; accepted: base, cells, .*title"),
         ("name: x\n", r"x.yaml: missing key 'cells'"),
         ("name: x\ncells: {a: 1}\n", r"x.yaml: cells: expected a list of rows, got dict"),
