@@ -332,7 +332,7 @@ class ProgressiveConfig:
 
 
 # how any run is carried out (threads, device, checkpoints, logs), never what it computes
-RUN_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard")
+RUN_KEYS = ("threads", "device", "ckpt_every", "keep_checkpoints", "log_every", "tensorboard", "data_workers")
 
 
 @dataclass
@@ -363,6 +363,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
+    data_workers: int = 0  # threads reading and decoding a batch's COCO images (0 = the training thread): same images
     # execution only (sweep.EXECUTION_KEYS; the same numbers within float tolerance, less memory, more time):
     # torch.utils.checkpoint in the student UNet and, for a latent model, the VAE decoder that x̂θ is
     # decoded through (diffusers' enable_gradient_checkpointing): activations recomputed in the backward pass

@@ -107,6 +107,8 @@ def validate(cfg: TrainConfig) -> None:
     choose(dict.fromkeys(LR_SCHEDULES), cfg.optim.lr_schedule, "optim.lr_schedule")
     choose(dict.fromkeys(("pixel", "latent")), cfg.loss.space, "loss.space")
     check_positive(cfg.teacher.steps, "teacher.steps")
+    if cfg.data_workers < 0:
+        raise ConfigError(f"data_workers={cfg.data_workers}: threads decoding a batch's images; need ≥ 0 (0 = none)")
     check_positive(cfg.discriminator.r1_every, "discriminator.r1_every")
     check_positive(cfg.discriminator.steps, "discriminator.steps")
     choose(dict.fromkeys(("uniform", "stratified")), cfg.student.timestep_draw, "student.timestep_draw")
@@ -899,13 +901,14 @@ class FashionMnistBatches:
 
 class CocoBatches:
     """COCO image–caption pairs for a latent model: batch(idx) → (x0 = VAE latents, prompt embeddings,
-    {pixels, c_text[, teacher_cond]}). Images are read and encoded on the fly (a cluster run wants
-    cached latents)."""
+    {pixels, c_text[, teacher_cond]}). Images are read and decoded by ``data_workers`` threads and encoded on
+    the fly."""
 
     def __init__(self, cfg: TrainConfig, nets: Networks):
         from add_bench.data.coco import load_captions
 
         self.coco, self.res, self.nets = load_captions(cfg.coco.root, cfg.coco.split), cfg.coco.resolution, nets
+        self.workers = cfg.data_workers
         nets.sd.latent_shape(self.res)  # a resolution the VAE cannot take fails here, not mid-run
 
     def __len__(self) -> int:
@@ -915,7 +918,8 @@ class CocoBatches:
     def batch(self, idx: torch.Tensor, gen: torch.Generator):
         from add_bench.data.coco import to_model_range
 
-        pixels = to_model_range(self.coco.load_images(idx.tolist(), self.res)).to(self.nets.sd.vae.device)
+        images = self.coco.load_images(idx.tolist(), self.res, self.workers)
+        pixels = to_model_range(images).to(self.nets.sd.vae.device)
         prompts = [self.coco.captions[i] for i in idx.tolist()]
         c_text = self.nets.text_encoder(prompts) if self.nets.text_encoder is not None else None
         extra = {"pixels": pixels, "c_text": c_text}

@@ -23,6 +23,21 @@ def test_pairs_images_and_the_eval_set(tmp_path):
         coco.eval_pairs(7)
 
 
+def test_images_decoded_by_worker_threads_are_the_same_images_in_the_same_order(tmp_path):
+    from PIL import Image
+
+    coco = load_captions(str(write_coco(tmp_path / "coco")), "val2017")
+    for k, path in enumerate(dict.fromkeys(coco.files)):  # each image file a distinct grey level
+        Image.new("RGB", (40, 20), (30 * k, 30 * k, 30 * k)).save(path)
+    index = [11, 0, 5, 3, 8, 0]
+    alone = coco.load_images(index, 8)
+    assert len({int(im[0, 0, 0]) for im in alone}) == 5  # five distinct images (index 0 twice)
+    assert (coco.load_images(index, 8, workers=4) == alone).all()
+    with pytest.raises(DataError, match=r"not a readable image"):
+        coco.files[3].write_bytes(b"not a jpeg")
+        coco.load_images(index, 8, workers=4)
+
+
 def test_root_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(write_coco(tmp_path / "c")))
     assert len(load_captions(None)) == 12

@@ -49,9 +49,16 @@ class CocoCaptions:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def load_images(self, index: np.ndarray | list[int], resolution: int) -> np.ndarray:
-        """uint8 (N, resolution, resolution, 3): centre crop to a square, then bicubic resize."""
-        return np.stack([load_image(self.files[i], resolution) for i in index])
+    def load_images(self, index: np.ndarray | list[int], resolution: int, workers: int = 0) -> np.ndarray:
+        """uint8 (N, resolution, resolution, 3): centre crop to a square, then bicubic resize; ``workers`` > 1:
+        that many threads read and decode (PIL releases the GIL), the images in the same order."""
+        files = [self.files[i] for i in index]
+        if workers > 1 and len(files) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(files))) as pool:
+                return np.stack(list(pool.map(load_image, files, [resolution] * len(files))))
+        return np.stack([load_image(f, resolution) for f in files])
 
     def eval_pairs(self, n: int, seed: int = 0) -> np.ndarray:
         """The zero-shot evaluation set: n distinct images chosen with ``seed``, one caption each (also
