@@ -12,7 +12,9 @@ combination of the comma-separated values, the same cells (same ids) as a YAML f
 ``--launcher slurm`` asks SLURM for what the preset's launch profile says (``presets/launch/<preset>.yaml``
 beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top; a cell runs
 as its ``slurm.nodes`` × ``slurm.tasks_per_node`` data-parallel processes (``--procs-per-cell N`` locally:
-gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`).
+gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`). With
+``slurm.eval_job`` each cell is evaluated by its own job once its training job has succeeded (``slurm.eval``: that
+job's request; :func:`train_cell`, :func:`evaluate_cell`, ``scripts/README_slurm.md``).
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -20,8 +22,8 @@ training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
 ``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
-``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/ until metrics.json is written, metrics.json or
-error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, trained.json once trained, eval_shards/ until
+metrics.json is written, metrics.json or error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
 records the version (git blob id) of each weights folder it read (``methods.inputs``): when one has
@@ -1141,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="SLURM settings over the preset's launch profile: partition, timeout_min, cpus_per_task, "
-        "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>",
+        "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>; eval_job=true: evaluation as "
+        "its own job after training, its request eval.<key>=<value> (eval.timeout_min=30)",
     )
     p.add_argument(
         "--procs-per-cell",
