@@ -538,6 +538,8 @@ def status_slurm(folder: str | Path, jobs_file: str = JOBS_FILE) -> dict[str, st
     folder = Path(folder).resolve()
     jobs = read_jobs(folder / jobs_file)
     wanted = set(jobs.values())
+    if not wanted:  # sacct without a job id would list every job
+        return {}
     states = _sacct_states(wanted)
     missing = wanted - set(states)
     if missing:
