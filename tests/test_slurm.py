@@ -1,6 +1,6 @@
 """add_bench.launchers against a REAL single-node SLURM cluster on this machine, and run_local.
 
-Run:  python -m pytest tests/test_slurm.py -x -q          (as root; about 1.5-2.5 minutes)
+Run:  python -m pytest tests/test_slurm.py -x -q          (as root; about 2.5-5 minutes)
       python -m pytest tests -m "not slurm"                (everything except the cluster tests)
 
 The module-scoped ``slurm_cluster`` fixture runs ``scripts/slurm_cluster.sh`` (idempotent: it starts
