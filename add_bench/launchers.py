@@ -17,6 +17,8 @@ call when SLURM signals an upcoming time limit or a preemption.
   reports each cell's state (sacct, else squeue, else submitit's result file). ``cfg`` (SlurmConfig)
   usually comes from a preset's :class:`LaunchProfile` with the command line's overrides on top
   (:func:`slurm_request`); a cell whose request has GPUs refuses to train on the CPU with device=auto.
+  ``submit_slurm(..., after=ids, jobs_file=EVAL_JOBS_FILE)``: a second array whose task i waits for job
+  ``ids[i]`` (``cfg.eval_job``: the sweep's evaluation jobs, requesting :func:`eval_request`).
 
 A local single-node cluster for trying this out: ``scripts/slurm_cluster.sh`` (see
 ``scripts/README_slurm.md``); ``tests/test_slurm.py`` runs against it.
@@ -25,6 +27,7 @@ A local single-node cluster for trying this out: ``scripts/slurm_cluster.sh`` (s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -48,7 +51,8 @@ from add_bench.provenance import REPO_ROOT, atomic_write_json
 Cell = tuple[str, Callable[[str, str], dict]]
 
 LAUNCHERS = ("local", "slurm")
-JOBS_FILE = "slurm_jobs.json"
+JOBS_FILE = "slurm_jobs.json"  # cell_id → job id of its (training, or training and evaluation) job
+EVAL_JOBS_FILE = "slurm_eval_jobs.json"  # cell_id → job id of its evaluation job (slurm.eval_job)
 LOGS_DIR = "slurm_logs"
 
 
@@ -73,6 +77,12 @@ class SlurmConfig:
     # any other sbatch flag, as --<flag>=<value>: {"account": "abc", "qos": "low", "constraint": "a100"};
     # the value true gives a flag without a value (--exclusive)
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # evaluation as its own job: the cells' training array, then an evaluation array whose task i starts once
+    # training task i has succeeded (sbatch --dependency=aftercorr); False: a cell trains and evaluates in one job
+    eval_job: bool = False
+    # the evaluation jobs' request where it differs from the one above (any of its keys but eval_job and eval;
+    # nodes and tasks_per_node stay 1: evaluation is one process); gpus_per_node defaults to min(1, gpus_per_node)
+    eval: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # direct construction is checked; OmegaConf nodes: check_slurm_config
         _validated(self, "slurm")
@@ -183,7 +193,10 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
             f"{key}.tasks_per_node={tasks} with {key}.gpus_per_node={gpus}: a cell runs one process per GPU; "
             f"accepted: {key}.tasks_per_node ≤ {gpus} (= {gpus} to use them all)"
         )
-    return dict(
+    eval_job = get("eval_job")
+    if not isinstance(eval_job, bool):
+        raise ConfigError(f"{key}.eval_job={eval_job!r}: must be true (evaluation as its own job) or false")
+    values = dict(
         partition=partition,
         timeout_min=timeout_min,
         cpus_per_task=_positive_int(get("cpus_per_task"), f"{key}.cpus_per_task"),
@@ -195,7 +208,60 @@ def _validated(cfg: Any, key: str) -> dict[str, Any]:
         array_parallelism=_positive_int(get("array_parallelism"), f"{key}.array_parallelism"),
         signal_delay_s=delay,
         additional_parameters={str(k): v for k, v in extra.items()},
+        eval_job=eval_job,
+        eval={},
     )
+    values["eval"] = _eval_differences(values, get("eval"), key)
+    return values
+
+
+# sbatch flags the evaluation array gets from the launcher (its dependency on the training array)
+DEPENDENCY_FLAGS = ("dependency", "kill-on-invalid-dep")
+
+
+def _eval_differences(request: dict[str, Any], differences: Any, key: str) -> dict[str, Any]:
+    """``<key>.eval`` (the evaluation request's differences from ``request``), checked by checking the
+    evaluation request they make; returned as a plain dict."""
+    differences = {} if differences is None else differences
+    if OmegaConf.is_config(differences):
+        differences = OmegaConf.to_container(differences, resolve=True)
+    if not hasattr(differences, "items"):
+        raise ConfigError(f"{key}.eval={differences!r}: must be a mapping of SLURM request key → value")
+    differences = {str(k): v for k, v in differences.items()}
+    if not differences:  # training's request as one process: valid when training's is
+        return {}
+    accepted = [name for name in SlurmConfig.__dataclass_fields__ if name not in ("eval_job", "eval")]
+    for name, value in differences.items():
+        if name not in accepted:
+            raise ConfigError(f"{key}.eval.{name}: unknown key; accepted: {', '.join(accepted)}")
+        if name in ("nodes", "tasks_per_node") and value != 1:
+            raise ConfigError(
+                f"{key}.eval.{name}={value!r}: evaluation runs as one process; accepted: 1 (or leave it out)"
+            )
+    for flag in differences.get("additional_parameters") or {}:
+        if str(flag).replace("_", "-") in DEPENDENCY_FLAGS:
+            raise ConfigError(
+                f"{key}.eval.additional_parameters.{flag}: the launcher writes --{str(flag).replace('_', '-')} of "
+                "the evaluation array itself (it waits for its training task); accepted: any other sbatch flag"
+            )
+    _validated(_eval_values(request, differences), f"{key}.eval")
+    return differences
+
+
+def _eval_values(request: dict[str, Any], differences: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation jobs' request: ``request`` (training's) as one process with at most one GPU, without
+    training's own dependency flags, ``differences`` on top (additional_parameters merged flag by flag)."""
+    extra = {k: v for k, v in request["additional_parameters"].items() if k.replace("_", "-") not in DEPENDENCY_FLAGS}
+    values = request | dict(nodes=1, tasks_per_node=1, gpus_per_node=min(1, request["gpus_per_node"]))
+    values |= {k: v for k, v in differences.items() if k != "additional_parameters"}
+    extra |= dict(differences.get("additional_parameters") or {})
+    return values | dict(additional_parameters=extra, eval_job=False, eval={})
+
+
+def eval_request(cfg: SlurmConfig) -> SlurmConfig:
+    """What each evaluation job asks SLURM for when ``cfg.eval_job``: ``cfg`` with ``cfg.eval`` on top
+    (:func:`_eval_values`)."""
+    return SlurmConfig(**_eval_values(dataclasses.asdict(cfg), cfg.eval))
 
 
 def check_slurm_config(cfg: Any, key: str = "slurm") -> SlurmConfig:
@@ -304,20 +370,48 @@ class CellJob(submitit.helpers.Checkpointable):
         return f"CellJob({self.cell_id!r}, requeues={self.requeues})"
 
 
+def dependency(after: Sequence[str]) -> str:
+    """The sbatch ``--dependency`` that starts task i of an array once job ``after[i]`` has succeeded: ``aftercorr``
+    on the array ``after`` is (``<array>_0`` … ``<array>_<n-1>``, as submit_slurm returns them), ``afterok`` on a
+    single job (submitit submits one cell as a plain job)."""
+    after = list(after)
+    if len(after) == 1 and "_" not in after[0]:
+        return f"afterok:{after[0]}"
+    array = after[0].split("_")[0] if after else ""
+    if not array or after != [f"{array}_{i}" for i in range(len(after))]:
+        raise ValueError(
+            f"after={after!r}: expected the job ids of one array, <array>_0 … <array>_<n-1>, or one job id"
+        )
+    return f"aftercorr:{array}"
+
+
 def submit_slurm(
-    cells: Sequence[Cell], folder: str | Path, cfg: Any = None, launch: str = "the SLURM request"
+    cells: Sequence[Cell],
+    folder: str | Path,
+    cfg: Any = None,
+    launch: str = "the SLURM request",
+    *,
+    after: Sequence[str] | None = None,
+    jobs_file: str = JOBS_FILE,
 ) -> list[str]:
     """Submit all cells as ONE job array and return their job ids (``<array>_<index>``) at once.
     ``launch`` says where ``cfg`` came from (a preset's launch profile), for messages.
 
     Logs and submitit's pickles go to ``folder/slurm_logs/<job_id>/``; each cell's workdir is
-    ``folder/<cell_id>``; ``folder/slurm_jobs.json`` maps cell_id → job_id (merged with earlier
-    submissions to the same folder).
+    ``folder/<cell_id>``; ``folder/<jobs_file>`` maps cell_id → job_id (merged with earlier
+    submissions to the same folder). ``after``: job ids, one per cell (an earlier submit_slurm of the same
+    cells): task i starts once job ``after[i]`` has succeeded, and is cancelled when it has failed
+    (``--kill-on-invalid-dep=yes``: else SLURM keeps it pending for good, DependencyNeverSatisfied).
     """
     cells = check_cells(cells)
     cfg = check_slurm_config(SlurmConfig() if cfg is None else cfg)
     if not cells:
         return []
+    extra = dict(cfg.additional_parameters)
+    if after is not None:
+        if len(after) != len(cells):
+            raise ValueError(f"after: {len(after)} job ids for {len(cells)} cells")
+        extra |= {"dependency": dependency(after), "kill-on-invalid-dep": "yes"}
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -333,7 +427,7 @@ def submit_slurm(
             "scripts/slurm_cluster.sh or use launcher=local"
         ) from None
     executor.update_parameters(
-        name="add-bench",
+        name="add-bench" if after is None else "add-bench-eval",
         timeout_min=cfg.timeout_min,
         cpus_per_task=cfg.cpus_per_task,
         gpus_per_node=cfg.gpus_per_node or None,  # --gpus-per-node=0 is refused where no GRES exist
@@ -343,7 +437,7 @@ def submit_slurm(
         slurm_partition=cfg.partition,
         slurm_array_parallelism=cfg.array_parallelism,
         slurm_signal_delay_s=signal_delay(cfg),
-        slurm_additional_parameters=dict(cfg.additional_parameters),
+        slurm_additional_parameters=extra,
         # a cell's tasks train together: one that fails ends the others (no all-reduce waits for it)
         slurm_srun_args=["--kill-on-bad-exit=1"] if processes_per_cell(cfg) > 1 else [],
         # the array tasks must import add_bench (CellJob) even when it is not pip-installed
@@ -363,14 +457,20 @@ def submit_slurm(
             f"nodes={cfg.nodes}, tasks_per_node={cfg.tasks_per_node}): {msg}"
         ) from None
     ids = [str(job.job_id) for job in jobs]
-    path = folder / JOBS_FILE
-    recorded = _read_jobs(path) if path.exists() else {}
-    recorded.update({cid: jid for (cid, _), jid in zip(cells, ids)})
-    atomic_write_json(path, recorded)
+    record_jobs(folder / jobs_file, dict(zip((cid for cid, _ in cells), ids)))
     return ids
 
 
-def _read_jobs(path: Path) -> dict[str, str]:
+def record_jobs(path: Path, jobs: dict[str, str | None]) -> None:
+    """Merge ``jobs`` (cell_id → job id; None: forget the cell's job) into the jobs file at ``path``."""
+    recorded = read_jobs(path) if path.exists() else {}
+    recorded.update(jobs)
+    recorded = {cid: jid for cid, jid in recorded.items() if jid is not None}
+    if recorded or path.exists():
+        atomic_write_json(path, recorded)
+
+
+def read_jobs(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -380,6 +480,12 @@ def _read_jobs(path: Path) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise DataError(f"{path}: expected a JSON object {{cell_id: job_id}}")
     return data
+
+
+def cancel_jobs(job_ids: Sequence[str]) -> None:
+    """``scancel`` these jobs (what is already gone is ignored)."""
+    if job_ids:
+        _run(["scancel", *job_ids])
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -422,15 +528,18 @@ def _result_state(folder: Path, job_id: str) -> str | None:
     return "FAILED" if failed else "COMPLETED"
 
 
-def status_slurm(folder: str | Path) -> dict[str, str]:
-    """cell_id → SLURM state (PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, TIMEOUT, ...).
+def status_slurm(folder: str | Path, jobs_file: str = JOBS_FILE) -> dict[str, str]:
+    """cell_id → SLURM state (PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, TIMEOUT, ...) of the jobs in
+    ``folder/<jobs_file>`` (``EVAL_JOBS_FILE``: the evaluation jobs).
 
     Asks sacct; without accounting, squeue (which forgets jobs MinJobAge after they end); then
     submitit's result file (COMPLETED / FAILED); "UNKNOWN" when none of them knows the job.
     """
     folder = Path(folder).resolve()
-    jobs = _read_jobs(folder / JOBS_FILE)
+    jobs = read_jobs(folder / jobs_file)
     wanted = set(jobs.values())
+    if not wanted:  # sacct without a job id would list every job
+        return {}
     states = _sacct_states(wanted)
     missing = wanted - set(states)
     if missing:
@@ -664,6 +773,9 @@ __all__ = [
     "CellJob",
     "submit_slurm",
     "status_slurm",
+    "eval_request",
+    "dependency",
+    "EVAL_JOBS_FILE",
     "run_local",
     "launch",
     "check_slurm_config",

@@ -12,7 +12,9 @@ combination of the comma-separated values, the same cells (same ids) as a YAML f
 ``--launcher slurm`` asks SLURM for what the preset's launch profile says (``presets/launch/<preset>.yaml``
 beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top; a cell runs
 as its ``slurm.nodes`` × ``slurm.tasks_per_node`` data-parallel processes (``--procs-per-cell N`` locally:
-gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`).
+gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`). With
+``slurm.eval_job`` each cell is evaluated by its own job once its training job has succeeded (``slurm.eval``: that
+job's request; :func:`train_cell`, :func:`evaluate_cell`, ``scripts/README_slurm.md``).
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -20,8 +22,8 @@ training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every
 A cell is identified by a hash of its resolved config, so a cell shared by several ablations (the
 default row is in all of them) is trained once. Layout of the results folder (``--out``, default
 ``<runs>/sweeps`` with ``<runs>`` the preset's launch profile's ``runs``, else ``$ADD_BENCH_RUNS``, else
-``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, eval_shards/ until metrics.json is written, metrics.json or
-error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
+``runs/``): ``cells/<id>/`` (config.yaml, checkpoint.pt, log.jsonl, student/, trained.json once trained, eval_shards/ until
+metrics.json is written, metrics.json or error.json, samples.npz) and ``<ablation>/`` (cells.json manifest, tables, plots). A re-run skips
 finished cells, resumes unfinished ones from their checkpoint and retries failed ones; a failing cell
 is recorded and the sweep goes on. The id names weights folders, not their content, so a cell also
 records the version (git blob id) of each weights folder it read (``methods.inputs``): when one has
@@ -448,13 +450,16 @@ def check_row_reads(method: str, row_set: dict, where: str) -> None:
 
 # ------------------------------------------------------------------------------ one cell
 def cell_status(workdir: Path) -> str:
-    """new | partial | failed | done | stale (done, but a weights folder it read has changed since)."""
+    """new | partial | trained (not evaluated yet) | failed | done | stale (done, but a weights folder it read has
+    changed since)."""
     if (workdir / "metrics.json").is_file():
         from add_bench.methods import changed_inputs
 
         return "stale" if changed_inputs(workdir) else "done"
     if (workdir / "error.json").is_file():
         return "failed"
+    if (workdir / TRAINED).is_file():
+        return "trained"
     if (workdir / "checkpoint.pt").is_file():
         return "partial"
     return "new"
@@ -497,71 +502,158 @@ def run_cell(cell: str, workdir: str) -> dict[str, Any]:
 
     Module-level and self-contained, so local workers and SLURM array tasks can call it. Run as several
     processes (``--procs-per-cell``, ``slurm.tasks_per_node``: :mod:`add_bench.distributed`), process 0 locks
-    the cell, decides whether it trains and evaluates it; the others only train with it."""
-    from add_bench import distributed
-    from add_bench.methods import make
+    the cell, decides whether it trains and evaluates it; the others only train with it. Both phases of
+    :func:`train_cell` and :func:`evaluate_cell` in one call."""
+    return cell_phases(cell, Path(workdir), train=True, evaluate=True)
 
-    wd = Path(workdir)
+
+def train_cell(cell: str, workdir: str) -> dict[str, Any]:
+    """The training phase of a cell evaluated by its own job (``slurm.eval_job``): train (or resume) and write
+    ``trained.json``, the record :func:`evaluate_cell` reads; returns it. A trained or done cell is left as it is."""
+    return cell_phases(cell, Path(workdir), train=True, evaluate=False)
+
+
+def evaluate_cell(cell: str, workdir: str) -> dict[str, Any]:
+    """The evaluation phase: the generators ``trained.json`` names, sampled in resumable shards and scored;
+    writes metrics.json and samples.npz (a done cell is left as it is). One process."""
+    return cell_phases(cell, Path(workdir), train=False, evaluate=True)
+
+
+TRAINED = "trained.json"  # a trained cell's generators (methods.Generators) and inputs: what evaluation reads
+
+
+def cell_phases(cell: str, wd: Path, train: bool, evaluate: bool) -> dict[str, Any]:
+    """The phases of one cell (train, evaluate or both) under the cell's lock; a failure writes error.json.
+    Returns metrics.json's content, or trained.json's when the cell is not evaluated here."""
+    from add_bench import distributed
+
     if not distributed.processes().is_writer:
-        try:
-            if join_cell(wd, False):  # process 0's decision
-                make(load(TrainConfig, wd / "config.yaml"), wd)
-        finally:
-            distributed.finish()
-        return {"cell": cell, "process": distributed.processes().rank}
+        return train_with_writer(cell, wd)
     with FolderLock(wd, f"cell {cell}"):
         status = cell_status(wd)
         if status == "stale":
             archive_stale(wd)
         (wd / "error.json").unlink(missing_ok=True)
-        if not join_cell(wd, status != "done"):
+        if status == "done":
+            join_cell(wd, False)
             distributed.finish()
             return json.loads((wd / "metrics.json").read_text())
-        start = time.time()
         try:
-            from add_bench.methods import inputs
-
-            cfg = load(TrainConfig, wd / "config.yaml")
-            versions = weights_versions(inputs(cfg))  # the weights this run reads, before it reads them
-            try:
-                made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
-            finally:
-                distributed.finish()  # the other processes are done: process 0 evaluates alone
-            eval_start = time.time()
-            result, grids = evaluate_generators(made, cfg, wd / EVAL_SHARDS)
-            result["cell"] = cell
-            result["method"] = cfg.method
-            result["train"] = {
-                "steps": made.train_steps,
-                "wall_time_s": made.train_wall_time_s,
-                "last_log": last_log_row(wd / "log.jsonl"),
-            }
-            result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
-            result["inputs"] = versions
-            result["provenance"] = provenance(
-                cfg,
-                cfg.seed,
-                time.time() - start,
-                command=f"python -m add_bench.sweep (cell {cell})",
-                schema_version=SCHEMA_VERSION,  # the schema the stored config.yaml was loaded into
-            )
-            import numpy as np
-
-            from add_bench.provenance import atomic_path
-
-            with atomic_path(wd / "samples.npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f, labels=next(iter(grids.values())).labels, **{k: v.images for k, v in grids.items()}
-                )
-            atomic_write_json(wd / "metrics.json", result)
-            shutil.rmtree(wd / EVAL_SHARDS, ignore_errors=True)  # only a resume reads them; metrics.json is written
-            return result
+            record = train_phase(cell, wd) if train else read_trained(wd)
+            return evaluate_phase(cell, wd, record) if evaluate else record
         except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
             atomic_write_json(
                 wd / "error.json",
                 {"cell": cell, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
             )
             raise
+
+
+def train_with_writer(cell: str, wd: Path) -> dict[str, Any]:
+    """A process other than 0 of a cell run as several: trains with process 0 when process 0 decides so."""
+    from add_bench import distributed
+    from add_bench.methods import make
+
+    try:
+        if join_cell(wd, False):  # process 0's decision
+            make(load(TrainConfig, wd / "config.yaml"), wd)
+    finally:
+        distributed.finish()
+    return {"cell": cell, "process": distributed.processes().rank}
+
+
+def train_phase(cell: str, wd: Path) -> dict[str, Any]:
+    """trained.json's record: read when the cell is trained already, else the cell is trained (or resumed:
+    ``methods.make``) and the record written, atomically. The versions of the weights it reads are taken before
+    training reads them."""
+    from add_bench import distributed
+    from add_bench.methods import inputs, make
+
+    done = (wd / TRAINED).is_file()
+    if not join_cell(wd, not done):
+        distributed.finish()
+        return read_trained(wd)
+    start = time.time()
+    cfg = load(TrainConfig, wd / "config.yaml")
+    versions = weights_versions(inputs(cfg))
+    try:
+        made = make(cfg, wd)  # trains the method's generator(s), or nothing (method=teacher)
+    finally:
+        distributed.finish()  # the other processes are done: process 0 evaluates alone
+    record = {
+        "cell": cell,
+        "method": cfg.method,
+        "checkpoints": {str(steps): str(folder) for steps, folder in made.checkpoints.items()},
+        "sampler": made.sampler,
+        "cfg_scale": made.cfg_scale,
+        "train_steps": made.train_steps,
+        "train_wall_time_s": made.train_wall_time_s,
+        "inputs": versions,
+        "wall_time_s": round(time.time() - start, 2),  # this phase's, for the cell's provenance
+    }
+    atomic_write_json(wd / TRAINED, record)
+    return record
+
+
+def read_trained(wd: Path) -> dict[str, Any]:
+    """The cell's trained.json (what :func:`train_phase` wrote); an error when the cell is not trained."""
+    from add_bench.errors import DataError
+
+    path = wd / TRAINED
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: not found; the cell is not trained (its training phase, train_cell, writes it)"
+        ) from None
+    except ValueError as e:
+        raise DataError(f"{path}: malformed JSON ({e}); remove it and re-run the cell's training phase") from None
+
+
+def generators(record: dict[str, Any]):
+    """trained.json's record → the methods.Generators that training returned."""
+    from add_bench.methods import Generators
+
+    return Generators(
+        {int(steps): Path(folder) for steps, folder in record["checkpoints"].items()},
+        record["sampler"],
+        record["cfg_scale"],
+        record["train_steps"],
+        record["train_wall_time_s"],
+    )
+
+
+def evaluate_phase(cell: str, wd: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained cell (``record``: trained.json's) in shards; write samples.npz, then metrics.json."""
+    cfg = load(TrainConfig, wd / "config.yaml")
+    made = generators(record)
+    eval_start = time.time()
+    result, grids = evaluate_generators(made, cfg, wd / EVAL_SHARDS)
+    result["cell"] = cell
+    result["method"] = cfg.method
+    result["train"] = {
+        "steps": made.train_steps,
+        "wall_time_s": made.train_wall_time_s,
+        "last_log": last_log_row(wd / "log.jsonl"),
+    }
+    result["eval_wall_time_s"] = round(time.time() - eval_start, 1)
+    result["inputs"] = record["inputs"]
+    result["provenance"] = provenance(
+        cfg,
+        cfg.seed,
+        record["wall_time_s"] + time.time() - eval_start,
+        command=f"python -m add_bench.sweep (cell {cell})",
+        schema_version=SCHEMA_VERSION,  # the schema the stored config.yaml was loaded into
+    )
+    import numpy as np
+
+    from add_bench.provenance import atomic_path
+
+    with atomic_path(wd / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, labels=next(iter(grids.values())).labels, **{k: v.images for k, v in grids.items()})
+    atomic_write_json(wd / "metrics.json", result)
+    shutil.rmtree(wd / EVAL_SHARDS, ignore_errors=True)  # only a resume reads them; metrics.json is written
+    return result
 
 
 def join_cell(wd: Path, train: bool) -> bool:
@@ -768,13 +860,24 @@ def print_requests(launches: dict[str, Launch]) -> None:
     for launch in launches.values():
         if id(launch) not in seen:
             seen.add(id(launch))
-            values = dataclasses.asdict(launch.slurm)
-            extra = values.pop("additional_parameters")
-            shown = " ".join(f"{k}={v}" for k, v in values.items() if v is not None)
-            shown += "".join(
-                f" --{str(k).replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items()
-            )
-            print(f"slurm ({launch.describe()}): {shown}")
+            print(f"slurm ({launch.describe()}): {request_text(launch.slurm)}")
+            if launch.slurm.eval_job:
+                from add_bench.launchers import eval_request
+
+                print(
+                    f"slurm evaluation jobs (slurm.eval, each after its cell's training): "
+                    f"{request_text(eval_request(launch.slurm))}"
+                )
+
+
+def request_text(slurm: Any) -> str:
+    """A SLURM request (launchers.SlurmConfig) as key=value and its extra sbatch flags."""
+    values = dataclasses.asdict(slurm)
+    extra = values.pop("additional_parameters")
+    differences = values.pop("eval")
+    shown = " ".join(f"{k}={v}" for k, v in values.items() if v is not None and (k != "eval_job" or v))
+    shown += "".join(f" --{str(k).replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items())
+    return shown + (f" eval={differences}" if differences else "")
 
 
 def collect(ablations: list[Ablation], out: Path) -> None:
@@ -833,7 +936,7 @@ def run_sweep(
     processes on the CPU (``workers`` is then 1)."""
     from tqdm import tqdm
 
-    from add_bench.launchers import check_launcher, run_local, submit_slurm
+    from add_bench.launchers import check_launcher, run_local
 
     check_launcher(launcher)
     launches = launches or launch_profiles(ablations)
@@ -853,15 +956,22 @@ def run_sweep(
         )
         if launcher == "slurm":
             submitted: dict[str, str] = {}
+            evaluations: dict[str, str] = {}
             for launch, group in launch_groups(ablations, launches, todo):
-                ids = submit_slurm([(i, run_cell) for i in group], out / "cells", launch.slurm, launch.describe())
+                ids, eval_ids = submit_cells(group, out / "cells", launch)
                 submitted.update(zip(group, ids))
+                evaluations.update(zip(group, eval_ids))
+            then = (
+                f"; evaluation, each after its cell's training: {', '.join(evaluations.values())}"
+                if evaluations
+                else ""
+            )
             print(
-                f"submitted: {', '.join(submitted.values()) or 'nothing to do'}; "
+                f"submitted: {', '.join(submitted.values()) or 'nothing to do'}{then}; "
                 f"follow with --status, collect with --collect",
                 file=sys.stderr,
             )
-            return {"submitted": submitted}
+            return {"submitted": submitted} | ({"evaluation": evaluations} if evaluations else {})
         results: dict[str, Any] = {}
         if min(workers, len(todo)) > 1 and procs_per_cell == 1:
             results = run_local([(i, run_cell) for i in todo], workers=workers, folder=out / "cells")
@@ -881,6 +991,36 @@ def run_sweep(
             )
         collect(ablations, out)
         return results
+
+
+def submit_cells(ids: list[str], folder: Path, launch: Launch) -> tuple[list[str], list[str]]:
+    """Submit cells as ``launch`` asks: one array that trains and evaluates each cell (``run_cell``), or, with
+    ``slurm.eval_job``, a training array (``train_cell``) and an evaluation array (``evaluate_cell``, requesting
+    ``launchers.eval_request``) whose task i starts once training task i has succeeded and is cancelled when it
+    failed. Returns (the job ids that train, the evaluation job ids: [] without eval_job); each cell's
+    evaluation job is recorded in ``launchers.EVAL_JOBS_FILE`` (and forgotten without eval_job)."""
+    from add_bench.launchers import EVAL_JOBS_FILE, eval_request, record_jobs, submit_slurm
+
+    if not launch.slurm.eval_job:
+        submitted = submit_slurm([(i, run_cell) for i in ids], folder, launch.slurm, launch.describe())
+        record_jobs(folder / EVAL_JOBS_FILE, dict.fromkeys(ids))  # an earlier submission's evaluation jobs
+        return submitted, []
+    trains = submit_slurm([(i, train_cell) for i in ids], folder, launch.slurm, launch.describe())
+    try:
+        evaluations = submit_slurm(
+            [(i, evaluate_cell) for i in ids],
+            folder,
+            eval_request(launch.slurm),
+            f"{launch.describe()} (evaluation: slurm.eval)",
+            after=trains,
+            jobs_file=EVAL_JOBS_FILE,
+        )
+    except ConfigError as e:  # e.g. sbatch refused the evaluation partition: no training without its evaluation
+        from add_bench.launchers import cancel_jobs
+
+        cancel_jobs(trains)
+        raise ConfigError(f"{e}; the training jobs {', '.join(trains)} were cancelled") from None
+    return trains, evaluations
 
 
 def check_splits(
@@ -954,13 +1094,27 @@ def check_fit(ablations: list[Ablation], launches: dict[str, Launch], out: Path,
 
 
 def show_status(ablations: list[Ablation], out: Path) -> None:
-    from add_bench.launchers import status_slurm
+    """Each cell's state (:func:`cell_status`; ``evaluating`` while a trained cell's evaluation job runs) and its
+    SLURM jobs' ids and states: training (or training and evaluation), then the evaluation job if it has one."""
+    from add_bench.launchers import EVAL_JOBS_FILE, JOBS_FILE, read_jobs, status_slurm
 
-    jobs = status_slurm(out / "cells") if (out / "cells" / "slurm_jobs.json").is_file() else {}
+    folder = out / "cells"
+    jobs, states = {}, {}
+    for name in (JOBS_FILE, EVAL_JOBS_FILE):
+        if (folder / name).is_file():
+            jobs[name], states[name] = read_jobs(folder / name), status_slurm(folder, name)
     for ab in ablations:
         for c in ab.cells:
-            state = cell_status(out / "cells" / c.id)
-            job = f"  slurm: {jobs[c.id]}" if c.id in jobs else ""
+            state = cell_status(folder / c.id)
+            evaluation = states.get(EVAL_JOBS_FILE, {}).get(c.id)
+            if state == "trained" and evaluation == "RUNNING":
+                state = "evaluating"
+            shown = [
+                f"{what} {jobs[name][c.id]} {states[name][c.id]}"
+                for name, what in ((JOBS_FILE, "job"), (EVAL_JOBS_FILE, "evaluation"))
+                if c.id in jobs.get(name, {})
+            ]
+            job = f"  slurm: {', '.join(shown)}" if shown else ""
             print(f"{ab.name:<16} {c.name:<22} seed {c.seed:<3} {c.id}  {state}{job}")
 
 
@@ -989,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="SLURM settings over the preset's launch profile: partition, timeout_min, cpus_per_task, "
-        "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>",
+        "gpus_per_node, mem_gb, ..., additional_parameters.<sbatch flag>=<value>; eval_job=true: evaluation as "
+        "its own job after training, its request eval.<key>=<value> (eval.timeout_min=30)",
     )
     p.add_argument(
         "--procs-per-cell",

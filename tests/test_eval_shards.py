@@ -103,7 +103,7 @@ def test_a_sweep_cell_killed_during_evaluation_resumes_it_without_retraining(tin
         interrupt_after_first_shard(m)
         with pytest.raises(KeyboardInterrupt):
             sweep.main([str(abl), "--out", str(out), "--workers", "1"])
-    assert sweep.cell_status(wd) == "partial"  # trained, not evaluated
+    assert sweep.cell_status(wd) == "trained"  # trained (trained.json), not evaluated
     (first,) = wd.glob("eval_shards/*_1steps_*/shard_00000.npz")
     log = (wd / "log.jsonl").read_text()
 

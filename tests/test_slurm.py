@@ -1,6 +1,6 @@
 """add_bench.launchers against a REAL single-node SLURM cluster on this machine, and run_local.
 
-Run:  python -m pytest tests/test_slurm.py -x -q          (as root; about 1.5-2.5 minutes)
+Run:  python -m pytest tests/test_slurm.py -x -q          (as root; about 2.5-5 minutes)
       python -m pytest tests -m "not slurm"                (everything except the cluster tests)
 
 The module-scoped ``slurm_cluster`` fixture runs ``scripts/slurm_cluster.sh`` (idempotent: it starts
@@ -489,3 +489,78 @@ def test_a_cell_of_two_tasks_through_a_launch_profile_equals_one_process(
         torch.testing.assert_close(b["objects"]["ema"][k], v, rtol=1e-4, atol=1e-5)
     logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.out"))
     assert json.loads((two / "metrics.json").read_text())["rows"], logs[-3000:]
+
+
+@pytest.mark.slurm
+def test_sweep_with_evaluation_as_a_job_after_training(
+    slurm_cluster, tiny_assets, tmp_path, cancel_after, capsys, monkeypatch
+):
+    """slurm.eval_job in the launch profile: the sweep submits a training array and an evaluation array whose
+    task i waits for training task i (aftercorr). Both good cells end done with metrics, each evaluated by its
+    own job; the cell whose training fails has its evaluation cancelled (not left pending for good) and reads
+    failed."""
+    import yaml
+    from test_sweep import ablation_file, tiny_preset
+
+    from add_bench import sweep
+    from add_bench.launchers import EVAL_JOBS_FILE, JOBS_FILE
+
+    monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))  # the jobs inherit it (sbatch --export=ALL)
+    preset = tiny_preset(tiny_assets, tmp_path)
+    (tmp_path / "launch").mkdir()
+    profile = {
+        "slurm": {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 1, "eval_job": True, "eval": {"timeout_min": 3}}
+    }
+    (tmp_path / "launch" / preset.name).write_text(yaml.safe_dump(profile))
+    empty = tmp_path / "empty_teacher"  # a folder, so the sweep submits the cell; training it fails
+    empty.mkdir()
+    rows = [
+        {"name": "a", "default": True},
+        {"name": "b", "set": {"loss.lambda_distill": 1.0}},
+        {"name": "broken", "set": {"teacher.network": str(empty), "student.network": str(empty)}},
+    ]
+    abl = ablation_file(tmp_path, preset, cells=rows)
+    ids = {c.name: c.id for c in sweep.load_ablations(abl)[0].cells}
+    out, start = tmp_path / "out", time.monotonic()
+    assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm"]) == 0
+    cells = out / "cells"
+    trains, evals = (json.loads((cells / name).read_text()) for name in (JOBS_FILE, EVAL_JOBS_FILE))
+    cancel_after.extend([*trains.values(), *evals.values()])
+    assert set(trains) == set(evals) == set(ids.values())
+    assert len({j.split("_")[0] for j in trains.values()} | {j.split("_")[0] for j in evals.values()}) == 2
+    waiting = status_slurm(cells, EVAL_JOBS_FILE)
+    assert set(waiting.values()) == {"PENDING"}, waiting  # each evaluation waits for its training
+
+    good, broken = [cells / ids[n] for n in ("a", "b")], cells / ids["broken"]
+    deadline = time.monotonic() + 180
+    while not (
+        all(sweep.cell_status(wd) == "done" for wd in good)
+        and status_slurm(cells, EVAL_JOBS_FILE)[broken.name] not in ("PENDING", "RUNNING")
+    ):
+        if time.monotonic() > deadline:
+            states = {n: sweep.cell_status(cells / i) for n, i in ids.items()}
+            pytest.fail(f"cells {states}, evaluation jobs {status_slurm(cells, EVAL_JOBS_FILE)}\n" + _logs(cells))
+        time.sleep(1)
+    took = time.monotonic() - start
+    for wd in good:
+        metrics = json.loads((wd / "metrics.json").read_text())
+        assert [r["steps"] for r in metrics["rows"]] == [1, 2] and (wd / sweep.TRAINED).is_file()
+    assert sweep.cell_status(broken) == "failed" and not (broken / sweep.TRAINED).exists()
+    assert "CheckpointError" in json.loads((broken / "error.json").read_text())["error"]
+    deadline = time.monotonic() + 30  # the result file is written a moment before the task ends
+    while set(status_slurm(cells, EVAL_JOBS_FILE).values()) - {"COMPLETED", "CANCELLED"}:
+        assert time.monotonic() < deadline, status_slurm(cells, EVAL_JOBS_FILE)
+        time.sleep(1)
+    for name, wd in zip(("a", "b"), good):  # evaluated by its evaluation job: its log holds the scores
+        (log,) = (cells / "slurm_logs" / evals[wd.name]).glob("*_log.err")
+        assert re.search(r"steps=2 sampler=add .*fid=", log.read_text()), (name, log.read_text()[-2000:])
+    capsys.readouterr()
+    assert sweep.main([str(abl), "--out", str(out), "--status"]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert re.search(
+        rf"done  slurm: job {trains[ids['a']]} COMPLETED, evaluation {evals[ids['a']]} COMPLETED$", lines["a"]
+    )
+    assert re.search(
+        rf"failed  slurm: job {trains[broken.name]} FAILED, evaluation {evals[broken.name]} CANCELLED$", lines["broken"]
+    ), lines["broken"]
+    print(f"\nevaluation-job sweep: 2 cells done, the broken one's evaluation cancelled, {took:.0f} s after submission")
