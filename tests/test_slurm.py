@@ -451,12 +451,15 @@ def test_sweep_on_slurm_with_a_cell_warned_before_its_time_limit(
 
 
 @pytest.mark.slurm
-def test_a_cell_of_two_tasks_through_a_launch_profile_equals_one_process(
+def test_a_cell_of_two_tasks_requeued_on_usr2_equals_the_uninterrupted_cell(
     slurm_cluster, tiny_assets, tmp_path, cancel_after, monkeypatch
 ):
     """A launch profile with tasks_per_node=2: the sweep submits the cell as one job of two SLURM tasks (CPU,
-    gloo, the process group from the SLURM environment); it finishes, process 0 evaluates, and the losses and
-    weights equal the cell trained by one local process."""
+    gloo, the process group from the SLURM environment). SLURM's pre-timeout USR2 (``scancel --signal``, as
+    slurmctld delivers it: to every task) stops both processes at the same step with a checkpoint; the job is
+    requeued, both resume, process 0 evaluates, and every loss and weight equals the same cell's trained
+    uninterrupted by two local processes (``--procs-per-cell 2``; two processes against one:
+    tests/test_distributed.py)."""
     import torch
     import yaml
     from test_sweep import ablation_file, tiny_preset
@@ -464,7 +467,9 @@ def test_a_cell_of_two_tasks_through_a_launch_profile_equals_one_process(
     from add_bench import checkpoint, sweep
 
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
-    preset = tiny_preset(tiny_assets, tmp_path, batch_size=16)  # two local batches of 8 (BatchNormLocal's groups)
+    steps = 60
+    # two local batches of 8 (BatchNormLocal's groups); a checkpoint only on the signal
+    preset = tiny_preset(tiny_assets, tmp_path, batch_size=16, steps=steps, ckpt_every=1000)
     (tmp_path / "launch").mkdir()
     profile = {"slurm": {"timeout_min": 5, "cpus_per_task": 1, "mem_gb": 2, "tasks_per_node": 2}}
     (tmp_path / "launch" / preset.name).write_text(yaml.safe_dump(profile))
@@ -473,20 +478,31 @@ def test_a_cell_of_two_tasks_through_a_launch_profile_equals_one_process(
     out = tmp_path / "slurm"
     assert sweep.main([str(abl), "--out", str(out), "--launcher", "slurm"]) == 0
     cancel_after.extend(json.loads((out / "cells" / "slurm_jobs.json").read_text()).values())
-    assert sweep.main([str(abl), "--out", str(tmp_path / "local"), "--workers", "1"]) == 0  # meanwhile: 1 process
     two, one = out / "cells" / cell.id, tmp_path / "local" / "cells" / cell.id
+    deadline = time.monotonic() + 300
+    while len((two / "log.jsonl").read_text().splitlines() if (two / "log.jsonl").exists() else []) < 3:
+        if time.monotonic() > deadline:
+            pytest.fail("the two-task cell did not start training\n" + _logs(out / "cells"))
+        time.sleep(0.2)
+    (job,) = json.loads((out / "cells" / "slurm_jobs.json").read_text()).values()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
+    local = [str(abl), "--out", str(tmp_path / "local"), "--procs-per-cell", "2"]
+    assert sweep.main(local) == 0  # meanwhile: the same two processes, locally and uninterrupted
     _wait_for([two / "metrics.json"], 300, out / "cells")
     (script,) = [p.read_text() for p in (out / "cells" / "slurm_logs").rglob("*_submission.sh")]
     assert "#SBATCH --ntasks-per-node=2\n" in script and "--kill-on-bad-exit=1" in script
     assert list((out / "cells" / "slurm_logs").rglob("*_1_log.err"))  # the second task ran
     rows = [[json.loads(r) for r in (wd / "log.jsonl").read_text().splitlines()] for wd in (one, two)]
-    assert [r["step"] for r in rows[1]] == [1, 2, 3]  # one writer
-    for a, b in zip(*rows):
-        for key in ("loss_g", "loss_distill", "loss_d"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert [r["step"] for r in rows[1]] == list(range(1, steps + 1))  # one writer, every step once
+    errors = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.err"))
+    assert re.search(r"SIGUSR2 at step \d+/60: checkpoint saved", errors) and "resuming" in errors, errors[-3000:]
+    for a, b in zip(*rows):  # exact resume: the requeued cell is the uninterrupted one, number for number
+        assert [b[k] for k in ("loss_g", "loss_distill", "loss_d")] == [
+            a[k] for k in ("loss_g", "loss_distill", "loss_d")
+        ]
     a, b = checkpoint.load(one), checkpoint.load(two)
     for k, v in a["objects"]["ema"].items():
-        torch.testing.assert_close(b["objects"]["ema"][k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b["objects"]["ema"][k], v, rtol=0, atol=0)
     logs = "".join(p.read_text(errors="replace") for p in (out / "cells" / "slurm_logs").rglob("*_log.out"))
     assert json.loads((two / "metrics.json").read_text())["rows"], logs[-3000:]
 
