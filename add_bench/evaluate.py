@@ -312,7 +312,10 @@ def evaluate(
     """Score ``checkpoint`` at each step count; ``shards``: a folder keeping the samples in resumable shards."""
     for s in steps:
         check_positive(s, "steps")
-    suite = suite if suite is not None else build_suite(cfg)  # first: missing metric weights fail before sampling
+    if suite is None:  # first: missing metric weights fail before sampling
+        from add_bench.distributed import processes, resolve_device
+
+        suite = build_suite(cfg, resolve_device(device, processes().local_rank))
     kind, make = load_generator(checkpoint, cfg, cfg_scale, device, shards)
     sampler = sampler or default_sampler(kind)
     rows = []

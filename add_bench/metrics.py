@@ -469,15 +469,18 @@ def metric_features(suite: list[Metric]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------- cluster metrics
-def inception_features(weights_dir: str | os.PathLike, batch_size: int = 50) -> Callable[[np.ndarray], np.ndarray]:
-    """clean-fid's Inception-V3 (torchscript ``inception-2015-12-05.pt`` in ``weights_dir``), "clean" resize."""
+def inception_features(
+    weights_dir: str | os.PathLike, batch_size: int = 50, device: str | torch.device = "cpu"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """clean-fid's Inception-V3 (torchscript ``inception-2015-12-05.pt`` in ``weights_dir``) on ``device``,
+    "clean" resize (on the CPU, as clean-fid does)."""
     from cleanfid.inception_torchscript import InceptionV3W
     from cleanfid.resize import build_resizer
 
     path = Path(weights_dir) / "inception-2015-12-05.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; place clean-fid's Inception weights there (set ADD_BENCH_INCEPTION)")
-    model = InceptionV3W(str(weights_dir), download=False).eval()
+    model = InceptionV3W(str(weights_dir), download=False).eval().to(device)
     resize = build_resizer("clean")
 
     @torch.no_grad()
@@ -486,7 +489,7 @@ def inception_features(weights_dir: str | os.PathLike, batch_size: int = 50) -> 
         out = []
         for i in range(0, len(rgb), batch_size):
             batch = np.stack([resize(im) for im in rgb[i : i + batch_size]]).transpose(0, 3, 1, 2)
-            out.append(model(torch.from_numpy(batch).float()).numpy())
+            out.append(model(torch.from_numpy(batch).float().to(device)).cpu().numpy())
         return np.concatenate(out)
 
     return features
@@ -496,15 +499,15 @@ class CLIPScore:
     """open_clip CLIP score: mean over samples of max(100·cos(image, prompt), 0) (the torchmetrics
     convention per sample; the paper's ViT-g-14 numbers are on the 0–1 scale, i.e. this / 100)."""
 
-    def __init__(self, model_name: str, weights: str, batch_size: int = 64):
+    def __init__(self, model_name: str, weights: str, batch_size: int = 64, device: str | torch.device = "cpu"):
         import open_clip
 
         if not Path(weights).is_file():
             raise CheckpointError(f"{weights}: open_clip weights file not found (set ADD_BENCH_CLIP)")
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
-        self.model.eval()
+        self.model.eval().to(device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.batch_size = batch_size
+        self.batch_size, self.device = batch_size, device
 
     @torch.no_grad()
     def __call__(self, samples: SampleSet) -> dict[str, float]:
@@ -513,18 +516,17 @@ class CLIPScore:
         scores = []
         for i in range(0, len(samples), self.batch_size):
             ims = samples.images[i : i + self.batch_size]
-            x = torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in ims])
+            x = torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in ims]).to(self.device)
             img = torch.nn.functional.normalize(self.model.encode_image(x), dim=-1)
-            txt = torch.nn.functional.normalize(
-                self.model.encode_text(self.tokenizer(samples.prompts[i : i + self.batch_size])), dim=-1
-            )
-            scores.append((100 * (img * txt).sum(-1)).clamp(min=0))
+            tokens = self.tokenizer(samples.prompts[i : i + self.batch_size]).to(self.device)
+            txt = torch.nn.functional.normalize(self.model.encode_text(tokens), dim=-1)
+            scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
         return {"clip_score": float(torch.cat(scores).mean() / 100)}
 
 
-def cluster_suite(cfg: EvalConfig) -> list[Metric]:
+def cluster_suite(cfg: EvalConfig, device: str | torch.device = "cpu") -> list[Metric]:
     """Inception FID (clean-fid) against the COCO images whose captions prompted the samples
-    (``add_bench.data.coco.eval_set``: the same pairs), and open_clip CLIP score."""
+    (``add_bench.data.coco.eval_set``: the same pairs), and open_clip CLIP score; both networks on ``device``."""
     from add_bench.data.coco import eval_set
 
     c = cfg.cluster
@@ -544,8 +546,8 @@ def cluster_suite(cfg: EvalConfig) -> list[Metric]:
         f"-n{cfg.num_samples}-seed{cfg.seed}-{res}px"
     )
     return [
-        FID(inception_features(inception), lambda: coco.load_images(pick, res), key),
-        CLIPScore(c.clip_model, clip_weights),
+        FID(inception_features(inception, device=device), lambda: coco.load_images(pick, res), key),
+        CLIPScore(c.clip_model, clip_weights, device=device),
     ]
 
 
@@ -559,8 +561,11 @@ def local_weights(value: str | None, env: str, key: str, what: str) -> str:
 METRIC_SUITES: dict[str, Callable[[EvalConfig], list[Metric]]] = {"embedded": embedded_suite, "cluster": cluster_suite}
 
 
-def build_suite(cfg: EvalConfig) -> list[Metric]:
-    return choose(METRIC_SUITES, cfg.metrics, "metrics")(cfg)
+def build_suite(cfg: EvalConfig, device: str | torch.device = "cpu") -> list[Metric]:
+    """The metrics ``cfg.metrics`` names; the cluster suite's networks on ``device`` (the embedded suite's
+    small networks stay on the CPU)."""
+    suite = choose(METRIC_SUITES, cfg.metrics, "metrics")
+    return suite(cfg, device) if suite is cluster_suite else suite(cfg)
 
 
 def score(suite: list[Metric], samples: SampleSet) -> dict[str, float]:

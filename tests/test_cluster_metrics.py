@@ -18,7 +18,7 @@ def images():
 
 
 def test_inception_fid_through_clean_fid_from_a_local_folder(tmp_path, monkeypatch, images):
-    feats = inception_features(save_fake_inception(tmp_path), batch_size=16)
+    feats = inception_features(save_fake_inception(tmp_path), batch_size=16, device=torch.device("cpu"))
     f = feats(images[:5])
     assert f.shape == (5, 2048)
     assert np.isfinite(f).all()
@@ -34,7 +34,7 @@ def test_inception_missing_weights_names_the_file(tmp_path):
 
 def test_clip_score_from_a_local_open_clip_file(tmp_path, images):
     save_tiny_open_clip(tmp_path / "vit-s-32.pt")
-    score = CLIPScore("ViT-S-32", str(tmp_path / "vit-s-32.pt"), batch_size=16)
+    score = CLIPScore("ViT-S-32", str(tmp_path / "vit-s-32.pt"), batch_size=16, device=torch.device("cpu"))
     samples = SampleSet(images[:8], np.arange(8))
     out = score(samples)["clip_score"]
     # the same computation by hand: max(100·cos, 0) per sample, mean, /100
