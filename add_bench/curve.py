@@ -61,20 +61,25 @@ def check_same_curve(cfg: TrainConfig, out: Path) -> str:
     Returns a short hash of the config, which names the training work folder."""
     import hashlib
 
+    from add_bench.config import added_fields, without
+
+    added = added_fields(TrainConfig)  # fields newer than a stored curve compare at the value it was made with
     values = curve_config(cfg)
     path = out / "config.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != json.loads(json.dumps(values)):
+        stored = without(json.loads(path.read_text()), added)
+        if stored != json.loads(json.dumps(without(values, added))):
             keys = sorted(
-                k for k in set(stored) | set(values) if stored.get(k) != json.loads(json.dumps(values.get(k)))
+                k
+                for k in set(stored) | set(values)
+                if stored.get(k) != json.loads(json.dumps(without(values, added).get(k)))
             )
             raise ConfigError(
                 f"{path}: this folder holds a curve of another config (differs in {', '.join(keys)}); use another --out"
             )
     else:
         atomic_write_json(path, values)
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(without(values, added), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_curve(cfg: TrainConfig, lengths: list[int], seeds: list[int], out: Path, workdir: Path) -> pd.DataFrame:

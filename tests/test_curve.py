@@ -63,3 +63,18 @@ def test_knee_is_the_shortest_length_within_the_best_ones_interval():
     assert curve.knee(summary) == 900  # 600's FID is outside 10.0 + 1.0; 900 is within, and its recall too
     assert curve.knee(summary, steps=4) is None
     assert curve.knee(summary.assign(n=[3, 3, 1, 3, 3])) is None  # a length with one seed has no interval
+
+
+def test_a_curve_made_before_a_field_was_added_is_continued_and_another_value_is_refused(tiny_assets, tmp_path):
+    """A stored curve config without a field added to the schema later (config.added) is the same curve as
+    the current config with that field at the value it reproduces; any other value is another curve."""
+    cfg = cfg_for(tiny_assets)
+    name = curve.check_same_curve(cfg, tmp_path / "new")
+    old = curve.curve_config(cfg)
+    del old["precision"], old["micro_batch_size"]  # both added in schema 8
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old, default=str))
+    assert curve.check_same_curve(cfg, tmp_path / "old") == name  # the same training work folder
+    cfg.precision = "bf16"
+    with pytest.raises(ConfigError, match=r"another config \(differs in precision\)"):
+        curve.check_same_curve(cfg, tmp_path / "old")
