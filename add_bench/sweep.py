@@ -466,11 +466,14 @@ def cell_status(workdir: Path) -> str:
 
 
 class FolderLock:
-    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock`` (released when the process dies)."""
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock`` (released when the process dies). On a
+    filesystem without ``flock`` (some parallel filesystems refuse it) the lock is ``<folder>/.lock.excl``,
+    created with O_EXCL and removed on exit; one left by a dead process of this host is taken over."""
 
     def __init__(self, folder: Path, what: str):
         self.path, self.what = folder / ".lock", what
         self.fd: int | None = None
+        self.excl: Path | None = None
 
     def __enter__(self) -> FolderLock:
         try:
@@ -486,15 +489,56 @@ class FolderLock:
             raise ConfigError(
                 f"{self.path.parent}: {self.what} in use by {owner}; wait for it or use another --out"
             ) from None
+        except OSError:  # no flock on this filesystem
+            os.close(self.fd)
+            self.fd = None
+            self.excl = self.exclusive_file(self.path.with_name(".lock.excl"))
+            return self
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        os.write(self.fd, owner_text().encode())
         return self
 
+    def exclusive_file(self, path: Path, retry: bool = True) -> Path:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            owner = path.read_text().strip()
+            if retry and stale_owner(owner):
+                path.unlink(missing_ok=True)
+                return self.exclusive_file(path, retry=False)
+            raise ConfigError(
+                f"{self.path.parent}: {self.what} in use by {owner or 'another process'} (lock file {path}: this "
+                "filesystem has no flock); wait for it, or delete the file if that process no longer runs"
+            ) from None
+        os.write(fd, owner_text().encode())
+        os.close(fd)
+        return path
+
     def __exit__(self, *exc) -> None:
+        if self.excl is not None:
+            self.excl.unlink(missing_ok=True)
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+
+
+def owner_text() -> str:
+    return f"pid {os.getpid()} on {os.uname().nodename}"
+
+
+def stale_owner(owner: str) -> bool:
+    """A lock owner ("pid N on HOST") that is a process of this host which no longer runs."""
+    parts = owner.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[2] != "on" or parts[3] != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
 
 
 def run_cell(cell: str, workdir: str) -> dict[str, Any]:

@@ -503,6 +503,34 @@ def test_second_sweep_on_a_folder_in_use_is_refused(tmp_path):
         pass
 
 
+def test_without_flock_the_lock_is_an_exclusive_file_and_a_dead_owners_file_is_taken_over(tmp_path, monkeypatch):
+    import errno
+    import subprocess
+
+    def no_flock(fd, op):
+        if op & sweep.fcntl.LOCK_UN:
+            return
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(sweep.fcntl, "flock", no_flock)
+    excl = tmp_path / ".lock.excl"
+    with sweep.FolderLock(tmp_path, "results folder"):
+        assert excl.read_text() == f"pid {os.getpid()} on {os.uname().nodename}"
+        with pytest.raises(ConfigError, match=r"results folder in use by pid \d+ .*this filesystem has no flock"):
+            with sweep.FolderLock(tmp_path, "results folder"):
+                pass
+    assert not excl.exists()  # released: removed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    excl.write_text(f"pid {dead.pid} on {os.uname().nodename}")  # left by a process that no longer runs
+    with sweep.FolderLock(tmp_path, "results folder"):
+        assert excl.read_text().startswith(f"pid {os.getpid()} ")
+    excl.write_text(f"pid {os.getpid()} on another-node")  # another host's: cannot be checked, so refused
+    with pytest.raises(ConfigError, match=r"in use by pid \d+ on another-node .*delete the file"):
+        with sweep.FolderLock(tmp_path, "results folder"):
+            pass
+
+
 def test_results_folder_not_writable(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
