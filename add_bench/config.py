@@ -364,6 +364,9 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"  # auto (this process's GPU if one is visible, else the CPU) | cpu | cuda | cuda:N
     data_workers: int = 0  # threads reading and decoding a batch's COCO images (0 = the training thread): same images
+    # a folder of the COCO split's VAE posteriors (python -m add_bench.data.coco encode), read instead of encoding
+    # each batch: the same latents within float tolerance (an execution key, like data_workers)
+    coco_latents: str | None = None
     # execution only (sweep.EXECUTION_KEYS; the same numbers within float tolerance, less memory, more time):
     # torch.utils.checkpoint in the student UNet and, for a latent model, the VAE decoder that x̂θ is
     # decoded through (diffusers' enable_gradient_checkpointing): activations recomputed in the backward pass

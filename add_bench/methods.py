@@ -210,6 +210,7 @@ PATH_CHECKS = {
     "file": (Path.is_file, "no such file"),
     "weights folder": (lambda p: (p / "model.safetensors").is_file(), "no model.safetensors in it"),
     "inception": (lambda p: (p / "inception-2015-12-05.pt").is_file(), "no inception-2015-12-05.pt in it"),
+    "latents": (lambda p: (p / "card.json").is_file(), "no card.json in it (python -m add_bench.data.coco encode)"),
 }
 
 
@@ -235,6 +236,8 @@ def needed_paths(cfg: TrainConfig) -> list[tuple[str, Path | str, str]]:
             needs += text_tower_paths(dcfg.c_text_network, dcfg.c_text_weights)
         if cfg.coco.root is not None or is_stable_diffusion(teacher) or is_stable_diffusion(student):
             needs.append(("coco.root", env_path(cfg.coco.root, COCO_ENV), f"coco:{cfg.coco.split}"))
+        if cfg.coco_latents:
+            needs.append(("coco_latents", Path(cfg.coco_latents), "latents"))
     if cfg.eval.metrics == "cluster":
         c = cfg.eval.cluster
         needs += [

@@ -277,6 +277,7 @@ EXECUTION_KEYS = (
     *RUN_KEYS,
     "gradient_checkpointing",  # recomputes activations: the same numbers within float tolerance
     "vae_decode_chunk",  # decodes in chunks: the same numbers within float tolerance
+    "coco_latents",  # pre-encoded VAE posteriors: the same latents within float tolerance
 )
 
 

@@ -901,8 +901,8 @@ class FashionMnistBatches:
 
 class CocoBatches:
     """COCO image–caption pairs for a latent model: batch(idx) → (x0 = VAE latents, prompt embeddings,
-    {pixels, c_text[, teacher_cond]}). Images are read and decoded by ``data_workers`` threads and encoded on
-    the fly."""
+    {pixels, c_text[, teacher_cond]}). Images are read and decoded by ``data_workers`` threads (the pixels feed
+    the discriminator) and encoded by the VAE on the fly, or read pre-encoded from ``coco_latents``."""
 
     def __init__(self, cfg: TrainConfig, nets: Networks):
         from add_bench.data.coco import load_captions
@@ -910,6 +910,11 @@ class CocoBatches:
         self.coco, self.res, self.nets = load_captions(cfg.coco.root, cfg.coco.split), cfg.coco.resolution, nets
         self.workers = cfg.data_workers
         nets.sd.latent_shape(self.res)  # a resolution the VAE cannot take fails here, not mid-run
+        self.latents = None
+        if cfg.coco_latents:  # the VAE posterior's parameters, pre-encoded (python -m add_bench.data.coco encode)
+            from add_bench.data.coco import CocoLatents
+
+            self.latents = CocoLatents(cfg.coco_latents, nets.sd, self.coco, self.res)
 
     def __len__(self) -> int:
         return len(self.coco)
@@ -925,7 +930,11 @@ class CocoBatches:
         extra = {"pixels": pixels, "c_text": c_text}
         if self.nets.teacher_sd is not None:
             extra["teacher_cond"] = self.nets.teacher_sd.encode_prompts(prompts)
-        latents = self.nets.sd.to_latents(pixels, gen, chunk=self.nets.vae_chunk)
+        if self.latents is not None:
+            moments = self.latents.moments(idx.tolist()).to(pixels.device)
+            latents = self.nets.sd.latents_from_moments(moments, gen)
+        else:
+            latents = self.nets.sd.to_latents(pixels, gen, chunk=self.nets.vae_chunk)
         return latents, self.nets.sd.encode_prompts(prompts), extra
 
 

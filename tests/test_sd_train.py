@@ -284,3 +284,40 @@ def test_a_sweep_on_a_stable_diffusion_preset(assets, tmp_path, monkeypatch):
     with np.load(tmp_path / "out" / "cells" / cell / "samples.npz") as z:
         assert z["steps_1"].shape == (4, 16, 16, 3)
     assert "CLIP score" in (tmp_path / "out" / "sd_mini" / "table.md").read_text()
+
+
+def test_pre_encoded_latents_give_the_same_batches_resume_and_refuse_another_setting(assets, tmp_path):
+    """``python -m add_bench.data.coco encode`` stores the split's VAE posteriors; a cell with coco_latents
+    reads them and draws the same latents from the same generator as encoding on the fly; an interrupted
+    encoding resumes; a folder of another resolution, or unfinished, is refused naming why."""
+    import numpy as np
+
+    from add_bench.data import coco as coco_mod
+    from add_bench.errors import DataError
+
+    cfg = sd_cfg(assets)
+    torch.manual_seed(0)
+    nets = train_mod.build_networks(cfg)
+    out = tmp_path / "latents"
+    args = ["encode", str(assets["sd"]), "--split", "train2017", "--resolution", "16", "--root", str(assets["coco"])]
+    args += ["--out", str(out), "--batch-size", "4", "--workers", "2", "--device", "cpu"]
+    assert coco_mod.main(args) == 0
+    (x0, cond, extra), gen = one_batch(nets, cfg)
+    (y0, cond_cached, extra_cached), gen_cached = one_batch(nets, sd_cfg(assets, coco_latents=out))
+    torch.testing.assert_close(y0, x0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen.get_state(), gen_cached.get_state())  # the same draws, in the same order
+    assert torch.equal(cond, cond_cached) and torch.equal(extra["pixels"], extra_cached["pixels"])
+
+    card = json.loads((out / "card.json").read_text())
+    table = np.load(out / "moments.npy", mmap_mode="r+")
+    reference = np.array(table)
+    table[2:] = 0  # an encoding interrupted after its first two images
+    table.flush()
+    del table
+    (out / "card.json").write_text(json.dumps({**card, "done": 2}))
+    with pytest.raises(DataError, match=r"coco_latents=.*: 2 of 6 done"):
+        train_mod.training_data(sd_cfg(assets, coco_latents=out), nets)
+    assert coco_mod.main(args) == 0  # resumes at image 2
+    np.testing.assert_allclose(np.load(out / "moments.npy"), reference, rtol=1e-6, atol=1e-6)
+    with pytest.raises(DataError, match=r"coco_latents=.*: made with another resolution, shape"):
+        train_mod.training_data(sd_cfg(assets, coco_latents=out, **{"coco.resolution": 8}), nets)

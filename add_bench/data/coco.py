@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from add_bench.errors import DataError
+from add_bench.errors import DataError, command_line
 
 ENV_VAR = "ADD_BENCH_COCO"
 SPLITS = ("train2017", "val2017")
@@ -133,3 +134,121 @@ def eval_set(cfg) -> tuple[CocoCaptions, np.ndarray]:
 def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [−1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------ pre-encoded latents
+MOMENTS_FILE = "moments.npy"  # float32 (images, 2·C, h, w): the VAE posterior's mean and log-variance
+CARD_FILE = "card.json"
+
+
+def image_rows(coco: CocoCaptions) -> tuple[list[Path], np.ndarray]:
+    """The split's distinct image files (in caption order) and, per caption pair, its image's row."""
+    files = list(dict.fromkeys(coco.files))
+    row = {f: i for i, f in enumerate(files)}
+    return files, np.array([row[f] for f in coco.files], dtype=np.int64)
+
+
+def latents_card(sd, coco: CocoCaptions, resolution: int) -> dict:
+    """What a latents folder was made from: the VAE's weights, the split, its images and the resolution."""
+    from add_bench.provenance import blob_id
+
+    weights = sorted((Path(sd.folder) / "vae").glob("diffusion_pytorch_model*"))
+    if not weights:
+        raise DataError(f"{sd.folder}/vae: no diffusion_pytorch_model.* weights file to identify the VAE by")
+    files, _ = image_rows(coco)
+    return {
+        "vae": blob_id(weights[0]),
+        "split": coco.split,
+        "images": len(files),
+        "resolution": resolution,
+        "shape": [len(files), 2 * sd.vae.config.latent_channels, *(2 * [resolution // sd.vae_scale])],
+    }
+
+
+def encode_split(sd, coco: CocoCaptions, resolution: int, out: Path, batch_size: int = 16, workers: int = 0) -> Path:
+    """The VAE posterior's parameters of every image of the split, in ``out/moments.npy`` (a row per image);
+    resumable: rows are written batch by batch and ``card.json`` records how many are done."""
+    from tqdm import tqdm
+
+    from add_bench.provenance import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    card, path = latents_card(sd, coco, resolution), out / MOMENTS_FILE
+    done = 0
+    if (out / CARD_FILE).is_file():
+        stored = json.loads((out / CARD_FILE).read_text())
+        if {k: stored.get(k) for k in card} != card:
+            raise DataError(f"{out}: holds latents of another VAE, split or resolution ({stored}); use another --out")
+        done = stored.get("done", 0)
+    moments = np.lib.format.open_memmap(path, mode="r+" if done else "w+", dtype=np.float32, shape=tuple(card["shape"]))
+    files, _ = image_rows(coco)
+    device = sd.vae.device
+    print(f"encoding {len(files) - done} of {len(files)} {coco.split} images → {path}", file=sys.stderr)
+    for start in tqdm(range(done, len(files), batch_size), desc="encode", unit="batch"):
+        chunk = files[start : start + batch_size]
+        images = CocoCaptions(coco.root, coco.split, chunk, [""] * len(chunk), np.zeros(len(chunk), np.int64))
+        pixels = to_model_range(images.load_images(range(len(chunk)), resolution, workers)).to(device)
+        with torch.no_grad():
+            moments[start : start + len(chunk)] = sd.posterior_moments(pixels).float().cpu().numpy()
+        moments.flush()
+        atomic_write_json(out / CARD_FILE, {**card, "done": start + len(chunk)})
+    return path
+
+
+class CocoLatents:
+    """A latents folder made by ``encode``, checked against the VAE, split and resolution it is used with;
+    ``moments(pair_index)`` → the posterior's parameters of those pairs' images."""
+
+    def __init__(self, folder: str | Path, sd, coco: CocoCaptions, resolution: int):
+        folder = Path(folder)
+        card_path = folder / CARD_FILE
+        if not card_path.is_file():
+            raise DataError(
+                f"coco_latents={folder}: no {CARD_FILE}; make it with python -m add_bench.data.coco encode SD_FOLDER "
+                f"--split {coco.split} --resolution {resolution} --out {folder}"
+            )
+        stored, card = json.loads(card_path.read_text()), latents_card(sd, coco, resolution)
+        differ = [k for k in card if stored.get(k) != card[k]]
+        if differ or stored.get("done") != card["images"]:
+            why = (
+                f"made with another {', '.join(differ)}" if differ else f"{stored.get('done')} of {card['images']} done"
+            )
+            raise DataError(f"coco_latents={folder}: {why} ({CARD_FILE}); encode again or use another folder")
+        self.table = np.load(folder / MOMENTS_FILE, mmap_mode="r")
+        self.rows = image_rows(coco)[1]
+
+    def moments(self, index: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.table[self.rows[index]]))
+
+
+@command_line
+def main(argv: list[str] | None = None) -> int:
+    """python -m add_bench.data.coco encode SD_FOLDER --split train2017 --resolution 512 --out DIR"""
+    import argparse
+
+    from add_bench.distributed import resolve_device
+    from add_bench.networks.sd import load_stable_diffusion
+
+    p = argparse.ArgumentParser(
+        prog="python -m add_bench.data.coco",
+        description="Pre-encode a COCO split with a Stable Diffusion folder's VAE (training then reads "
+        "coco_latents=DIR instead of encoding each batch; the same latents within float tolerance).",
+    )
+    p.add_argument("action", choices=["encode"])
+    p.add_argument("sd_folder")
+    p.add_argument("--split", default="train2017", choices=SPLITS)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--root", default=None, help="COCO folder (default $ADD_BENCH_COCO)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=8, help="threads decoding the JPEGs")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    sd = load_stable_diffusion(a.sd_folder).to(resolve_device(a.device))
+    sd.latent_shape(a.resolution)
+    encode_split(sd, load_captions(a.root, a.split), a.resolution, Path(a.out), a.batch_size, a.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -209,13 +209,22 @@ class StableDiffusion:
         """Pixels in [−1, 1] (B, 3, H, W) → scaled latents: a sample of the VAE posterior, or its mode.
         ``chunk`` > 0: encoded at most that many images at a time, the posterior's noise drawn for the whole
         batch at once (the same latents as ``chunk=0``)."""
-        if 0 < chunk < pixels.shape[0]:
-            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        return self.latents_from_moments(self.posterior_moments(pixels, chunk), generator, mode)
 
-            moments = [self.vae.encode(p).latent_dist.parameters for p in pixels.split(chunk)]
-            posterior = DiagonalGaussianDistribution(torch.cat(moments))
-        else:
-            posterior = self.vae.encode(pixels).latent_dist
+    def posterior_moments(self, pixels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """The VAE posterior's parameters of pixels in [−1, 1]: mean and log-variance concatenated on the
+        channels (what ``python -m add_bench.data.coco encode`` stores)."""
+        parts = pixels.split(chunk) if 0 < chunk < pixels.shape[0] else [pixels]
+        return torch.cat([self.vae.encode(p).latent_dist.parameters for p in parts])
+
+    def latents_from_moments(
+        self, moments: torch.Tensor, generator: torch.Generator | None = None, mode: bool = False
+    ) -> torch.Tensor:
+        """Scaled latents from the posterior's parameters: a sample (one noise row per image from
+        ``generator``) or the mode."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        posterior = DiagonalGaussianDistribution(moments)
         if mode:
             return posterior.mode() * self.vae.config.scaling_factor
         # posterior.sample(generator), with one noise row per image (distributed.rows: in a training step over
