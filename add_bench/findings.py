@@ -406,6 +406,24 @@ def bench_lines(root: Path) -> list[str]:
     return lines
 
 
+def cluster_plan_lines(root: Path) -> list[str]:
+    """What ``python -m add_bench.cost`` estimated for the cluster presets (``results/cluster_plan``)."""
+    lines = []
+    for path in sorted((root / "cluster_plan").glob("*.json")):
+        d = json.loads(path.read_text())
+        rows = [r for r in d["rows"] if not r["shared"]]
+        big = max(rows, key=lambda r: r["gib"])
+        unfit = sum(not r["fits"] for r in rows)
+        lines.append(
+            f"- `{d['provenance']['command']}`: {d['cells']} cells, **{d['gpu_hours']:.1f} GPU-hours** of training "
+            f"on one {d['gpu']} each ({min(r['gpu_hours'] for r in rows):.1f}–{max(r['gpu_hours'] for r in rows):.1f} "
+            f"per cell at {rows[0]['steps']} steps); the largest cell ({big['ablation']}/{big['cell']}) ≈ "
+            f"{big['gib']:.1f} GiB at micro-batch {big['micro_batch']}; "
+            + (f"{unfit} cell(s) do not fit." if unfit else "every cell fits.")
+        )
+    return lines
+
+
 def status_lines(abls: list[Ablation]) -> list[str]:
     counts: dict[str, int] = {}
     seen = set()
@@ -476,6 +494,18 @@ def report(root: str | Path = "results") -> str:
         for folder in curves:
             out += curve_section(root, folder)
     out += ["## Metric sanity ladder", "", *sanity_lines(root), ""]
+    lines = cluster_plan_lines(root)
+    if lines:
+        out += [
+            "## Cluster scale: estimated cost (`python -m add_bench.cost`)",
+            "",
+            "Estimated from the architecture configs of SD2.1 and SDXL (`add_bench/presets/model_configs`) with "
+            "`add_bench.memory` (activations and FLOPs measured on the meta device, a per-GPU throughput table); "
+            "nothing here has run on a GPU. Evaluation is not included; one seed.",
+            "",
+            *lines,
+            "",
+        ]
     lines = bench_lines(root)
     if lines:
         out += ["## Where the time goes (`python -m add_bench.bench`)", "", *lines, ""]

@@ -1,6 +1,7 @@
 """The dry run's GPU plan (add_bench.cost, add_bench.memory) on a tiny Stable Diffusion preset equals a hand
 calculation: the parameters counted on the loaded networks, the measured per-sample costs composed by hand."""
 
+import json
 import re
 
 import pytest
@@ -130,3 +131,50 @@ def test_unknown_gpu_names_the_accepted_ones(tiny_preset, capsys):
     args = ["teacher.steps=1,2", f"base={preset}", "--dry-run", "--gpu", "B200", "--out", str(root / "out")]
     assert sweep.main(args) == 2
     assert "--gpu='B200': unknown; accepted: A100-40GB, A100-80GB, H100-80GB, L40S-48GB" in capsys.readouterr().err
+
+
+def test_the_shipped_architecture_configs_have_the_published_parameter_counts():
+    """add_bench/presets/model_configs (the plan's SD2.1 and SDXL, configs only): built on the meta device, each
+    network has the parameter count of the released model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from add_bench.cost import model_configs_dir
+
+    def count(model) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    published = {
+        ("sd21", "unet"): 865_910_724,
+        ("sd21", "vae"): 83_653_863,
+        ("sd21", "text_encoder"): 340_387_840,
+        ("sdxl", "unet"): 2_567_463_684,
+        ("sdxl", "vae"): 83_653_863,
+        ("sdxl", "text_encoder"): 123_060_480,
+        ("sdxl", "text_encoder_2"): 694_659_840,
+    }
+    builders = {
+        "unet": lambda f: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(f)),
+        "vae": lambda f: AutoencoderKL.from_config(AutoencoderKL.load_config(f)),
+        "text_encoder": lambda f: CLIPTextModel(CLIPTextConfig.from_pretrained(f)),
+        "text_encoder_2": lambda f: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(f)),
+    }
+    for (model, part), n in published.items():
+        with torch.device("meta"):
+            assert count(builders[part](model_configs_dir() / model / part)) == n, (model, part)
+
+
+def test_the_cost_command_writes_each_cells_estimate(tiny_preset, tmp_path):
+    from add_bench import cost
+
+    preset, overrides, _ = tiny_preset
+    out = tmp_path / "plan.json"
+    assert cost.main(["ablations/loss_weighting.yaml", f"base={preset}", "--gpu", "A100-80GB", "--out", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert [r["cell"] for r in plan["rows"]] == ["exp", "sds", "nfsd"] and plan["cells"] == 3
+    for row in plan["rows"]:
+        cfg = load(TrainConfig, overrides=[*overrides, f"loss.weighting={row['cell']}"])
+        est = memory.estimate(cfg, "A100-80GB")
+        assert row["gpu_hours"] == pytest.approx(est.gpu_hours) and row["micro_batch"] == est.micro_batch
+    assert plan["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in plan["rows"]))
+    assert plan["provenance"]["command"].startswith("python -m add_bench.cost ablations/loss_weighting.yaml")
