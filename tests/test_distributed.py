@@ -213,5 +213,6 @@ def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs
         assert sweep.main([str(abl), "--out", str(out), *extra]) == 2
         assert re.search(message, capsys.readouterr().err), extra
         assert not (out / "cells").exists()  # nothing prepared, nothing trained
+    teacher_only = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path), cells=[{"name": "exp", "default": True}])
     with pytest.raises(ConfigError, match=r"--procs-per-cell 2: cell \w+ \(mini/exp seed 0\): method='teacher' with 2"):
-        sweep.check_splits(sweep.load_ablations(abl, ["method=teacher"]), out, None, "local", {}, 2)
+        sweep.check_splits(sweep.load_ablations(teacher_only, ["method=teacher"]), out, None, "local", {}, 2)
