@@ -44,7 +44,13 @@ from add_bench.errors import ConfigError, command_line
 from add_bench.loop import set_threads
 from add_bench.losses import discriminator_hinge_loss, generator_adversarial_loss, r1_penalty, teacher_target
 from add_bench.provenance import REPO_ROOT, atomic_write_json, provenance
-from add_bench.train import add_step, build_networks, conditioning, optimisers
+from add_bench.train import FashionMnistBatches, add_step, build_networks, conditioning, optimisers
+
+
+def first_batch(cfg: TrainConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and labels of the training split: the fixed batch a timing runs on."""
+    x, y = FashionMnistBatches(cfg).batch(torch.arange(n), None)[:2]
+    return x, y
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -61,9 +67,7 @@ def bench_add_step(cfg: TrainConfig, repeats: int = 5) -> dict[str, float]:
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     nets = build_networks(cfg)
-    data = cfg.data
-    x, y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
-    x0, labels = x[: cfg.batch_size], y[: cfg.batch_size]
+    x0, labels = first_batch(cfg, cfg.batch_size)
     gen = torch.Generator().manual_seed(0)
     opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=0.0)  # lr 0: timing only, weights unchanged
     opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=0.0)
@@ -253,9 +257,7 @@ def progressive_halving_step(cfg: TrainConfig) -> Callable[[], None]:
     opt = torch.optim.Adam(student.unet.parameters(), lr=0.0)
     stage = next(s for s in stages(cfg) if s.name == "halving")
     grid = stage_timesteps(schedule, stage)
-    data = cfg.data
-    x, y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
-    x0, labels = x[: cfg.batch_size], y[: cfg.batch_size]
+    x0, labels = first_batch(cfg, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def step() -> None:
@@ -278,9 +280,7 @@ def add_step_on_batch(cfg: TrainConfig, batch_size: int, compiled: bool = False)
         same = nets.c_img_network is nets.feature_network
         nets.feature_network = torch.compile(nets.feature_network)
         nets.c_img_network = nets.feature_network if same else nets.c_img_network
-    data = cfg.data
-    x, y = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
-    x0, labels = x[:batch_size], y[:batch_size]
+    x0, labels = first_batch(cfg, batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt_s = torch.optim.Adam(nets.student.unet.parameters(), lr=0.0)
     opt_d = torch.optim.Adam(nets.discriminator.parameters(), lr=0.0)

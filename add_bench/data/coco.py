@@ -53,13 +53,7 @@ class CocoCaptions:
     def load_images(self, index: np.ndarray | list[int], resolution: int, workers: int = 0) -> np.ndarray:
         """uint8 (N, resolution, resolution, 3): centre crop to a square, then bicubic resize; ``workers`` > 1:
         that many threads read and decode (PIL releases the GIL), the images in the same order."""
-        files = [self.files[i] for i in index]
-        if workers > 1 and len(files) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(workers, len(files))) as pool:
-                return np.stack(list(pool.map(load_image, files, [resolution] * len(files))))
-        return np.stack([load_image(f, resolution) for f in files])
+        return load_images([self.files[i] for i in index], resolution, workers)
 
     def eval_pairs(self, n: int, seed: int = 0) -> np.ndarray:
         """The zero-shot evaluation set: n distinct images chosen with ``seed``, one caption each (also
@@ -77,6 +71,17 @@ class CocoCaptions:
     @property
     def annotation_file(self) -> Path:
         return self.root / "annotations" / f"captions_{self.split}.json"
+
+
+def load_images(files: list[Path], resolution: int, workers: int = 0) -> np.ndarray:
+    """uint8 (N, resolution, resolution, 3) of image files; ``workers`` > 1: read and decoded by that many threads
+    (PIL releases the GIL), in the same order."""
+    if workers > 1 and len(files) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(workers, len(files))) as pool:
+            return np.stack(list(pool.map(load_image, files, [resolution] * len(files))))
+    return np.stack([load_image(f, resolution) for f in files])
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
@@ -186,8 +191,7 @@ def encode_split(sd, coco: CocoCaptions, resolution: int, out: Path, batch_size:
     print(f"encoding {len(files) - done} of {len(files)} {coco.split} images → {path}", file=sys.stderr)
     for start in tqdm(range(done, len(files), batch_size), desc="encode", unit="batch"):
         chunk = files[start : start + batch_size]
-        images = CocoCaptions(coco.root, coco.split, chunk, [""] * len(chunk), np.zeros(len(chunk), np.int64))
-        pixels = to_model_range(images.load_images(range(len(chunk)), resolution, workers)).to(device)
+        pixels = to_model_range(load_images(chunk, resolution, workers)).to(device)
         with torch.no_grad():
             moments[start : start + len(chunk)] = sd.posterior_moments(pixels).float().cpu().numpy()
         moments.flush()
