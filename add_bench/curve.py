@@ -65,21 +65,18 @@ def check_same_curve(cfg: TrainConfig, out: Path) -> str:
 
     added = added_fields(TrainConfig)  # fields newer than a stored curve compare at the value it was made with
     values = curve_config(cfg)
+    current = json.loads(json.dumps(without(values, added), default=str))  # as stored (JSON types)
     path = out / "config.json"
     if path.is_file():
         stored = without(json.loads(path.read_text()), added)
-        if stored != json.loads(json.dumps(without(values, added))):
-            keys = sorted(
-                k
-                for k in set(stored) | set(values)
-                if stored.get(k) != json.loads(json.dumps(without(values, added).get(k)))
-            )
+        if stored != current:
+            keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
             raise ConfigError(
                 f"{path}: this folder holds a curve of another config (differs in {', '.join(keys)}); use another --out"
             )
     else:
         atomic_write_json(path, values)
-    return hashlib.sha256(json.dumps(without(values, added), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_curve(cfg: TrainConfig, lengths: list[int], seeds: list[int], out: Path, workdir: Path) -> pd.DataFrame:
