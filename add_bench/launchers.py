@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -310,6 +311,31 @@ def check_launcher(name: str) -> str:
 # CPU request); submitit.core.utils defines it and the top level does not export it.
 SbatchRefused = submitit.core.utils.FailedJobError
 
+# sbatch's answers when the controller is momentarily unreachable or busy (a slurmctld restart or fail-over, a
+# full RPC queue, the job-count limit): the same submission is tried again after these waits (seconds)
+TRANSIENT_SBATCH = (
+    "Unable to contact slurm controller",
+    "Socket timed out",
+    "Zero Bytes were transmitted",
+    "Resource temporarily unavailable",
+    "backup controller in standby mode",
+)
+SBATCH_RETRY_S = (5, 15, 30, 60)
+
+
+def retry_transient(submit: Callable[[], Any], waits: Sequence[float] = SBATCH_RETRY_S, sleep=time.sleep) -> Any:
+    """``submit()``, tried again after each of ``waits`` while sbatch refuses it with a transient controller
+    error (``TRANSIENT_SBATCH``); any other refusal, or the last transient one, is raised."""
+    for wait in (*waits, None):
+        try:
+            return submit()
+        except SbatchRefused as e:
+            if wait is None or not any(t in str(e) for t in TRANSIENT_SBATCH):
+                raise
+            reason = next(t for t in TRANSIENT_SBATCH if t in str(e))
+            print(f"sbatch: {reason}; submitting again in {wait:g} s", file=sys.stderr, flush=True)
+            sleep(wait)
+
 
 def _parse_sacct(out: str) -> dict[str, dict[str, str]]:
     """job id → {column: value} from ``sacct --parsable2`` output, pending array ranges (``12_[0-7%8]``)
@@ -443,12 +469,17 @@ def submit_slurm(
         # the array tasks must import add_bench (CellJob) even when it is not pip-installed
         slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
     )
-    jobs = []
-    try:
+
+    def submit_array() -> list:
+        jobs = []
         with executor.batch():
             for cell_id, fn in cells:
                 job = CellJob(fn, cell_id, str(folder / cell_id), cfg.gpus_per_node, launch, processes_per_cell(cfg))
                 jobs.append(executor.submit(job))
+        return jobs
+
+    try:
+        jobs = retry_transient(submit_array)
     except SbatchRefused as e:
         msg = " ".join(str(e).split()) or "no message"
         raise ConfigError(

@@ -21,6 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into node ids
 def pytest_collection_modifyitems(items):
     """The tests that submit to the one local SLURM cluster run in one test process, one after another
     (``--dist loadgroup``): its start/stop fixture and its two slots are not shared between processes."""

@@ -27,7 +27,16 @@ import cloudpickle
 import pytest
 
 from add_bench.errors import ConfigError
-from add_bench.launchers import SlurmConfig, check_launcher, run_local, status_slurm, submit_slurm, thread_plan
+from add_bench.launchers import (
+    SbatchRefused,
+    SlurmConfig,
+    check_launcher,
+    retry_transient,
+    run_local,
+    status_slurm,
+    submit_slurm,
+    thread_plan,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -341,6 +350,57 @@ def test_local_workers_end_with_the_sweep_process(tmp_path):
                     pass
 
 
+@pytest.mark.slurm  # the check is on this test's own node id too (a -k selection may leave no other)
+def test_the_cluster_tests_run_in_one_test_process(request):
+    """Under ``--dist loadgroup`` every slurm-marked test carries the one group in its node id (xdist schedules
+    a group on one process): tests split over processes would each start the cluster with their own module
+    fixture, and the first to finish would stop it under the others' running jobs."""
+    if not request.config.getvalue("loadgroup"):  # set in xdist's test processes under --dist loadgroup
+        pytest.skip("not in a test process of --dist loadgroup")
+    marked = [item.nodeid for item in request.session.items if item.get_closest_marker("slurm")]
+    assert request.node.nodeid in marked and all(nodeid.endswith("@slurm") for nodeid in marked), marked
+
+
+def test_a_submission_refused_for_an_unreachable_controller_is_tried_again(capsys):
+    """sbatch's transient controller errors are retried after each wait; the answer of the first accepted
+    submission is returned, and a refusal of the request itself (or a transient one after the last wait) is
+    raised at once."""
+    answers = [
+        SbatchRefused(
+            "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+        ),
+        SbatchRefused("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"),
+        ["12_0", "12_1"],
+    ]
+    waited = []
+
+    def submit():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert retry_transient(submit, waits=(5, 15, 30), sleep=waited.append) == ["12_0", "12_1"]
+    assert waited == [5, 15] and not answers
+    assert "Unable to contact slurm controller; submitting again in 5 s" in capsys.readouterr().err
+
+    def always(message):
+        def submit():
+            raise SbatchRefused(f"sbatch: error: Batch job submission failed: {message}")
+
+        return submit
+
+    waited.clear()
+    with pytest.raises(SbatchRefused, match="Invalid partition"):
+        retry_transient(always("Invalid partition name specified"), waits=(5,), sleep=waited.append)
+    assert waited == []
+    with pytest.raises(SbatchRefused, match="Unable to contact"):
+        retry_transient(
+            always("Unable to contact slurm controller (connect failure)"), waits=(5, 15), sleep=waited.append
+        )
+    assert waited == [5, 15]
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"launcher='foo': unknown; accepted: local, slurm"):
         check_launcher("foo")
@@ -548,7 +608,7 @@ def test_sweep_with_evaluation_as_a_job_after_training(
     assert set(waiting.values()) == {"PENDING"}, waiting  # each evaluation waits for its training
 
     good, broken = [cells / ids[n] for n in ("a", "b")], cells / ids["broken"]
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not (
         all(sweep.cell_status(wd) == "done" for wd in good)
         and status_slurm(cells, EVAL_JOBS_FILE)[broken.name] not in ("PENDING", "RUNNING")
