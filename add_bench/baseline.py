@@ -78,9 +78,19 @@ def next_scale(val_fid: dict[str, float]) -> float | None:
     return None
 
 
-def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, float] | None = None) -> dict[str, Any]:
+def cfg_search(
+    teacher: str,
+    cfg: EvalConfig,
+    num_samples: int,
+    done: dict[str, float] | None = None,
+    partial: Path | None = None,
+    earlier_wall_s: float = 0.0,
+) -> dict[str, Any]:
     """FID against the validation split at 50 DDIM steps for each scale in CFG_GRID, then beyond the grid's
-    edge while the best scale lies on it (:func:`next_scale`). ``done``: scales already measured."""
+    edge while the best scale lies on it (:func:`next_scale`). ``done``: scales already measured. Each
+    measured scale is written to ``partial`` (with the search's wall time so far, ``earlier_wall_s`` included),
+    from which an interrupted search goes on (:func:`stored_cfg_search`)."""
+    start = time.time()
     denoiser, _ = load_denoiser(teacher)
     scorer = EvalNetScorer(cfg.evalnet)
     data = cfg.data
@@ -93,33 +103,42 @@ def cfg_search(teacher: str, cfg: EvalConfig, num_samples: int, done: dict[str, 
         g = generate(denoiser, "ddim", 50, num_samples, cfg.seed + 1, cfg.batch_size, s)
         fids[str(s)] = fid_val.distance(g.samples.images)
         print(f"{teacher} cfg {s}: val FID-{num_samples} {fids[str(s)]:.3f}", file=sys.stderr)
-    best = min(fids, key=fids.get)
+        if partial is not None:
+            wall = earlier_wall_s + time.time() - start
+            atomic_write_json(partial, search_record(teacher, cfg, num_samples, fids) | {"wall_time_s": wall})
+    return search_record(teacher, cfg, num_samples, fids)
+
+
+def search_record(teacher: str, cfg: EvalConfig, num_samples: int, fids: dict[str, float]) -> dict[str, Any]:
     return {
         "teacher": teacher,
         "steps": 50,
         "num_samples": num_samples,
         "seed": cfg.seed + 1,
-        "val_fid": fids,
-        "best_cfg_scale": float(best),
+        "val_fid": dict(fids),
+        "best_cfg_scale": float(min(fids, key=fids.get)),
     }
 
 
 def stored_cfg_search(path: Path, teacher: str, cfg: EvalConfig, num_samples: int) -> dict[str, Any]:
     """The stored CFG search, extended where its best scale lies on the grid's edge (a search stored before
-    the edge rule keeps its measured scales); computed whole when none is stored for these samples."""
+    the edge rule keeps its measured scales); computed whole when none is stored for these samples, going on
+    from the scales an interrupted search wrote to ``<path>.partial``."""
     stored = json.loads(path.read_text()) if path.is_file() else None
+    partial = path.with_name(path.name + ".partial")  # not *.json: never read as a row
     if stored and stored["num_samples"] == num_samples and stored["seed"] == cfg.seed + 1:
         if next_scale(stored["val_fid"]) is None:
             return stored
-        done, earlier = stored["val_fid"], stored["provenance"]
+        done, earlier, extra = stored["val_fid"], stored["provenance"]["wall_time_s"], {"extends": stored["provenance"]}
     else:
-        done, earlier = {}, None
-    return computed_row(
-        path,
-        lambda: cfg_search(teacher, cfg, num_samples, done),
-        earlier["wall_time_s"] if earlier else 0.0,
-        **({"extends": earlier} if earlier else {}),
-    )
+        done, earlier, extra = {}, 0.0, {}
+    interrupted = json.loads(partial.read_text()) if partial.is_file() else None
+    if interrupted and (interrupted["num_samples"], interrupted["seed"]) == (num_samples, cfg.seed + 1):
+        done, earlier = interrupted["val_fid"] | done, interrupted["wall_time_s"]
+        print(f"{teacher}: the CFG search goes on from {partial} (scales {', '.join(done)})", file=sys.stderr)
+    search = computed_row(path, lambda: cfg_search(teacher, cfg, num_samples, done, partial, earlier), earlier, **extra)
+    partial.unlink(missing_ok=True)
+    return search
 
 
 def teacher_row(teacher: str, steps: int, cfg_scale: float, cfg: EvalConfig, suite) -> dict[str, Any]:

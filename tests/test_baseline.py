@@ -89,3 +89,35 @@ def test_a_stored_search_whose_best_lies_on_the_edge_is_extended(tiny_assets, tm
     assert baseline.stored_cfg_search(path, a, cfg, 10) == search  # inside the grid now: read, not recomputed
     fresh = baseline.stored_cfg_search(path, a, cfg, 12)  # other sample counts: searched anew
     assert set(fresh["val_fid"]) >= {"1.5", "2.0", "3.0"} and "extends" not in fresh["provenance"]
+
+
+def test_an_interrupted_cfg_search_goes_on_from_its_measured_scales(tiny_assets, tmp_path, monkeypatch):
+    """Each measured scale is written beside the search (``.partial``, never read as a row); a search
+    interrupted after one scale measures only the others when re-run, and its wall time includes the first."""
+    monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "stats")
+    cfg, a = eval_cfg(tiny_assets), tiny_assets["teacher"]
+    path = tmp_path / "rows" / "t_cfg_search.json"
+    path.parent.mkdir()
+    partial = path.with_name(path.name + ".partial")
+    real_generate, calls = baseline.generate, []
+
+    def interrupted_after_one(*args):
+        calls.append(args[-1])
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_generate(*args)
+
+    monkeypatch.setattr(baseline, "generate", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        baseline.stored_cfg_search(path, a, cfg, 10)
+    first = json.loads(partial.read_text())
+    assert list(first["val_fid"]) == ["1.5"] and first["wall_time_s"] > 0 and not path.exists()
+    assert baseline.stored_rows(path.parent) == []  # the partial search is not a table row
+
+    calls.clear()
+    monkeypatch.setattr(baseline, "generate", lambda *args: calls.append(args[-1]) or real_generate(*args))
+    search = baseline.stored_cfg_search(path, a, cfg, 10)
+    assert 1.5 not in calls and calls[:2] == [2.0, 3.0]  # only the scales the interrupted search had not measured
+    assert search["val_fid"]["1.5"] == first["val_fid"]["1.5"] and set(search["val_fid"]) >= {"1.5", "2.0", "3.0"}
+    assert search["provenance"]["wall_time_s"] > first["wall_time_s"]
+    assert not partial.exists() and json.loads(path.read_text()) == search
