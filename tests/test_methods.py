@@ -279,3 +279,16 @@ def test_teacher_evaluations_counts_what_training_runs(tiny_assets, tmp_path, mo
     assert (sum(seen) > 0) == (cfg.method == "progressive" or cfg.loss.distillation)
     if not extra:
         assert sum(seen) == 2 * 8 * 2  # steps × batch × (conditional + unconditional)
+
+
+def test_table2_rows_at_adds_compute_spend_the_default_add_cells_teacher_evaluations():
+    """The rows of ablations/methods.yaml labelled "ADD's compute" are trained at the default ADD cell's teacher
+    evaluations: a change of the default cell's length or batch that leaves them behind fails here."""
+    from pathlib import Path
+
+    (ab,) = sweep.load_ablations(Path(__file__).resolve().parents[1] / "ablations" / "methods.yaml")
+    (add,) = [c for c in ab.cells if c.default]
+    equal = [c for c in ab.cells if "ADD's compute" in c.label]
+    assert equal and add.config.method == "add" and {c.config.method for c in equal} == {"progressive"}
+    for c in equal:
+        assert methods.teacher_evaluations(c.config) == methods.teacher_evaluations(add.config), c.name
