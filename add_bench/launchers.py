@@ -330,9 +330,9 @@ def retry_transient(submit: Callable[[], Any], waits: Sequence[float] = SBATCH_R
         try:
             return submit()
         except SbatchRefused as e:
-            if wait is None or not any(t in str(e) for t in TRANSIENT_SBATCH):
+            reason = next((t for t in TRANSIENT_SBATCH if t in str(e)), None)
+            if wait is None or reason is None:
                 raise
-            reason = next(t for t in TRANSIENT_SBATCH if t in str(e))
             print(f"sbatch: {reason}; submitting again in {wait:g} s", file=sys.stderr, flush=True)
             sleep(wait)
 
