@@ -216,7 +216,7 @@ class EvalConfig:
 class StudentConfig:
     """The ADD-student x̂θ. Its architecture is the ``network`` weights folder's UNet."""
 
-    network: str = "teacher_small"  # shipped weights name or folder: architecture, and weights if pretrained
+    network: str = "teacher_small_sl27k"  # shipped weights name or folder: architecture, and weights if pretrained
     init: str = "pretrained"  # pretrained (copy of ``network``) | random (Table 1c)
     # T_student; the ADD sampler starts at the top one (diffusion.add_timesteps)
     timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
@@ -232,10 +232,12 @@ class StudentConfig:
 class TeacherConfig:
     """The frozen DM-teacher x̂ψ that produces the distillation target (Eq. 4)."""
 
-    network: str = "teacher_small"  # shipped weights name or folder (Table 1e: teacher_small | teacher_large)
+    # shipped weights name or folder (Table 1e: teacher_small_sl27k | teacher_large_sl; both on SD2.1's schedule)
+    network: str = "teacher_small_sl27k"
     steps: int = 1  # k consecutive DDIM teacher steps from t produce the target (Table 1f: 1, 2, 4)
-    # classifier-free guidance when making targets (1 = none; 2 = the teacher's best on val); NFSD's s
-    cfg_scale: float = 2.0
+    # classifier-free guidance when making targets (1 = none; 1.5 = the default teacher's best on val:
+    # results/teacher); NFSD's s
+    cfg_scale: float = 1.5
     timestep_sampling: str = "uniform"  # t ~ U{t_min..t_max} | student (t drawn from T_student)
     t_min: int = 20
     t_max: int = 980
@@ -346,7 +348,8 @@ class TrainConfig:
     # how the cell's generator is made: add | teacher (no training) | progressive (add_bench.methods)
     method: str = added(4, "add")
     seed: int = 0
-    steps: int = 1800  # ADD iterations per cell (python -m add_bench.bench measures the time per step)
+    # ADD iterations per cell: the knee of the quality-against-length curve (python -m add_bench.curve)
+    steps: int = 600
     batch_size: int = 32
     # forward passes (student, teacher, VAE, feature and text networks) in fp32, or under bf16 autocast (CUDA
     # and CPU); master weights, optimiser states, the losses, the discriminator heads (GAN hinge, R1) stay fp32

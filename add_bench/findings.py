@@ -142,13 +142,14 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
     if default is None:
         return []
     d_row = default.head[default.head["default"]]
-    teacher = str(d_row.iloc[0]["name"]) if not d_row.empty else None
-    rows = [r for r in teacher_rows(root) if r.get("model") == "teacher_small" and r.get("fid") is not None]
-    if teacher is None or not rows:
+    row = str(d_row.iloc[0]["name"]) if not d_row.empty else None
+    teacher = default_teacher(root, default)
+    rows = [r for r in teacher_rows(root) if r.get("model") == teacher and r.get("fid") is not None]
+    if row is None or not rows:
         return []
-    lines = []
+    lines = [f"Default cell of Table 1 against `results/teacher` ({teacher}, DDIM, best CFG).", ""]
     for steps in (1, MULTI_STEP):
-        student = default.at(teacher, steps)
+        student = default.at(row, steps)
         best = min((r for r in rows if 0 < r["nfe"] <= steps), key=lambda r: r["fid"], default=None)
         if student is None or best is None or not student["fid_n"]:
             continue
@@ -159,7 +160,7 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
             f"CFG {best['cfg_scale']:g}) "
             f"{best['fid']:.2f}; ratio {ratio:.2f}"
         )
-    return lines
+    return lines if len(lines) > 2 else []
 
 
 def teacher_references(root: Path, teacher: str) -> dict[str, float] | None:
@@ -468,8 +469,6 @@ def report(root: str | Path = "results") -> str:
     if lines:
         out += [
             "## The ADD student against its own teacher at equal network evaluations",
-            "",
-            "Default cell of Table 1 against `results/teacher` (teacher_small, DDIM, best CFG).",
             "",
             *lines,
             "",
