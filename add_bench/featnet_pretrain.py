@@ -82,9 +82,8 @@ class FeatNetPretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# dino_s and dino_l share one recipe (1,300 steps), so Table 1a compares network capacity, not training
-# length. Measured on the 2-core machine at 1 thread (batch 64): dino_s 0.68 s/step with two other jobs
-# running (23 min), dino_l 1.08 s/step beside one other job (≈23 min); clip_s 0.25 s/step (contended).
+# Per-network overrides of FeatNetPretrainConfig. dino_s and dino_l share one recipe (1,300 steps), so
+# Table 1a compares network capacity, not training length.
 FEATNET_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino_s": dict(steps=1300),
     "dino_l": dict(steps=1300),
