@@ -402,9 +402,15 @@ LAUNCH_NODE = "add_bench_launch"  # a launch profile of the ``launch`` group (La
 @functools.cache
 def config_store() -> Any:
     """Hydra's ConfigStore holding the suite's configs: ``add_bench_schema`` (TrainConfig), the group ``base``
-    with one option per ``add_bench/presets/<name>.yaml`` (merged at the top level), and ``add_bench``: the
-    schema under ``base=embedded``. Hydra composes the config a sweep cell starts from:
-    ``config_store()``, then ``compose(config_name="add_bench", overrides=["base=sd21", "steps=500"])``."""
+    with one option per ``add_bench/presets/<name>.yaml`` (merged at the top level), ``add_bench``: the
+    schema under ``base=embedded``, and the group ``launch`` of launch profiles under ``add_bench_launch``.
+
+    The store registers the configs; it does not build a cell's. The sweep takes its preset from the ``base``
+    group (:func:`preset`) and layers the preset, the ablation file's sets and the command line's overrides
+    itself (:func:`load`, :func:`apply_overrides`); only the overrides' syntax is Hydra's
+    (:func:`parse_overrides`). Hydra's own ``compose(config_name="add_bench", overrides=["base=sd21",
+    "steps=500"])`` (after ``config_store()``) gives the same config as that layering of the same preset and
+    keys (tests/test_config_store.py), so Hydra's tools can inspect it."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()

@@ -37,7 +37,7 @@ from add_bench import checkpoint
 from add_bench.config import DataConfig, check_positive, choose, load
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
 from add_bench.errors import command_line
-from add_bench.loop import Run, RunningMean, clipped_update, drive, lr_at, set_threads
+from add_bench.loop import clipped_update, drive, pretraining_batch, set_threads, start_pretraining
 from add_bench.networks.featnets import FEATURE_NETWORKS, ClipS, make_vit, prompt_vocab
 from add_bench.networks.unets import num_params, save_weights
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
@@ -82,9 +82,8 @@ class FeatNetPretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-# dino_s and dino_l share one recipe (1,300 steps), so Table 1a compares network capacity, not training
-# length. Measured on the 2-core machine at 1 thread (batch 64): dino_s 0.68 s/step with two other jobs
-# running (23 min), dino_l 1.08 s/step beside one other job (≈23 min); clip_s 0.25 s/step (contended).
+# Per-network overrides of FeatNetPretrainConfig. dino_s and dino_l share one recipe (1,300 steps), so
+# Table 1a compares network capacity, not training length.
 FEATNET_DEFAULTS: dict[str, dict[str, Any]] = {
     "dino_s": dict(steps=1300),
     "dino_l": dict(steps=1300),
@@ -327,18 +326,18 @@ def pretrain_featnet(
     x_train, y_train = load_split("train", data.root, data.val_size, data.split_seed, data.download).tensors()
     task = TASKS[spec.objective](dict(spec.arch), cfg)
     opt = torch.optim.AdamW(param_groups(task.trainable, cfg.weight_decay), lr=cfg.lr)
-    run = Run(workdir, {**task.objects(), "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
-    print(
+    run, loss_avg = start_pretraining(
+        workdir,
+        {**task.objects(), "opt": opt},
+        gen,
+        cfg,
+        budget_minutes,
         f"featnet {name} ({spec.objective}): {num_params(task.trainable) / 1e6:.2f}M parameters; "
         f"work folder {workdir}, weights → {out}",
-        file=sys.stderr,
     )
-    loss_avg = RunningMean()
 
     def step_fn(step: int) -> dict:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        idx = pretraining_batch(step, opt, cfg, len(x_train), gen)
         loss, stats = task.loss(x_train[idx], y_train[idx], gen)
         where = f"(featnet {name}) at step {step}; last good checkpoint kept in {workdir}; lower lr (now {cfg.lr})"
         row = clipped_update(

@@ -275,6 +275,26 @@ class RunningMean:
         return self.value
 
 
+def start_pretraining(
+    workdir: Path, objects: dict[str, Any], gen: torch.Generator, cfg: Any, budget_minutes: float, what: str
+) -> tuple[Run, RunningMean]:
+    """A pre-training run (a teacher, a feature network) of ``cfg.steps`` with a checkpoint every
+    ``cfg.ckpt_every``, announced on stderr as ``what``, and the moving average of its loss."""
+    import sys
+
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
+    print(what, file=sys.stderr)
+    return run, RunningMean()
+
+
+def pretraining_batch(step: int, opt: torch.optim.Optimizer, cfg: Any, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The start of pre-training step ``step``: ``opt``'s learning rate (``cfg.warmup_steps`` of warm-up, then
+    cosine decay to ``cfg.min_lr_ratio``), and the indices of the step's ``cfg.batch_size`` images among ``n``."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    return torch.randint(0, n, (cfg.batch_size,), generator=gen)
+
+
 def clipped_update(
     loss: torch.Tensor,
     opt: torch.optim.Optimizer,

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from add_bench.errors import DataError, command_line
+
 Row = dict[str, Any]
 
 # (title, log scale, x key, {log key: legend label}) per panel; a d_fake_acc_s<τ> panel follows them
@@ -40,7 +42,18 @@ FAKE_ACC_PREFIX = "d_fake_acc_s"
 
 
 def read_log(path: Path) -> list[Row]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a ``log.jsonl``; DataError naming the file when it is missing or a line is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (give the work folder of a cell that has trained)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number} is not valid JSON ({e})") from None
+    return rows
 
 
 def series(rows: list[Row], x_key: str, key: str, log_scale: bool) -> tuple[list[float], list[float]]:
@@ -116,16 +129,15 @@ def write_training_plot(workdir: Path) -> Path | None:
         return None
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("cells", nargs="+", help="work folders holding a log.jsonl")
-    written = [write_training_plot(Path(c)) for c in p.parse_args(argv).cells]
-    for path in written:
-        if path is not None:
-            print(f"wrote {path}", file=sys.stderr)
-    return 0 if all(written) else 1
+    p.add_argument("cells", nargs="+", type=Path, help="work folders holding a log.jsonl")
+    for cell in p.parse_args(argv).cells:
+        print(f"wrote {plot_training(cell / 'log.jsonl', cell / 'training.png')}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

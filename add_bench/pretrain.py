@@ -34,7 +34,7 @@ from add_bench.config import (
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Schedule
 from add_bench.errors import command_line
-from add_bench.loop import Run, RunningMean, clipped_update, drive, lr_at, set_threads
+from add_bench.loop import Run, clipped_update, drive, lr_at, pretraining_batch, set_threads, start_pretraining
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
 from add_bench.networks.evalnet import EmbedNet, EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
@@ -58,17 +58,17 @@ def pretrain_teacher(
     unet = build_unet(cfg.size)
     ema = checkpoint.EMA(unet, cfg.ema_decay, cfg.ema_warmup_steps)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(workdir, {"unet": unet, "ema": ema, "opt": opt}, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
-    print(
+    run, loss_avg = start_pretraining(
+        workdir,
+        {"unet": unet, "ema": ema, "opt": opt},
+        gen,
+        cfg,
+        budget_minutes,
         f"teacher {cfg.size}: {num_params(unet) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}",
-        file=sys.stderr,
     )
-    loss_avg = RunningMean()
 
     def step_fn(step: int) -> dict:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        idx = pretraining_batch(step, opt, cfg, len(x_train), gen)
         loss = denoising_loss(
             unet,
             schedule,

@@ -164,7 +164,14 @@ def train_progressive(
     gen = torch.Generator().manual_seed(cfg.seed)
     objects = {"student": unet, "ema": ema, "opt_student": adam()}
     run = Run(
-        workdir, objects, gen, plan[-1].end, cfg.ckpt_every, budget_minutes, keep_checkpoints=cfg.keep_checkpoints
+        workdir,
+        objects,
+        gen,
+        plan[-1].end,
+        cfg.ckpt_every,
+        budget_minutes,
+        tensorboard=cfg.tensorboard,
+        keep_checkpoints=cfg.keep_checkpoints,
     )
     data = FashionMnistBatches(cfg)
     state: dict = {"stage": None}  # the current stage, its teacher, grid, CFG scale and optimiser

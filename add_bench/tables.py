@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from add_bench.errors import AddBenchError, DataError
+from add_bench.errors import DataError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_path, atomic_write_json, atomic_write_text
 
 ALIGNMENT_KEYS = ("clip_score", "align_prob")  # the first one present in a metrics row is "align"
@@ -964,6 +964,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num
     return grid
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m add_bench.tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -979,23 +980,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.ablation_dirs and not a.report:
         p.error("give ablation folders, or --report")
-    status = 0
+    if a.report and not a.results.is_dir():
+        raise DataError(f"--results {a.results}: no such folder")
     for folder in a.ablation_dirs:
-        try:
-            written = write_tables(folder)
-        except AddBenchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 2
-            continue
-        print(f"{folder}: wrote {', '.join(written)}", file=sys.stderr)
+        print(f"{folder}: wrote {', '.join(write_tables(folder))}", file=sys.stderr)
     if a.report:
         from add_bench.findings import write_report
 
-        if not a.results.is_dir():
-            print(f"error: --results {a.results}: no such folder", file=sys.stderr)
-            return 2
         print(f"wrote {write_report(a.results, a.report_out)} from {a.results}", file=sys.stderr)
-    return status
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ from add_bench.errors import ConfigError, command_line
 COMMANDS = (
     "baseline",
     "bench",
+    "cost",
     "curve",
+    "data.coco",
     "discriminator_probe",
     "evaluate",
     "featnet_pretrain",
     "metric_sanity",
     "metrics",
+    "plots",
     "pretrain",
     "sweep",
+    "tables",
     "train",
 )
 

@@ -101,5 +101,17 @@ def test_logged_rows_carry_lazy_r1_and_training_png_and_updates_match_sparse_log
 def test_a_failing_plot_warns_and_returns_none(tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text("{not json\n")
     assert plots.write_training_plot(tmp_path) is None
-    assert f"warning: {tmp_path / 'training.png'} not written: JSONDecodeError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'training.png'} not written: DataError: {tmp_path / 'log.jsonl'}: line 1" in err
     assert not (tmp_path / "training.png").exists()
+
+
+def test_plots_command_reports_a_missing_or_malformed_log_as_one_line_and_status_2(tmp_path, capsys):
+    assert plots.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {tmp_path / 'log.jsonl'}: no such file (give the work folder of a cell that has trained)"]
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss_g": 0.5}\n{not json\n')
+    assert plots.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'log.jsonl'}: line 2 is not valid JSON")
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss_g": 0.5}\n')
+    assert plots.main([str(tmp_path)]) == 0 and (tmp_path / "training.png").is_file()

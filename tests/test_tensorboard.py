@@ -1,8 +1,11 @@
 """TensorBoard events beside log.jsonl: the same numbers, and the EMA student's samples at checkpoints."""
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_methods import pd_cfg
 from test_train import cfg_for
 
+from add_bench.progressive import train_progressive
 from add_bench.train import train
 
 
@@ -31,3 +34,13 @@ def test_add_training_writes_scalars_and_sample_grids(tiny_assets, tmp_path):
 def test_tensorboard_can_be_switched_off(tiny_assets, tmp_path):
     assert train(cfg_for(tiny_assets, tensorboard=False), tmp_path / "cell", progress=False)
     assert not (tmp_path / "cell" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_progressive_distillation_follows_the_tensorboard_switch(tiny_assets, tmp_path, on):
+    cfg = pd_cfg(tiny_assets)
+    cfg.tensorboard = on
+    assert train_progressive(cfg, tmp_path / "pd", progress=False)
+    assert (tmp_path / "pd" / "tensorboard").exists() == on
+    if on:
+        assert "loss" in events(tmp_path / "pd" / "tensorboard").Tags()["scalars"]
