@@ -13,8 +13,9 @@ combination of the comma-separated values, the same cells (same ids) as a YAML f
 beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top; a cell runs
 as its ``slurm.nodes`` × ``slurm.tasks_per_node`` data-parallel processes (``--procs-per-cell N`` locally:
 gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`). With
-``slurm.eval_job`` each cell is evaluated by its own job once its training job has succeeded (``slurm.eval``: that
-job's request; :func:`train_cell`, :func:`evaluate_cell`, ``scripts/README_slurm.md``).
+``slurm.eval_job`` (set by the sd21 and sdxl launch profiles; ``--slurm eval_job=false``: inline) each cell is
+evaluated by its own job once its training job has succeeded (``slurm.eval``: that job's request; :func:`train_cell`,
+:func:`evaluate_cell`, ``scripts/README_slurm.md``).
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -922,7 +923,7 @@ def request_text(slurm: Any) -> str:
     differences = values.pop("eval")
     shown = " ".join(f"{k}={v}" for k, v in values.items() if v is not None and (k != "eval_job" or v))
     shown += "".join(f" --{str(k).replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items())
-    return shown + (f" eval={differences}" if differences else "")
+    return shown + (f" eval={differences}" if differences and slurm.eval_job else "")  # unused when inline
 
 
 def collect(ablations: list[Ablation], out: Path) -> None:

@@ -285,6 +285,14 @@ def test_launch_profiles_set_slurm_resources_and_the_results_root(monkeypatch, t
     assert sd21.slurm.gpus_per_node >= 1 and sd21.slurm.mem_gb > SlurmConfig().mem_gb
     assert sd21.slurm.partition == "a100" and sd21.slurm.additional_parameters == {"account": "abc"}
     assert "launch/sd21.yaml with --slurm partition=a100" in sd21.describe()
+    from add_bench.launchers import eval_request
+
+    for name in ("sd21", "sdxl"):  # the GPU presets evaluate each cell in its own job on one GPU, unless told not to
+        launch = sweep.launch_profile(sweep.PRESETS_DIR / f"{name}.yaml")
+        evaluation = eval_request(launch.slurm)
+        assert launch.slurm.eval_job and evaluation.gpus_per_node == 1 and evaluation.tasks_per_node == 1
+        assert set(launch.slurm.eval) >= {"gpus_per_node", "mem_gb", "timeout_min"}, launch.slurm.eval
+        assert not sweep.launch_profile(sweep.PRESETS_DIR / f"{name}.yaml", ["eval_job=false"]).slurm.eval_job
     with pytest.raises(ConfigError, match=r"launch/sd21.yaml: runs=.*ADD_BENCH_RUNS.*outside the repository.*--out"):
         sweep.default_out(launches)
     monkeypatch.setenv("ADD_BENCH_RUNS", str(tmp_path / "runs"))
