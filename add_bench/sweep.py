@@ -717,7 +717,8 @@ def join_cell(wd: Path, train: bool) -> bool:
 
 
 def check_processes(cfg: Any, world: int, where: str) -> None:
-    """A cell can run as ``world`` data-parallel processes: an ADD cell whose global batch_size splits."""
+    """A cell can run as ``world`` data-parallel processes: an ADD cell whose global batch_size splits, and whose
+    micro_batch_size (> 0) divides each process's share (or is at least that share: one micro-batch)."""
     from add_bench import distributed
 
     if world == 1:
@@ -727,10 +728,16 @@ def check_processes(cfg: Any, world: int, where: str) -> None:
             f"{where}: method={cfg.method!r} with {world} processes per cell; accepted: method=add, or one process "
             "(--procs-per-cell 1, slurm.nodes=1 slurm.tasks_per_node=1)"
         )
+    from add_bench.execution import micro_batches
+
     try:
-        distributed.local_batch(cfg, distributed.Processes(0, world, 0))
+        local = distributed.local_batch(cfg, distributed.Processes(0, world, 0))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    try:  # what each process's training step splits its share into
+        micro_batches(local, cfg.micro_batch_size, cfg.batch_size)
+    except ConfigError as e:
+        raise ConfigError(f"{where}, {world} processes: {e}, or another process count") from None
 
 
 def archive_stale(wd: Path) -> Path:

@@ -191,9 +191,14 @@ def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_p
     assert json.loads((two / "metrics.json").read_text())["rows"]  # evaluated by process 0
 
 
-def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs(tiny_assets, tmp_path, capsys):
+def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs(
+    tiny_assets, tmp_path, capsys, monkeypatch
+):
+    """A global batch, or micro-batches, that do not split over a cell's processes: an error naming the cell, the
+    values and what is accepted, before anything is prepared, run or submitted."""
     import re
 
+    from test_launchers import fake_slurm_commands
     from test_sweep import ablation_file, tiny_preset
 
     from add_bench import sweep
@@ -213,6 +218,27 @@ def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs
         assert sweep.main([str(abl), "--out", str(out), *extra]) == 2
         assert re.search(message, capsys.readouterr().err), extra
         assert not (out / "cells").exists()  # nothing prepared, nothing trained
+    # micro-batches that divide the global batch (checked when the cell is loaded) but not each process's share
+    micro = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path, batch_size=24, micro_batch_size=8), "micro")
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "tiny_preset.yaml").write_text("slurm: {gpus_per_node: 2, tasks_per_node: 2}")
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    message = (
+        r"cell \w+ \(micro/exp seed 0\), 2 processes: micro_batch_size=8 does not divide batch_size=24 \(12 per "
+        r"process\): accepted: 0 \(the whole batch\) or a divisor of 12 \(1, 2, 3, 4, 6\), or another process count"
+    )
+    for extra, where in (
+        (["--procs-per-cell", "2"], "--procs-per-cell 2: "),
+        (["--procs-per-cell", "2", "--dry-run"], "--procs-per-cell 2: "),
+        (["--launcher", "slurm"], r"launch profile \S+/launch/tiny_preset.yaml: "),
+    ):
+        assert sweep.main([str(micro), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(where + message, err), (extra, err)
+        assert not (out / "cells").exists() and not list(scripts.iterdir())  # nothing prepared, run or submitted
+    ablations = sweep.load_ablations(micro)
+    for procs in (1, 3, 4):  # 24, 8 (micro-batches of 8) or 6 (one micro-batch of 6) per process
+        sweep.check_splits(ablations, out, None, "local", {}, procs)
     teacher_only = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path), cells=[{"name": "exp", "default": True}])
     with pytest.raises(ConfigError, match=r"--procs-per-cell 2: cell \w+ \(mini/exp seed 0\): method='teacher' with 2"):
         sweep.check_splits(sweep.load_ablations(teacher_only, ["method=teacher"]), out, None, "local", {}, 2)
