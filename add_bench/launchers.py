@@ -80,6 +80,7 @@ class SlurmConfig:
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     # evaluation as its own job: the cells' training array, then an evaluation array whose task i starts once
     # training task i has succeeded (sbatch --dependency=aftercorr); False: a cell trains and evaluates in one job
+    # (the default here, and the embedded scale's; the GPU presets' launch profiles, sd21 and sdxl, set true)
     eval_job: bool = False
     # the evaluation jobs' request where it differs from the one above (any of its keys but eval_job and eval;
     # nodes and tasks_per_node stay 1: evaluation is one process); gpus_per_node defaults to min(1, gpus_per_node)

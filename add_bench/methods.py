@@ -293,11 +293,18 @@ def text_tower_paths(name: str, weights: str | None) -> list[tuple[str, Path, st
 
 
 def missing_paths(cfg: TrainConfig) -> list[str]:
-    """One line per path of :func:`needed_paths` that is not there: ``key=path: what is missing``."""
+    """One line per path of :func:`needed_paths` that is not there: ``key=path: what is missing``. A diffusers
+    Stable Diffusion folder (``model_index.json``) must also hold what loading it reads: the UNet, VAE and text
+    encoder(s) weights, configs, tokenizer files and scheduler config (``networks.sd.missing_files``; no loading)."""
+    from add_bench.evaluate import is_stable_diffusion
+    from add_bench.networks.sd import missing_files
+
     out = []
     for key, path, kind in needed_paths(cfg):
         if isinstance(path, str):
             out.append(f"{key} is unset and {path} is empty")
+        elif kind == "folder" and is_stable_diffusion(path) and (missing := missing_files(path)):
+            out.append(f"{key}={path}: a diffusers Stable Diffusion folder without {'; '.join(missing)}")
         elif kind.startswith("coco:") and path.is_dir():
             split = kind.split(":")[1]
             for need in (f"annotations/captions_{split}.json", split):

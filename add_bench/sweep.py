@@ -13,8 +13,9 @@ combination of the comma-separated values, the same cells (same ids) as a YAML f
 beside the preset; none: launchers.SlurmConfig's defaults), with ``--slurm key=value`` on top; a cell runs
 as its ``slurm.nodes`` × ``slurm.tasks_per_node`` data-parallel processes (``--procs-per-cell N`` locally:
 gloo processes on the CPU), ``batch_size`` being the global batch (:mod:`add_bench.distributed`). With
-``slurm.eval_job`` each cell is evaluated by its own job once its training job has succeeded (``slurm.eval``: that
-job's request; :func:`train_cell`, :func:`evaluate_cell`, ``scripts/README_slurm.md``).
+``slurm.eval_job`` (set by the sd21 and sdxl launch profiles; ``--slurm eval_job=false``: inline) each cell is
+evaluated by its own job once its training job has succeeded (``slurm.eval``: that job's request; :func:`train_cell`,
+:func:`evaluate_cell`, ``scripts/README_slurm.md``).
 
 Overrides: ``seeds=[0,1,2]``, ``base=<preset>``, ``eval_steps=[1,2,4]``, ``num_samples=N`` or any
 training config key (``steps=500``, ``loss.lambda_distill=1``), applied to every cell.
@@ -716,7 +717,8 @@ def join_cell(wd: Path, train: bool) -> bool:
 
 
 def check_processes(cfg: Any, world: int, where: str) -> None:
-    """A cell can run as ``world`` data-parallel processes: an ADD cell whose global batch_size splits."""
+    """A cell can run as ``world`` data-parallel processes: an ADD cell whose global batch_size splits, and whose
+    micro_batch_size (> 0) divides each process's share (or is at least that share: one micro-batch)."""
     from add_bench import distributed
 
     if world == 1:
@@ -726,10 +728,16 @@ def check_processes(cfg: Any, world: int, where: str) -> None:
             f"{where}: method={cfg.method!r} with {world} processes per cell; accepted: method=add, or one process "
             "(--procs-per-cell 1, slurm.nodes=1 slurm.tasks_per_node=1)"
         )
+    from add_bench.execution import micro_batches
+
     try:
-        distributed.local_batch(cfg, distributed.Processes(0, world, 0))
+        local = distributed.local_batch(cfg, distributed.Processes(0, world, 0))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    try:  # what each process's training step splits its share into
+        micro_batches(local, cfg.micro_batch_size, cfg.batch_size)
+    except ConfigError as e:
+        raise ConfigError(f"{where}, {world} processes: {e}, or another process count") from None
 
 
 def archive_stale(wd: Path) -> Path:
@@ -922,7 +930,7 @@ def request_text(slurm: Any) -> str:
     differences = values.pop("eval")
     shown = " ".join(f"{k}={v}" for k, v in values.items() if v is not None and (k != "eval_job" or v))
     shown += "".join(f" --{str(k).replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items())
-    return shown + (f" eval={differences}" if differences else "")
+    return shown + (f" eval={differences}" if differences and slurm.eval_job else "")  # unused when inline
 
 
 def collect(ablations: list[Ablation], out: Path) -> None:

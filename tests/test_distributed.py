@@ -144,25 +144,30 @@ def test_batch_must_split_and_devices_are_checked(monkeypatch):
         distributed.resolve_device("tpu")
 
 
-def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_path, monkeypatch):
-    """The sweep's own local launch path (--procs-per-cell 2: two gloo processes per cell) trains the cell
-    the one-process sweep trains: batch_size is the global batch and every process draws all of it from the
-    cell's seed, keeping its half. Losses and final weights agree within float tolerance; one process writes."""
+def sweep_cell_as(tmp_path: Path, assets: dict, monkeypatch, runs: dict[str, tuple[int, list[str]]], **preset):
+    """A one-row ablation on the tiny preset run through the sweep's own local launch path, once per entry of
+    ``runs`` (name → (--procs-per-cell, overrides)); name → the cell's folder."""
     from test_sweep import ablation_file, tiny_preset
 
     from add_bench import metrics, sweep
 
     monkeypatch.setenv("ADD_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(metrics, "STATS_CACHE", tmp_path / "cache" / "fid_stats")
-    # 16 = two local batches of 8: the discriminator's BatchNormLocal groups of 8 fall within one process
-    preset = tiny_preset(tiny_assets, tmp_path, batch_size=16, steps=3)
-    abl = ablation_file(tmp_path, preset, cells=[{"name": "exp", "default": True}])
-    for procs in (1, 2):
-        assert sweep.main([str(abl), "--out", str(tmp_path / f"p{procs}"), "--procs-per-cell", str(procs)]) == 0
-    (cell,) = sweep.load_ablations(abl)[0].cells
-    one, two = tmp_path / "p1" / "cells" / cell.id, tmp_path / "p2" / "cells" / cell.id
+    abl = ablation_file(tmp_path, tiny_preset(assets, tmp_path, **preset), cells=[{"name": "exp", "default": True}])
+    folders = {}
+    for name, (procs, overrides) in runs.items():
+        out = tmp_path / name
+        assert sweep.main([str(abl), *overrides, "--out", str(out), "--procs-per-cell", str(procs)]) == 0
+        (cell,) = sweep.load_ablations(abl, overrides)[0].cells
+        folders[name] = out / "cells" / cell.id
+    return folders
+
+
+def assert_same_cell(one: Path, two: Path, steps: int, batch: int) -> None:
+    """Two runs of a cell trained the same: losses and final weights within float tolerance, the same random
+    stream, the discriminator computing the same logits; ``two`` logged each step once and was evaluated."""
     rows = [[json.loads(r) for r in (wd / "log.jsonl").read_text().splitlines()] for wd in (one, two)]
-    assert [r["step"] for r in rows[1]] == [1, 2, 3]  # written once, by process 0
+    assert [r["step"] for r in rows[1]] == list(range(1, steps + 1))  # written once, by process 0
     for a, b in zip(*rows):
         for key in ("loss_g", "loss_g_adv", "loss_distill", "loss_d", "d_real", "d_fake", "grad_norm_student"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
@@ -178,8 +183,8 @@ def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_p
     from add_bench.config import TrainConfig, load
 
     nets = train_mod.build_networks(load(TrainConfig, one / "config.yaml"))
-    x = torch.rand((16, 1, 28, 28), generator=torch.Generator().manual_seed(3)) * 2 - 1
-    labels = torch.arange(16) % 10
+    x = torch.rand((batch, 1, 28, 28), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    labels = torch.arange(batch) % 10
     c_text, c_img = train_mod.conditioning(nets, x, labels)
     logits = []
     for state in (a, b):
@@ -191,9 +196,33 @@ def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_p
     assert json.loads((two / "metrics.json").read_text())["rows"]  # evaluated by process 0
 
 
-def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs(tiny_assets, tmp_path, capsys):
+def test_a_sweep_cell_run_as_two_processes_equals_one_process(tiny_assets, tmp_path, monkeypatch):
+    """The sweep's own local launch path (--procs-per-cell 2: two gloo processes per cell) trains the cell
+    the one-process sweep trains: batch_size is the global batch and every process draws all of it from the
+    cell's seed, keeping its half. Losses and final weights agree within float tolerance; one process writes."""
+    # 16 = two local batches of 8: the discriminator's BatchNormLocal groups of 8 fall within one process
+    cells = sweep_cell_as(tmp_path, tiny_assets, monkeypatch, {"p1": (1, []), "p2": (2, [])}, batch_size=16, steps=3)
+    assert cells["p1"].name == cells["p2"].name  # one cell: the process count is not part of its id
+    assert_same_cell(cells["p1"], cells["p2"], steps=3, batch=16)
+
+
+def test_two_processes_with_micro_batches_equal_one_process_without(tiny_assets, tmp_path, monkeypatch):
+    """Data parallelism and gradient accumulation together: 2 gloo processes, each splitting its 16 of the global
+    batch of 32 into 2 micro-batches of 8 (BatchNormLocal's groups), train the cell one process trains on the
+    whole batch at once, within float tolerance."""
+    runs = {"whole": (1, ["micro_batch_size=0"]), "micro": (2, ["micro_batch_size=8"])}
+    cells = sweep_cell_as(tmp_path, tiny_assets, monkeypatch, runs, batch_size=32, steps=2)
+    assert_same_cell(cells["whole"], cells["micro"], steps=2, batch=32)
+
+
+def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs(
+    tiny_assets, tmp_path, capsys, monkeypatch
+):
+    """A global batch, or micro-batches, that do not split over a cell's processes: an error naming the cell, the
+    values and what is accepted, before anything is prepared, run or submitted."""
     import re
 
+    from test_launchers import fake_slurm_commands
     from test_sweep import ablation_file, tiny_preset
 
     from add_bench import sweep
@@ -213,6 +242,27 @@ def test_a_global_batch_that_does_not_split_stops_the_sweep_before_anything_runs
         assert sweep.main([str(abl), "--out", str(out), *extra]) == 2
         assert re.search(message, capsys.readouterr().err), extra
         assert not (out / "cells").exists()  # nothing prepared, nothing trained
+    # micro-batches that divide the global batch (checked when the cell is loaded) but not each process's share
+    micro = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path, batch_size=24, micro_batch_size=8), "micro")
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "tiny_preset.yaml").write_text("slurm: {gpus_per_node: 2, tasks_per_node: 2}")
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    message = (
+        r"cell \w+ \(micro/exp seed 0\), 2 processes: micro_batch_size=8 does not divide batch_size=24 \(12 per "
+        r"process\): accepted: 0 \(the whole batch\) or a divisor of 12 \(1, 2, 3, 4, 6\), or another process count"
+    )
+    for extra, where in (
+        (["--procs-per-cell", "2"], "--procs-per-cell 2: "),
+        (["--procs-per-cell", "2", "--dry-run"], "--procs-per-cell 2: "),
+        (["--launcher", "slurm"], r"launch profile \S+/launch/tiny_preset.yaml: "),
+    ):
+        assert sweep.main([str(micro), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(where + message, err), (extra, err)
+        assert not (out / "cells").exists() and not list(scripts.iterdir())  # nothing prepared, run or submitted
+    ablations = sweep.load_ablations(micro)
+    for procs in (1, 3, 4):  # 24, 8 (micro-batches of 8) or 6 (one micro-batch of 6) per process
+        sweep.check_splits(ablations, out, None, "local", {}, procs)
     teacher_only = ablation_file(tmp_path, tiny_preset(tiny_assets, tmp_path), cells=[{"name": "exp", "default": True}])
     with pytest.raises(ConfigError, match=r"--procs-per-cell 2: cell \w+ \(mini/exp seed 0\): method='teacher' with 2"):
         sweep.check_splits(sweep.load_ablations(teacher_only, ["method=teacher"]), out, None, "local", {}, 2)

@@ -285,6 +285,14 @@ def test_launch_profiles_set_slurm_resources_and_the_results_root(monkeypatch, t
     assert sd21.slurm.gpus_per_node >= 1 and sd21.slurm.mem_gb > SlurmConfig().mem_gb
     assert sd21.slurm.partition == "a100" and sd21.slurm.additional_parameters == {"account": "abc"}
     assert "launch/sd21.yaml with --slurm partition=a100" in sd21.describe()
+    from add_bench.launchers import eval_request
+
+    for name in ("sd21", "sdxl"):  # the GPU presets evaluate each cell in its own job on one GPU, unless told not to
+        launch = sweep.launch_profile(sweep.PRESETS_DIR / f"{name}.yaml")
+        evaluation = eval_request(launch.slurm)
+        assert launch.slurm.eval_job and evaluation.gpus_per_node == 1 and evaluation.tasks_per_node == 1
+        assert set(launch.slurm.eval) >= {"gpus_per_node", "mem_gb", "timeout_min"}, launch.slurm.eval
+        assert not sweep.launch_profile(sweep.PRESETS_DIR / f"{name}.yaml", ["eval_job=false"]).slurm.eval_job
     with pytest.raises(ConfigError, match=r"launch/sd21.yaml: runs=.*ADD_BENCH_RUNS.*outside the repository.*--out"):
         sweep.default_out(launches)
     monkeypatch.setenv("ADD_BENCH_RUNS", str(tmp_path / "runs"))
@@ -348,6 +356,66 @@ def test_missing_weights_and_metric_paths_fail_before_anything_is_submitted(tmp_
     monkeypatch.setenv("ADD_BENCH_CLIP_L", str(models / "elsewhere"))  # a local sweep checks before it runs
     assert sweep.main([abl, "base=sd21", "--out", str(out)]) == 2
     assert "discriminator.c_text_weights=" in capsys.readouterr().err and not (out / "cells").exists()
+
+
+def test_a_stable_diffusion_folder_without_weights_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """ADD_BENCH_SD21 at a folder of configs only (add_bench/presets/model_configs/sd21, what --dry-run's estimate
+    reads): a SLURM submission and a local run stop before anything runs, naming the folder, the config keys and
+    each part's missing weights with the files accepted; the same folder with weight files (a sharded UNet) passes."""
+    import shutil
+
+    from test_launchers import fake_slurm_commands
+
+    from add_bench.networks.sd import missing_files
+
+    models = tmp_path / "models"
+    for var in CLUSTER_ENV:
+        monkeypatch.setenv(var, str(models / var.lower()))
+    models.mkdir()
+    for name in ("add_bench_dinov2_s", "add_bench_dinov2_l", "add_bench_clip_l", "add_bench_clip"):
+        (models / name).touch()
+    for split in ("train2017", "val2017"):
+        (models / "add_bench_coco" / split).mkdir(parents=True)
+        (models / "add_bench_coco" / "annotations").mkdir(exist_ok=True)
+        (models / "add_bench_coco" / "annotations" / f"captions_{split}.json").touch()
+    (models / "add_bench_inception").mkdir()
+    (models / "add_bench_inception" / "inception-2015-12-05.pt").touch()
+    configs = sweep.PRESETS_DIR / "model_configs" / "sd21"
+    monkeypatch.setenv("ADD_BENCH_SD21", str(configs))
+    scripts = fake_slurm_commands(tmp_path, monkeypatch)
+    abl, out = str(REPO / "ablations" / "loss_weighting.yaml"), tmp_path / "out"
+    for options in (["--launcher", "slurm"], []):
+        assert sweep.main([abl, "base=sd21", "--out", str(out), *options]) == 2
+        err = capsys.readouterr().err
+        assert "2 path(s) that cells read are missing; nothing was run or submitted" in err, err
+        for key in ("teacher.network", "student.network"):
+            line = next(line for line in err.splitlines() if line.strip().startswith(f"{key}={configs}:"))
+            assert (
+                "a diffusers Stable Diffusion folder without unet/ weights (diffusion_pytorch_model.safetensors or "
+                in line
+            )
+            assert "vae/ weights (diffusion_pytorch_model.safetensors" in line
+            assert (
+                "text_encoder/ weights (model.safetensors or pytorch_model.bin, or sharded: model.safetensors.index"
+                in line
+            )
+            assert "tokenizer/ files (tokenizer.json, or vocab.json and merges.txt)" in line
+    assert not list(scripts.iterdir()) and not (out / "cells").exists()  # nothing submitted, nothing written
+
+    sd = shutil.copytree(configs, models / "sd21")
+    shards = {
+        "a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "b": "diffusion_pytorch_model-00002-of-00002.safetensors",
+    }
+    (sd / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    for name in ("unet/" + shards["a"], "vae/diffusion_pytorch_model.bin", "text_encoder/model.safetensors"):
+        (sd / name).touch()
+    (sd / "tokenizer" / "tokenizer.json").touch()
+    assert missing_files(sd) == [f"unet/{shards['b']}"]  # a shard the index lists
+    (sd / "unet" / shards["b"]).touch()
+    assert missing_files(sd) == []
+    monkeypatch.setenv("ADD_BENCH_SD21", str(sd))
+    assert sweep.main([abl, "base=sd21", "--out", str(out), "--dry-run"]) == 0
 
 
 @pytest.mark.parametrize(

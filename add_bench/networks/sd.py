@@ -261,6 +261,59 @@ def _load(cls, folder: Path, subfolder: str):
         ) from None
 
 
+# The weight files from_pretrained reads from a part's folder, one of (diffusers' and transformers' WEIGHTS_NAME and
+# SAFETENSORS_WEIGHTS_NAME / SAFE_WEIGHTS_NAME); sharded: <name>.index.json and the shards its weight_map lists.
+# Variants (diffusion_pytorch_model.fp16.safetensors) are not read: load_stable_diffusion asks for none.
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# CLIPTokenizer's files: tokenizer.json (what transformers 5 writes), or vocab.json and merges.txt (the releases')
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def missing_files(path: str | Path) -> list[str]:
+    """What :func:`load_stable_diffusion` would not find in a diffusers folder (one that has
+    ``model_index.json``): each missing part folder, config, weights (with the files accepted), tokenizer file and
+    the scheduler config; [] when nothing is missing. Cheap: reads model_index.json and any sharded checkpoint's
+    index, loads nothing."""
+    folder = Path(path)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"a readable model_index.json ({type(e).__name__})"]
+    xl = bool((index.get("text_encoder_2") or [None])[0]) if isinstance(index, dict) else False
+    parts = [("unet", DIFFUSERS_WEIGHTS), ("vae", DIFFUSERS_WEIGHTS), ("text_encoder", TRANSFORMERS_WEIGHTS)]
+    parts += [("text_encoder_2", TRANSFORMERS_WEIGHTS)] if xl else []
+    out = [] if (folder / "scheduler" / "scheduler_config.json").is_file() else ["scheduler/scheduler_config.json"]
+    for part, names in parts:
+        if not (folder / part).is_dir():
+            out.append(f"{part}/ (its config.json and weights: {' or '.join(names)})")
+            continue
+        if not (folder / part / "config.json").is_file():
+            out.append(f"{part}/config.json")
+        out += _missing_weights(folder / part, names)
+    for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        if not any(all((folder / tokenizer / name).is_file() for name in files) for files in TOKENIZER_FILES):
+            out.append(f"{tokenizer}/ files ({', or '.join(' and '.join(files) for files in TOKENIZER_FILES)})")
+    return out
+
+
+def _missing_weights(part: Path, names: tuple[str, ...]) -> list[str]:
+    """[] when ``part`` holds one of ``names``, or a sharded one's index and every shard it lists; else what is missing."""
+    if any((part / name).is_file() for name in names):
+        return []
+    for index in (part / f"{name}.index.json" for name in names):
+        if not index.is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return [f"{part.name}/{index.name} readable, with a weight_map ({type(e).__name__})"]
+        missing = [f"{part.name}/{shard}" for shard in shards if not (part / shard).is_file()]
+        return missing[:3] + [f"{len(missing) - 3} more shard(s) {index.name} lists"] * (len(missing) > 3)
+    accepted = " or ".join(names) + ", or sharded: " + " or ".join(f"{name}.index.json" for name in names)
+    return [f"{part.name}/ weights ({accepted} with the shards it lists)"]
+
+
 def load_stable_diffusion(path: str | Path, zero_terminal_snr: bool | None = None) -> StableDiffusion:
     """Load a local Stable Diffusion (1.x, 2.x, XL base) folder; ``zero_terminal_snr`` None = on for
     v-prediction models."""
