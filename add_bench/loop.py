@@ -282,7 +282,7 @@ def start_pretraining(
     ``cfg.ckpt_every``, announced on stderr as ``what``, and the moving average of its loss."""
     import sys
 
-    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, tensorboard=cfg.tensorboard)
     print(what, file=sys.stderr)
     return run, RunningMean()
 

@@ -138,7 +138,9 @@ def pretrain_evalnet(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(x_train) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    run = Run(workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes)
+    run = Run(
+        workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes, tensorboard=cfg.tensorboard
+    )
 
     def step_fn(step: int) -> dict:
         net.train()
@@ -262,7 +264,10 @@ def pretrain_evalnet_ssl(
     data = cfg.data
     net = EmbedNet(cfg.width)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(workdir, {"net": net, "opt": opt}, gen, cfg.steps, max(1, cfg.steps // 10), budget_minutes)
+    checkpoints = max(1, cfg.steps // 10)
+    run = Run(
+        workdir, {"net": net, "opt": opt}, gen, cfg.steps, checkpoints, budget_minutes, tensorboard=cfg.tensorboard
+    )
     print(
         f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}", file=sys.stderr
     )

@@ -44,3 +44,13 @@ def test_progressive_distillation_follows_the_tensorboard_switch(tiny_assets, tm
     assert (tmp_path / "pd" / "tensorboard").exists() == on
     if on:
         assert "loss" in events(tmp_path / "pd" / "tensorboard").Tags()["scalars"]
+
+
+def test_evaluation_network_pretraining_follows_the_tensorboard_switch(fake_data, tmp_path):
+    from add_bench.config import EmbedNetPretrainConfig, load
+    from add_bench.pretrain import pretrain_evalnet_ssl
+
+    overrides = ["steps=2", "width=4", "batch_size=8", "threads=1", f"data.root={fake_data}", "data.val_size=50"]
+    cfg = load(EmbedNetPretrainConfig, overrides=[*overrides, "data.download=false", "tensorboard=false"])
+    assert pretrain_evalnet_ssl(cfg, tmp_path / "work", tmp_path / "w")
+    assert (tmp_path / "work" / "log.jsonl").is_file() and not (tmp_path / "work" / "tensorboard").exists()
