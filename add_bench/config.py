@@ -139,7 +139,8 @@ class TeacherPretrainConfig:
     ckpt_every: int = 500
     log_every: int = 50
     threads: int = 0  # torch threads; 0 = all cores
-    # TensorBoard events beside log.jsonl (<workdir>/tensorboard): how the run is logged, not what it computes
+    # TensorBoard events beside log.jsonl (<workdir>/tensorboard; sample grids at checkpoints): how the run is
+    # logged, not what it computes
     tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
