@@ -139,6 +139,9 @@ class TeacherPretrainConfig:
     ckpt_every: int = 500
     log_every: int = 50
     threads: int = 0  # torch threads; 0 = all cores
+    # TensorBoard events beside log.jsonl (<workdir>/tensorboard; sample grids at checkpoints): how the run is
+    # logged, not what it computes
+    tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -154,6 +157,8 @@ class EvalNetPretrainConfig:
     max_shift: int = 2  # random translation augmentation, pixels
     seed: int = 0
     threads: int = 0
+    # TensorBoard events beside log.jsonl (<workdir>/tensorboard): how the run is logged, not what it computes
+    tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -174,6 +179,8 @@ class EmbedNetPretrainConfig:
     cutout: int = 8  # side of a black square erased with probability 0.5 (0 = off)
     seed: int = 0
     threads: int = 0
+    # TensorBoard events beside log.jsonl (<workdir>/tensorboard): how the run is logged, not what it computes
+    tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
 
 

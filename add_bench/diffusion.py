@@ -262,3 +262,19 @@ SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "dpm_solver": sample_dpm_so
 
 def get_sampler(name: str) -> Sampler:
     return choose(SAMPLERS, name, "sampler")
+
+
+@torch.no_grad()
+def sample_grid(
+    denoiser: Denoiser, sampler: Sampler, steps: int, shape: tuple[int, ...], classes: int, per_class: int = 4
+) -> torch.Tensor:
+    """``per_class`` samples of each of ``classes`` classes (``sampler`` in ``steps`` steps, unguided) from
+    fixed noise, so that grids at different checkpoints compare; one row per class, as a
+    (C, classes·H, per_class·W) image in [0, 1] (a TensorBoard image). Draws nothing from the global RNG."""
+    device = denoiser.device
+    labels = torch.arange(classes, device=device).repeat_interleave(per_class)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((len(labels), *shape), generator=gen).to(device)
+    x = sampler(denoiser, noise, labels, steps, generator=gen).clamp(-1, 1).add(1).div(2).float().cpu()
+    _, c, h, w = x.shape
+    return x.reshape(classes, per_class, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, classes * h, per_class * w)

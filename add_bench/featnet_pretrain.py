@@ -79,6 +79,8 @@ class FeatNetPretrainConfig:
     ckpt_every: int = 200
     log_every: int = 20
     threads: int = 0
+    # TensorBoard events beside log.jsonl (<workdir>/tensorboard): how the run is logged, not what it computes
+    tensorboard: bool = True
     data: DataConfig = field(default_factory=DataConfig)
 
 

@@ -147,6 +147,16 @@ class Run:
     def done(self) -> bool:
         return self.step >= self.total
 
+    def checkpoint_due(self, completed: int) -> bool:
+        """Whether the step that completes ``completed`` steps ends with a scheduled checkpoint."""
+        return completed % self.ckpt_every == 0 or completed >= self.total
+
+    def log_samples(self, tag: str, grid: Callable[[], torch.Tensor], step: int) -> None:
+        """The image ``grid()`` (e.g. :func:`add_bench.diffusion.sample_grid`) as TensorBoard image ``tag``,
+        made only on the writing process with TensorBoard on."""
+        if self.procs.is_writer and self.log.tensorboard:
+            self.log.image(tag, grid(), step)
+
     def save(self) -> None:
         from add_bench import checkpoint
         from add_bench.distributed import check_same_stream
@@ -168,7 +178,7 @@ class Run:
 
         out_of_time = any_process(self.budget_s > 0 and time.time() - self._start > self.budget_s)
         stop = any_process(signalled is not None)
-        if self.step % self.ckpt_every == 0 or self.done or out_of_time or stop:
+        if self.checkpoint_due(self.step) or out_of_time or stop:
             self.save()
         if (out_of_time or stop) and not self.done:
             if out_of_time:
@@ -282,7 +292,7 @@ def start_pretraining(
     ``cfg.ckpt_every``, announced on stderr as ``what``, and the moving average of its loss."""
     import sys
 
-    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes)
+    run = Run(workdir, objects, gen, cfg.steps, cfg.ckpt_every, budget_minutes, tensorboard=cfg.tensorboard)
     print(what, file=sys.stderr)
     return run, RunningMean()
 

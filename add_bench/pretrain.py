@@ -32,7 +32,7 @@ from add_bench.config import (
     to_dict,
 )
 from add_bench.data import NUM_CLASSES, load_split
-from add_bench.diffusion import Schedule
+from add_bench.diffusion import Denoiser, Schedule, sample_ddim, sample_grid
 from add_bench.errors import command_line
 from add_bench.loop import Run, clipped_update, drive, lr_at, pretraining_batch, set_threads, start_pretraining
 from add_bench.losses import TEACHER_WEIGHTINGS, denoising_loss
@@ -40,8 +40,10 @@ from add_bench.networks.evalnet import EmbedNet, EvalNet
 from add_bench.networks.unets import build_unet, num_params, save_weights, unet_config
 from add_bench.provenance import REPO_ROOT, WEIGHTS_DIR, provenance
 
-
 # ------------------------------------------------------------------------------------ teacher
+SAMPLE_STEPS = 8  # DDIM steps of the sample grid at each checkpoint (10 classes × 4: 320 forward passes)
+
+
 def pretrain_teacher(
     cfg: TeacherPretrainConfig, workdir: Path, out: Path, budget_minutes: float = 0, command: str | None = None
 ) -> bool:
@@ -85,7 +87,16 @@ def pretrain_teacher(
         ema.update(unet, step)
         return row
 
-    if not drive(run, step_fn, f"teacher-{cfg.size}", cfg.log_every, postfix=("loss_avg",)):
+    ema_teacher = Denoiser(ema.module, schedule, NUM_CLASSES)
+
+    def samples_at_checkpoints(completed: int) -> None:  # the EMA teacher's DDIM samples, one row per class
+        if run.checkpoint_due(completed):
+            grid = lambda: sample_grid(ema_teacher, sample_ddim, SAMPLE_STEPS, x_train.shape[1:], NUM_CLASSES)
+            run.log_samples(f"samples/ema_ddim_{SAMPLE_STEPS}_step", grid, completed)
+
+    if not drive(
+        run, step_fn, f"teacher-{cfg.size}", cfg.log_every, postfix=("loss_avg",), after_step=samples_at_checkpoints
+    ):
         return False
     wall, step = run.wall_time_s, run.step
     card = {
@@ -138,7 +149,9 @@ def pretrain_evalnet(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(x_train) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    run = Run(workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes)
+    run = Run(
+        workdir, {"net": net, "opt": opt}, gen, total, steps_per_epoch, budget_minutes, tensorboard=cfg.tensorboard
+    )
 
     def step_fn(step: int) -> dict:
         net.train()
@@ -262,7 +275,10 @@ def pretrain_evalnet_ssl(
     data = cfg.data
     net = EmbedNet(cfg.width)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(workdir, {"net": net, "opt": opt}, gen, cfg.steps, max(1, cfg.steps // 10), budget_minutes)
+    checkpoints = max(1, cfg.steps // 10)
+    run = Run(
+        workdir, {"net": net, "opt": opt}, gen, cfg.steps, checkpoints, budget_minutes, tensorboard=cfg.tensorboard
+    )
     print(
         f"evalnet_ssl: {num_params(net) / 1e6:.2f}M parameters; work folder {workdir}, weights → {out}", file=sys.stderr
     )

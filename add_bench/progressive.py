@@ -25,7 +25,7 @@ import torch
 from add_bench import checkpoint
 from add_bench.config import TrainConfig, check_positive
 from add_bench.data import NUM_CLASSES
-from add_bench.diffusion import Denoiser, add_noise, randn
+from add_bench.diffusion import Denoiser, add_noise, randn, sample_ddim, sample_grid
 from add_bench.errors import ConfigError
 from add_bench.loop import Run, drive, set_threads
 from add_bench.losses import progressive_loss, progressive_target, two_teacher_steps
@@ -216,10 +216,18 @@ def train_progressive(
     def stage_end(completed: int) -> bool:
         return any(completed == s.end for s in plan)
 
-    def export_at_stage_end(completed: int) -> None:  # before the checkpoint: a run resumed at the boundary finds it
+    def after_step(completed: int) -> None:
         stage = state["stage"]
-        if completed == stage.end:
+        if completed == stage.end:  # before the checkpoint: a run resumed at the boundary finds it
             export(ema.module, card, cfg, student_folder(workdir, stage.student_steps), stage, run)
+        if run.checkpoint_due(completed) or completed == stage.end:  # the stage's EMA student at its step count
+            n, shape = stage.student_steps, tuple(data.x.shape[1:])
+            ema_student = Denoiser(ema.module, schedule, NUM_CLASSES)
+            run.log_samples(
+                f"samples/ema_ddim_{n}_step",
+                lambda: sample_grid(ema_student, sample_ddim, n, shape, NUM_CLASSES),
+                completed,
+            )
 
     finished = drive(
         run,
@@ -229,7 +237,7 @@ def train_progressive(
         progress=progress,
         postfix=("stage", "loss"),
         log_at=stage_end,
-        after_step=export_at_stage_end,
+        after_step=after_step,
     )
     if not finished:
         return None

@@ -36,7 +36,7 @@ from add_bench import checkpoint, distributed, execution
 from add_bench.augment import apply_augment, draw_augment, slice_draws
 from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
 from add_bench.data import NUM_CLASSES, load_split
-from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, schedule_from_card
+from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, sample_add, sample_grid, schedule_from_card
 from add_bench.errors import ConfigError, TrainingDiverged, command_line
 from add_bench.loop import LR_SCHEDULES, Run, drive, lr_at, set_threads
 from add_bench.losses import (
@@ -819,11 +819,11 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
         return row
 
     def at_checkpoints(completed: int) -> None:
-        if completed % cfg.ckpt_every == 0 or completed >= cfg.steps:
+        if run.checkpoint_due(completed):
             if procs.world > 1:
                 distributed.check_in_sync(completed, student=nets.student.unet, discriminator=nets.discriminator)
-            if procs.is_writer and cfg.tensorboard and nets.sd is None:
-                run.log.image("samples/ema_1_step", sample_grid_image(nets), completed)
+            if nets.sd is None:
+                run.log_samples("samples/ema_1_step", lambda: sample_grid_image(nets), completed)
 
     finished = drive(
         run,
@@ -848,18 +848,10 @@ def train(cfg: TrainConfig, workdir: Path, budget_minutes: float = 0, progress: 
     return out
 
 
-@torch.no_grad()
-def sample_grid_image(nets: Networks, per_class: int = 4) -> torch.Tensor:
-    """The EMA student's 1-step samples from fixed noise, one row per class, as a (1, H, W) image in [0, 1]."""
-    from add_bench.diffusion import sample_add
-
+def sample_grid_image(nets: Networks) -> torch.Tensor:
+    """The EMA student's 1-step samples from fixed noise, one row per class (:func:`diffusion.sample_grid`)."""
     ema = Denoiser(nets.ema.module, nets.student.schedule, nets.student.null_label)
-    device = nets.student.device
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    noise = torch.randn((len(labels), *nets.data_shape), generator=torch.Generator().manual_seed(0)).to(device)
-    x = sample_add(ema, noise, labels, 1).clamp(-1, 1).add(1).div(2).cpu()  # (N, C, H, W)
-    n, c, h, w = x.shape
-    return x.reshape(NUM_CLASSES, per_class, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, NUM_CLASSES * h, per_class * w)
+    return sample_grid(ema, sample_add, 1, nets.data_shape, NUM_CLASSES)
 
 
 def is_log_step(cfg: TrainConfig, completed: int) -> bool:
