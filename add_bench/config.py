@@ -492,7 +492,16 @@ def open_mappings(cfg: DictConfig, schema: type) -> DictConfig:
 def parse_overrides(overrides: list[str]) -> list:
     """Command-line overrides in Hydra's grammar (hydra-core's OverridesParser): ``key=value``, ``~key``,
     ``+key=value``, sweeps ``key=a,b,c`` / ``range(0,3)`` / ``choice(...)``. A value with a comma that is
-    one value is quoted: ``discriminator.augment='color,cutout'``."""
+    one value is quoted: ``discriminator.augment='color,cutout'``.
+
+    The schema is structured (a dataclass): every key exists from the start and none can be deleted, so
+    :func:`apply_overrides` gives two of Hydra's forms their only meaning here. ``~key`` (and ``~key=value``,
+    whose value is not compared) resets the key, a leaf or a whole sub-config, to the schema's default, undoing
+    a preset, a YAML file or an ablation row; an entry of a mapping field (``additional_parameters.<flag>``),
+    which the schema's default does not hold, is removed; a key the config lacks is an error naming it.
+    ``+key=value`` is refused with an error naming the key: every key is in the schema already (set it with
+    ``key=value``), an entry of a mapping field is added with ``key=value`` too, and any other key is unknown
+    (the error lists the accepted ones). ``++key=value`` is ``key=value``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -511,8 +520,8 @@ def parse_overrides(overrides: list[str]) -> list:
 
 def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None, source: str = "overrides") -> Any:
     """``cfg`` with command-line overrides applied: ``key=value`` sets, ``~key`` resets a key to the schema's
-    default (undoing a preset or an ablation row); ``+key=value`` adds a key, which a closed schema refuses,
-    and a sweep is for ``python -m add_bench.sweep``."""
+    default, ``+key=value`` is refused (:func:`parse_overrides` says why), and a sweep is for
+    ``python -m add_bench.sweep``."""
     from hydra.core.override_parser.types import OverrideType
 
     for o in parse_overrides(overrides):
@@ -523,21 +532,57 @@ def apply_overrides(cfg: Any, overrides: list[str], schema: type | None = None, 
                 f"value, quoted if it holds a comma: {key}='...'"
             )
         if o.type == OverrideType.ADD:
-            raise ConfigError(
-                f"override {line!r}: +{key} adds a key, but {schema.__name__ if schema else 'the'} config has a fixed "
-                f"set of keys; set an existing one with {key}=..."
-            )
+            raise ConfigError(f"override {line!r}: +{key} adds a key; {no_added_key(cfg, key, schema)}")
         try:
             if o.type == OverrideType.DEL:
-                if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                if OmegaConf.select(cfg, key, default=ABSENT) is ABSENT:
                     raise ConfigError(f"override {line!r}: no key '{key}' to reset")
-                default = OmegaConf.select(OmegaConf.structured(schema), key) if schema is not None else None
-                OmegaConf.update(cfg, key, default, merge=False)
+                default = OmegaConf.select(OmegaConf.structured(schema), key, default=ABSENT) if schema else None
+                if default is ABSENT:  # an entry of a mapping field: absent from the schema's default
+                    parent, _, leaf = key.rpartition(".")
+                    del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+                else:
+                    OmegaConf.update(cfg, key, default, merge=False)
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={o.get_value_element_as_str()}"]))
         except OmegaConfBaseException as e:
             raise config_error(e, source, schema, key) from None
     return cfg
+
+
+ABSENT = object()  # OmegaConf.select's default: the key is not there
+
+
+def no_added_key(cfg: Any, key: str, schema: type | None) -> str:
+    """Why ``+key`` adds nothing to a structured config, naming ``key``: it is in the schema already, it is an entry
+    of a mapping field (set with ``key=...``), or it is unknown (with the keys accepted where it would be)."""
+    name = schema.__name__ if schema else "the config"
+    if schema is not None and OmegaConf.select(OmegaConf.structured(schema), key, default=ABSENT) is not ABSENT:
+        return f"every key of {name} is in its schema already (nothing is added or deleted); set it with {key}=..."
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if isinstance(node, DictConfig) and not OmegaConf.is_struct(node):
+        return f"{parent} is a mapping whose entries are set without '+': {key}=..."
+    accepted = _keys_at(schema, parent) if schema else []
+    where = f" under {parent}" if parent else ""
+    return f"{name} has no key '{key}' and takes no new one" + (
+        f"; accepted keys{where}: {', '.join(accepted)}" if accepted else ""
+    )
+
+
+def print_job(cfg: Any, **cell: Any) -> None:
+    """``--cfg job`` (Hydra's flag) of train, sweep, pretrain and evaluate: the config they would run, as YAML. With
+    ``cell`` (a sweep's cell: ablation, name, seed, id) one YAML document: ``---``, those keys, then ``config:``,
+    so that a sweep's cells read as one stream (``yaml.safe_load_all``)."""
+    doc = OmegaConf.create({**cell, "config": cfg}) if cell else cfg
+    print(("---\n" if cell else "") + OmegaConf.to_yaml(doc), end="")
+
+
+def add_cfg_option(parser: Any) -> None:
+    """A command's ``--cfg job`` option (argparse): :func:`print_job` and exit 0, nothing else run."""
+    parser.add_argument(
+        "--cfg", choices=["job"], help="print the resolved config (YAML) and exit, nothing run: Hydra's --cfg job"
+    )
 
 
 def check_keys(values: Any, schema: type, where: str) -> None:

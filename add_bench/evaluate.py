@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from add_bench.config import EvalConfig, check_positive, load
+from add_bench.config import EvalConfig, add_cfg_option, check_positive, load, print_job
 from add_bench.data import balanced_labels, to_uint8
 from add_bench.diffusion import SAMPLERS, Denoiser, get_sampler, schedule_from_card
 from add_bench.errors import CheckpointError, ConfigError, command_line
@@ -363,8 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         help="make the samples in shards of eval.batch_size saved to DIR; a re-run skips finished shards",
     )
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (num_samples=1000, seed=1, ...)")
+    add_cfg_option(p)
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     cfg = load(EvalConfig, overrides=a.overrides)
+    if a.cfg:
+        print_job(cfg)
+        return 0
     start = time.time()
     result = evaluate(
         a.checkpoint, a.steps, cfg, a.sampler, a.cfg_scale, a.export_samples, device=a.device, shards=a.shards

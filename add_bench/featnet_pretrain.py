@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from add_bench import checkpoint
-from add_bench.config import DataConfig, check_positive, choose, load
+from add_bench.config import DataConfig, add_cfg_option, check_positive, choose, load, print_job
 from add_bench.data import NUM_CLASSES, PROMPTS, load_split
 from add_bench.errors import command_line
 from add_bench.loop import clipped_update, drive, pretraining_batch, set_threads, start_pretraining
@@ -421,8 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="checkpoint/log folder (default runs/featnet_<name>)")
     p.add_argument("--out", help="weights folder (default add_bench/weights/featnet_<name>)")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop cleanly after this long; re-run resumes")
+    add_cfg_option(p)
     a = p.parse_args(argv)
     cfg = load_featnet_config(a.name, a.config, a.overrides)
+    if a.cfg:
+        print_job(cfg)
+        return 0
     workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / f"featnet_{a.name}"
     out = Path(a.out) if a.out else WEIGHTS_DIR / f"featnet_{a.name}"
     done = pretrain_featnet(a.name, cfg, workdir, out, a.budget_minutes)

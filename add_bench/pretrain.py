@@ -26,9 +26,11 @@ from add_bench.config import (
     EmbedNetPretrainConfig,
     EvalNetPretrainConfig,
     TeacherPretrainConfig,
+    add_cfg_option,
     check_positive,
     choose,
     load,
+    print_job,
     to_dict,
 )
 from add_bench.data import NUM_CLASSES, load_split
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="checkpoint/log folder (default runs/<name>)")
     p.add_argument("--out", help="weights folder (default add_bench/weights/<name>)")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop cleanly after this long; re-run resumes")
+    add_cfg_option(p)
     a = p.parse_args(argv)
     if a.what == "teacher":
         cfg = load(TeacherPretrainConfig, a.config, a.overrides)
@@ -346,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(EmbedNetPretrainConfig, a.config, a.overrides)
         name = a.name or "evalnet_ssl"
         run = pretrain_evalnet_ssl
+    if a.cfg:
+        print_job(cfg)
+        return 0
     workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / name
     out = Path(a.out) if a.out else WEIGHTS_DIR / name
     # the card records the command that made the weights; --budget-minutes only splits the run

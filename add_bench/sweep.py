@@ -58,6 +58,7 @@ from add_bench.config import (
     RUN_KEYS,
     SCHEMA_VERSION,
     TrainConfig,
+    add_cfg_option,
     added_fields,
     apply_overrides,
     check_keys,
@@ -66,6 +67,7 @@ from add_bench.config import (
     load_yaml,
     parse_overrides,
     preset,
+    print_job,
     to_dict,
     typed,
     without,
@@ -1222,6 +1224,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[,NAME]",
         help="run only these rows (every seed of each); the tables still list every row",
     )
+    add_cfg_option(p)
     a = p.parse_intermixed_args(argv)  # key=value overrides may follow the options
     if "=" in a.ablation and not a.ablation.endswith((".yaml", ".yml")):  # key=a,b,c on the command line
         data, rest = command_line_ablation([a.ablation, *a.overrides])
@@ -1229,9 +1232,16 @@ def main(argv: list[str] | None = None) -> int:
         ablations = [expand(Path("command line"), data, sweep_over, train_over)]
     else:
         ablations = load_ablations(a.ablation, a.overrides)
+    names = a.cells.split(",") if a.cells else None
+    only = selected_ids(ablations, names, a.ablation)
+    if a.cfg:  # each cell (of the --cells rows) as it would run; no folder, lock or launch profile is touched
+        for ab in ablations:
+            for c in ab.cells:
+                if names is None or c.name in names:
+                    print_job(c.config, ablation=ab.name, name=c.name, seed=c.seed, id=c.id)
+        return 0
     launches = launch_profiles(ablations, a.slurm)
     out = Path(a.out) if a.out else default_out(launches)
-    only = selected_ids(ablations, a.cells.split(",") if a.cells else None, a.ablation)
     procs = a.procs_per_cell
     if procs < 1 or (procs > 1 and a.launcher != "local"):
         raise ConfigError(

@@ -34,7 +34,7 @@ import torch
 
 from add_bench import checkpoint, distributed, execution
 from add_bench.augment import apply_augment, draw_augment, slice_draws
-from add_bench.config import TrainConfig, check_positive, choose, load, to_dict
+from add_bench.config import TrainConfig, add_cfg_option, check_positive, choose, load, print_job, to_dict
 from add_bench.data import NUM_CLASSES, load_split
 from add_bench.diffusion import Denoiser, Schedule, add_noise, randn, sample_add, sample_grid, schedule_from_card
 from add_bench.errors import ConfigError, TrainingDiverged, command_line
@@ -1003,16 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="work folder (default runs/train)")
     p.add_argument("--budget-minutes", type=float, default=0)
     p.add_argument("--evaluate", action="store_true", help="score the student at eval_steps when done")
-    p.add_argument("--cfg", choices=["job"], help="print the resolved config (YAML) and exit, as Hydra's --cfg job")
+    add_cfg_option(p)
     a = p.parse_args(argv)
     path = a.args[0] if a.args and a.args[0].endswith((".yaml", ".yml")) else None
     overrides = a.args[1:] if path else a.args
     try:
         cfg = load(TrainConfig, path, overrides)
         if a.cfg:
-            from omegaconf import OmegaConf
-
-            print(OmegaConf.to_yaml(cfg), end="")
+            print_job(cfg)
             return 0
         workdir = Path(a.workdir) if a.workdir else REPO_ROOT / "runs" / "train"
         print(f"ADD cell → {workdir}", file=sys.stderr)

@@ -75,3 +75,24 @@ def test_the_sdxl_preset_distils_sdxl_into_sdxl_in_micro_batches(monkeypatch):
     sdxl, sd21 = (sweep.launch_profile(PRESETS_DIR / f"{name}.yaml") for name in ("sdxl", "sd21"))
     assert sdxl.gpu and sdxl.slurm.gpus_per_node >= 1
     assert sdxl.slurm.mem_gb > sd21.slurm.mem_gb and sdxl.slurm.timeout_min > sd21.slurm.timeout_min
+
+
+def test_the_structured_schema_resets_with_tilde_and_refuses_plus():
+    """``~key`` resets a key (a leaf, a sub-config) to the schema default, an entry of a mapping field to absent;
+    ``+key`` is refused naming the key: it exists already, it is a mapping's entry (set it), or it is unknown."""
+    from add_bench.config import TrainConfig, load
+    from add_bench.launchers import slurm_request
+
+    cfg = load(TrainConfig, overrides=["steps=5", "loss.weighting=sds", "~loss", "~steps=7"])
+    assert (cfg.steps, cfg.loss.weighting) == (600, "exp")  # ~key=value: the value is not compared
+    flags = {"additional_parameters": {"account": "abc", "qos": "high"}}
+    assert slurm_request(flags, ["~additional_parameters.account"]).additional_parameters == {"qos": "high"}
+    for override, message in (
+        ("+steps=3", r"\+steps adds a key; every key of TrainConfig is in its schema already .* set it with steps="),
+        ("+loss.bogus=1", r"TrainConfig has no key 'loss.bogus' .*; accepted keys under loss: adversarial, "),
+        ("~bogus", r"no key 'bogus' to reset"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load(TrainConfig, overrides=[override])
+    with pytest.raises(ConfigError, match=r"additional_parameters is a mapping whose entries are set without '\+'"):
+        slurm_request({}, ["+additional_parameters.account=abc"])
