@@ -1,6 +1,6 @@
 """The teacher baseline: shipped teachers at 1–50 DDIM steps, with and without CFG, plus a real-data floor.
 
-    python -m add_bench.baseline [--teachers teacher_small teacher_small_27k teacher_large] [--out results/teacher]
+    python -m add_bench.baseline [--teachers teacher_small_sl27k teacher_large_sl] [--out results/teacher]
 
 Writes ``<out>/rows/*.json`` (one per setting, atomically; a re-run skips finished rows),
 ``table.md``, ``table.csv``, ``fid_vs_steps.png`` and ``provenance.json``. The CFG scale of the
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m add_bench.baseline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value")
-    p.add_argument("--teachers", nargs="+", default=["teacher_small", "teacher_small_27k", "teacher_large"])
+    p.add_argument("--teachers", nargs="+", default=["teacher_small_sl27k", "teacher_large_sl"])
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--cfg-search-samples", type=int, default=1000)
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "teacher"))
