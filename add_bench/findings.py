@@ -147,7 +147,7 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
     rows = [r for r in teacher_rows(root) if r.get("model") == teacher and r.get("fid") is not None]
     if row is None or not rows:
         return []
-    lines = [f"Default cell of Table 1 against `results/teacher` ({teacher}, DDIM, best CFG).", ""]
+    lines = []
     for steps in (1, MULTI_STEP):
         student = default.at(row, steps)
         best = min((r for r in rows if 0 < r["nfe"] <= steps), key=lambda r: r["fid"], default=None)
@@ -160,7 +160,8 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
             f"CFG {best['cfg_scale']:g}) "
             f"{best['fid']:.2f}; ratio {ratio:.2f}"
         )
-    return lines if len(lines) > 2 else []
+    header = f"Default cell of Table 1 against `results/teacher` ({teacher}, DDIM, best CFG)."
+    return [header, "", *lines] if lines else []
 
 
 def teacher_references(root: Path, teacher: str) -> dict[str, float] | None:
