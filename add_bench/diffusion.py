@@ -231,14 +231,21 @@ def add_timesteps(schedule: Schedule, steps: int, student_timesteps: list[int] |
 def sample_add(denoiser: Denoiser, noise, labels, steps: int, cfg_scale: float = 1.0, generator=None):
     """ADD multi-step sampling: predict x0 at the top student timestep τ_N, re-noise to the next τ with
     fresh noise, repeat (:func:`add_timesteps`; T_student = 999, 749, 499, 249 → the trailing ones)."""
-    x = noise
     taus = add_timesteps(denoiser.schedule, steps, denoiser.student_timesteps)
-    for i, tau in enumerate(taus):
+    return sample_add_chain([(denoiser, cfg_scale)] * len(taus), noise, labels, taus, generator)
+
+
+@torch.no_grad()
+def sample_add_chain(models: list[tuple[Denoiser, float]], noise, labels, taus: list[int], generator=None):
+    """ADD's sampling chain with a (denoiser, CFG scale) per timestep: ``models[i]`` predicts x0 at ``taus[i]``,
+    which is re-noised with fresh noise to ``taus[i + 1]`` on the next model's schedule (a student and its
+    teacher share every schedule value below the student's top timestep)."""
+    x = noise
+    for i, (tau, (denoiser, cfg_scale)) in enumerate(zip(taus, models, strict=True)):
         x0 = denoiser(x, tau, labels, cfg_scale).x0
         if i + 1 < len(taus):
-            alpha, sigma = denoiser.schedule.alpha_sigma(taus[i + 1])
-            fresh = randn(x0.shape, generator, x0)
-            x = add_noise(x0, fresh, alpha, sigma)
+            alpha, sigma = models[i + 1][0].schedule.alpha_sigma(taus[i + 1])
+            x = add_noise(x0, randn(x0.shape, generator, x0), alpha, sigma)
     return x0
 
 

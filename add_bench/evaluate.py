@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from add_bench.config import EvalConfig, add_cfg_option, check_positive, load, print_job
 from add_bench.data import balanced_labels, to_uint8
-from add_bench.diffusion import SAMPLERS, Denoiser, get_sampler, schedule_from_card
+from add_bench.diffusion import SAMPLERS, Denoiser, Sampler, get_sampler, schedule_from_card
 from add_bench.errors import CheckpointError, ConfigError, command_line
 from add_bench.metrics import SampleSet, build_suite, metric_features, score
 from add_bench.networks.unets import load_unet, read_card
@@ -107,7 +107,7 @@ class Generated:
 
 def sample_in_batches(
     denoiser: Denoiser,
-    sampler: str,
+    sampler: str | Sampler,
     steps: int,
     noise: torch.Tensor,
     condition,
@@ -118,16 +118,17 @@ def sample_in_batches(
     progress: bool,
     shards: Shards | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Run ``sampler`` over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
+    """Run ``sampler`` (a name in diffusion.SAMPLERS, or a sampler) over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
     ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken. With
     ``shards``, each batch is a shard: a finished one is read back (and ``gen`` set to its state after it),
     a new one saved."""
     check_positive(steps, "steps")
-    sample_fn = get_sampler(sampler)
+    sample_fn = sampler if callable(sampler) else get_sampler(sampler)
+    name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "sampler")
     device = denoiser.device
     out, seconds = [], 0.0
     batches = range(0, len(noise), batch_size)
-    for k, i in enumerate(tqdm(batches, desc=f"{sampler} {steps} steps", leave=False, disable=not progress)):
+    for k, i in enumerate(tqdm(batches, desc=f"{name} {steps} steps", leave=False, disable=not progress)):
         done = shards.load(k) if shards is not None else None
         if done is not None:
             images, took, state = done
@@ -151,7 +152,7 @@ def nfe_per_sample(steps: int, cfg_scale: float) -> int:
 @torch.no_grad()
 def generate(
     denoiser: Denoiser,
-    sampler: str,
+    sampler: str | Sampler,
     steps: int,
     num_samples: int,
     seed: int = 0,

@@ -1,0 +1,78 @@
+"""The hand-off ladder: student at its first k sampling steps, teacher at the rest, on the same noise."""
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+from test_sweep import ablation_file, env, tiny_preset  # noqa: F401 (env is a fixture)
+
+from add_bench import handoff, sweep
+from add_bench.diffusion import sample_add
+from add_bench.errors import ConfigError
+from add_bench.evaluate import load_denoiser
+
+
+def two_denoisers(assets):
+    teacher, _ = load_denoiser(assets["teacher"])
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
+def draw(sampler, denoiser, steps, cfg_scale=1.0):
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((6, 1, 28, 28), generator=gen)
+    return sampler(denoiser, noise, torch.arange(6) % 10, steps, cfg_scale, gen)
+
+
+def test_the_end_rungs_are_the_student_and_the_teacher_on_adds_sampler(tiny_assets):
+    student, teacher = two_denoisers(tiny_assets)
+    own = draw(sample_add, student, 4)
+    assert torch.equal(draw(handoff.handoff_sampler(teacher, 1.5, 4), student, 4), own)
+    assert torch.equal(draw(handoff.handoff_sampler(teacher, 1.5, 0), student, 4), draw(sample_add, teacher, 4, 1.5))
+    mixed = draw(handoff.handoff_sampler(teacher, 1.5, 1), student, 4)
+    assert not torch.equal(mixed, own) and not torch.equal(mixed, draw(sample_add, teacher, 4, 1.5))
+    with pytest.raises(ConfigError, match="accepted 0..2"):
+        draw(handoff.handoff_sampler(teacher, 1.5, 3), student, 2)
+    assert handoff.rung_nfe(4, 1, 1.5) == 7 and handoff.rung_nfe(4, 4, 1.5) == 4 and handoff.rung_nfe(4, 0, 1.0) == 4
+
+
+def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_assets, env):  # noqa: F811
+    preset = tiny_preset(tiny_assets, env, **{"teacher.cfg_scale": 1.5})
+    abl = ablation_file(env, preset, cells=[{"name": "exp", "default": True}])
+    out, ladder = env / "out", env / "handoff"
+    assert handoff.main([str(abl), "--cells", "exp", "--root", str(out), "--out", str(ladder)]) == 2  # not run yet
+    sweep.run_sweep(sweep.load_ablations(abl), out)
+    args = [str(abl), "--cells", "exp", "--root", str(out), "--out", str(ladder), "--steps", "2", "--threads", "1"]
+    assert handoff.main(args) == 0
+    df = pd.read_csv(ladder / "table.csv")
+    assert sorted(df["k"]) == [0, 1, 2] and list(df.sort_values("k")["nfe"]) == [4, 3, 2]
+    own = df[df["k"] == 2].iloc[0]
+    assert own["fid"] == own["cell_fid"]  # the same noise and draws as the sweep's own evaluation
+    assert df[df["k"] == 1]["fid"].iloc[0] != own["fid"]
+    rows = sorted((ladder / "rows").glob("*.json"))
+    assert len(rows) == 3
+    teacher_alone = [json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["spec"]["k"] == 0]
+    assert teacher_alone[0]["spec"]["student"] is None and teacher_alone[0]["provenance"]["git_commit"]
+    stamps = [p.stat().st_mtime_ns for p in rows]
+    assert handoff.main(args) == 0  # a re-run scores nothing again
+    assert [p.stat().st_mtime_ns for p in rows] == stamps
+    assert "largest |FID difference| 0 over 1 cell" in (ladder / "table.md").read_text()
+
+
+def test_bad_rows_are_refused_by_name(tiny_assets, env, capsys):  # noqa: F811
+    preset = tiny_preset(tiny_assets, env)
+    abl = ablation_file(
+        env, preset, cells=[{"name": "exp", "default": True}, {"name": "t", "set": {"method": "teacher"}}]
+    )
+    assert handoff.main([str(abl), "--cells", "nope", "--root", str(env)]) == 2
+    assert "--cells nope: no such row" in capsys.readouterr().err
+    assert handoff.main([str(abl), "--cells", "t", "--root", str(env)]) == 2
+    assert "method 'teacher'" in capsys.readouterr().err
+    assert handoff.main([str(abl), "--cells", "exp", "--root", str(env)]) == 2
+    assert "is not finished" in capsys.readouterr().err
