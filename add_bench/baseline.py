@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from add_bench.config import EvalConfig, load
+from add_bench.config import EvalConfig, add_cfg_option, load, print_job
 from add_bench.data import NUM_CLASSES, balanced_indices, load_split
 from add_bench.errors import DataError, command_line
 from add_bench.evaluate import generate, load_denoiser
@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-search-samples", type=int, default=1000)
     p.add_argument("--out", default=str(REPO_ROOT / "results" / "teacher"))
     p.add_argument("--tables-only", action="store_true", help="rewrite the tables and plot from the stored rows only")
+    add_cfg_option(p)
     a = p.parse_args(argv)
+    if a.cfg:
+        print_job(load(EvalConfig, overrides=a.overrides))
+        return 0
     if a.tables_only:
         rows_dir = Path(a.out) / "rows"
         if not rows_dir.is_dir():

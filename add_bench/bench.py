@@ -38,7 +38,7 @@ import torch
 from omegaconf import OmegaConf
 
 from add_bench.augment import diff_augment
-from add_bench.config import TrainConfig, load
+from add_bench.config import TrainConfig, add_cfg_option, load, print_job
 from add_bench.data import load_split
 from add_bench.errors import ConfigError, command_line
 from add_bench.loop import set_threads
@@ -415,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", metavar="REF", help="instead: this tree's ADD step against git commit REF's")
     p.add_argument("--rounds", type=int, default=2, help="--against: alternating rounds (a fresh process each)")
     p.add_argument("--profile", action="store_true", help="instead: torch.profiler summary of ADD and PD steps")
+    add_cfg_option(p)
     a = p.parse_args(argv)
     cfg = load(TrainConfig, overrides=a.overrides)
+    if a.cfg:
+        print_job(cfg)
+        return 0
     start = time.time()
     if a.against:
         timings = bench_against(a.against, a.overrides, a.steps, rounds=a.rounds)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from add_bench.config import TrainConfig, load, to_dict
+from add_bench.config import TrainConfig, add_cfg_option, load, print_job, to_dict
 from add_bench.errors import AddBenchError, ConfigError, command_line
 from add_bench.provenance import REPO_ROOT, atomic_write_json, atomic_write_text, provenance
 
@@ -206,9 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "length_curve")
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / "runs" / "curve")
+    add_cfg_option(p)
     a = p.parse_args(argv)
     start = time.time()
     cfg = load(TrainConfig, overrides=a.overrides)
+    if a.cfg:
+        print_job(cfg)
+        return 0
     df = run_curve(cfg, a.at, a.seeds, a.out, a.workdir)
     write_outputs(df, a.out, cfg, a.seeds, time.time() - start)
     print(f"wrote {a.out}/table.md, curve.png, curve.json", file=sys.stderr)

@@ -613,18 +613,24 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     import time
 
-    from add_bench.config import load
+    from add_bench.config import add_cfg_option, load, print_job
     from add_bench.errors import DataError
     from add_bench.provenance import atomic_write_json, provenance
 
     p = argparse.ArgumentParser(prog="python -m add_bench.metrics", description=main.__doc__)
-    p.add_argument("samples", help=".npz with images (N, 28, 28) uint8 and labels (N,) int")
+    p.add_argument("samples", help=".npz with images (N, 28, 28) uint8 and labels (N,) int (not read with --cfg job)")
     p.add_argument("--metrics", help="comma-separated names (default: all): fid, alignment, diversity, prdc, intra_fid")
-    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--out", help="metrics JSON to write (required unless --cfg job)")
     p.add_argument("overrides", nargs="*", help="EvalConfig overrides key=value (evalnet=..., evalnet_ssl=...)")
+    add_cfg_option(p)
     a = p.parse_intermixed_args(argv)
     start = time.time()
     cfg = load(EvalConfig, overrides=a.overrides)
+    if a.cfg:
+        print_job(cfg)
+        return 0
+    if not a.out:
+        p.error("the following arguments are required: --out")
     names = [n.strip() for n in a.metrics.split(",")] if a.metrics else None
     registry = embedded_metrics(cfg)
     if names is not None:

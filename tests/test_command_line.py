@@ -119,3 +119,34 @@ def test_evaluate_cfg_job_prints_the_eval_config(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["num_samples"], printed["coco"]["split"], printed["seed"]) == (100, "train2017", EvalConfig().seed)
     assert not any(tmp_path.iterdir())  # nothing sampled or written
+
+
+@pytest.mark.parametrize(
+    "module, argv, key, value",
+    [
+        ("baseline", ["num_samples=300", "--out", "{tmp}/teacher"], "num_samples", 300),
+        ("metrics", ["{tmp}/none.npz", "--out", "{tmp}/m.json", "batch_size=50"], "batch_size", 50),
+        ("metrics", ["{tmp}/none.npz", "seed=4"], "seed", 4),  # no --out needed to print the config
+        ("curve", ["steps=50", "loss.lambda_distill=1", "--out", "{tmp}/curve"], "loss.lambda_distill", 1.0),
+        ("bench", ["batch_size=8", "--out", "{tmp}/b.json"], "batch_size", 8),
+    ],
+)
+def test_the_other_commands_print_their_config_with_cfg_job(module, argv, key, value, tmp_path, capsys):
+    import importlib
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    main = importlib.import_module(f"add_bench.{module}").main
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--cfg", "job"]) == 0
+    printed = OmegaConf.create(yaml.safe_load(capsys.readouterr().out))
+    assert OmegaConf.select(printed, key) == value
+    assert not any(tmp_path.iterdir())  # nothing computed or written
+
+
+def test_metrics_without_out_says_it_is_required(capsys):
+    from add_bench.metrics import main
+
+    with pytest.raises(SystemExit):
+        main(["samples.npz", "seed=1"])
+    assert "required: --out" in capsys.readouterr().err
