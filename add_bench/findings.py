@@ -320,6 +320,51 @@ def curve_section(root: Path, folder: Path) -> list[str]:
     return out + [""]
 
 
+def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, bool]:
+    """Mean ± 95% CI of the per-seed difference a − b, and whether the interval excludes 0 (≥ 2 seeds)."""
+    d = (a - b).dropna()
+    mean, ci = float(d.mean()), T.ci95(d)
+    return mean, ci, len(d) >= 2 and abs(mean) > ci
+
+
+def handoff_lines(root: Path) -> list[str]:
+    """The hand-off ladder (``python -m add_bench.handoff``): per row, step count and rung k, FID and recall, and the
+    paired FID difference to rung k − 1 (same cell, same noise and draws): where the student's sampling loses."""
+    path = root / "handoff" / "table.csv"
+    if not path.is_file():
+        return []
+    df = pd.read_csv(path)
+    table, lines = [], []
+    for (row, steps), g in df.groupby(["row", "steps"], sort=False):
+        fid = g.pivot_table(index="seed", columns="k", values="fid")
+        for k in sorted(fid.columns):
+            r = g[g["k"] == k]
+            entry = {"setting": row, "steps": steps, "rung k": k, "NFE": int(r["nfe"].iloc[0])}
+            entry["FID ↓"] = T.fmt(r["fid"].mean(), T.ci95(r["fid"]), len(r), 2)
+            entry["recall ↑"] = T.fmt(r["recall"].mean(), T.ci95(r["recall"]), len(r), 3)
+            if k > 0:
+                mean, ci, sure = paired(fid[k], fid[k - 1])
+                entry["Δ FID vs k − 1 (paired)"] = f"{mean:+.2f} ± {ci:.2f}" + (" *" if sure else "")
+            table.append(entry)
+        n = int(steps)
+        mean, ci, sure = paired(fid[n], fid[1])
+        lines.append(
+            f"- {row}, {n} steps: the student alone (k = {n}) against its 1-step sample finished by the teacher "
+            f"(k = 1): FID {mean:+.2f} ± {ci:.2f} (paired over {fid[[1, n]].dropna().shape[0]} seeds"
+            f"{'; the interval excludes 0' if sure else '; the interval includes 0'})"
+        )
+    return [
+        "`results/handoff/table.md`: rung k runs ADD's sampler with the student at its first k timesteps and its "
+        "teacher (at its training CFG) at the rest, on the same noise and draws; k = steps is the student's own "
+        "sampling, k = 0 the teacher alone. `*`: the paired 95% interval over seeds excludes 0.",
+        "",
+        T.to_markdown(pd.DataFrame(table)),
+        "",
+        *lines,
+        "",
+    ]
+
+
 def compute_lines(ab: Ablation) -> list[str]:
     """Each trained method's training compute (teacher evaluations) against the default (ADD) row's."""
     default = ab.head[ab.head["default"]]
@@ -483,6 +528,9 @@ def report(root: str | Path = "results") -> str:
             "",
             *compute_lines(ab),
         ]
+    lines = handoff_lines(root)
+    if lines:
+        out += ["## Where the student's multi-step sampling loses: the hand-off ladder", "", *lines]
     if probes:
         out += ["## Probes (not paper tables)", ""]
         for ab in probes:

@@ -76,3 +76,21 @@ def test_bad_rows_are_refused_by_name(tiny_assets, env, capsys):  # noqa: F811
     assert "method 'teacher'" in capsys.readouterr().err
     assert handoff.main([str(abl), "--cells", "exp", "--root", str(env)]) == 2
     assert "is not finished" in capsys.readouterr().err
+
+
+def test_findings_read_the_ladder_as_paired_differences(tmp_path):
+    from add_bench.findings import handoff_lines
+
+    assert handoff_lines(tmp_path) == []  # no ladder: no section
+    rows = []
+    for seed, shift in enumerate((0.0, 0.1, -0.1)):
+        for k, fid in enumerate((3.2, 3.0, 3.5, 4.2, 5.3)):  # k = 0..4: the loss grows with the student's steps
+            rows.append(
+                {"row": "ADD", "seed": seed, "steps": 4, "k": k, "nfe": 8 - k, "fid": fid + shift, "recall": 0.5}
+            )
+    (tmp_path / "handoff").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "handoff" / "table.csv", index=False)
+    text = "\n".join(handoff_lines(tmp_path))
+    assert "| ADD       |       4 |        2 |" in text and "+0.50 ± 0.00 *" in text  # k = 2 against k = 1
+    assert "ADD, 4 steps: the student alone (k = 4) against its 1-step sample finished by the teacher (k = 1): " in text
+    assert "FID +2.30 ± 0.00 (paired over 3 seeds; the interval excludes 0)" in text
