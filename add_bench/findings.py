@@ -388,6 +388,36 @@ def compute_lines(ab: Ablation) -> list[str]:
     return ["Training compute (teacher network evaluations; equal compute = 1×):", "", *lines, ""]
 
 
+def equal_compute_lines(ab: Ablation) -> list[str]:
+    """Rows of different settings trained at the same teacher evaluations and sampled in the same number of
+    steps, compared on FID and recall: which wins, and whether the 95% intervals are apart."""
+    head = ab.head[(ab.head["teacher_evals"] > 0) & (ab.head["fid_n"] > 0)]
+    lines = []
+    for (evals, steps), rows in head.groupby(["teacher_evals", "steps"], sort=False):
+        rows = rows.drop_duplicates("label")
+        for i in range(len(rows)):
+            for j in range(i + 1, len(rows)):
+                a, b = rows.iloc[i], rows.iloc[j]
+                parts = []
+                for metric, name, lower in (("fid", "FID", True), ("recall", "recall", False)):
+                    if not (a[f"{metric}_n"] and b[f"{metric}_n"]):
+                        continue
+                    better = a if (a[f"{metric}_mean"] < b[f"{metric}_mean"]) == lower else b
+                    digits = 2 if metric == "fid" else 3
+                    parts.append(
+                        f"{name} {T.fmt(a[f'{metric}_mean'], a[f'{metric}_ci95'], a[f'{metric}_n'], digits)} against "
+                        f"{T.fmt(b[f'{metric}_mean'], b[f'{metric}_ci95'], b[f'{metric}_n'], digits)}: "
+                        f"{better['label']} {'wins, intervals apart' if apart(a, b, metric) else 'ahead, intervals overlap'}"
+                    )
+                lines.append(
+                    f"- {steps} step(s), {int(evals):,} teacher evaluations each: {a['label']} against "
+                    f"{b['label']}: " + "; ".join(parts)
+                )
+    if not lines:
+        return []
+    return ["At equal training compute and equal sampling steps (mean ± 95% CI over seeds):", "", *lines, ""]
+
+
 def sanity_lines(root: Path) -> list[str]:
     path = root / "metric_sanity" / "table.md"
     if not path.is_file():
@@ -527,6 +557,7 @@ def report(root: str | Path = "results") -> str:
             T.to_markdown(T.headline_table(ab.head, ab.align_name, ab.manifest.get("paper_metric_names") or {})),
             "",
             *compute_lines(ab),
+            *equal_compute_lines(ab),
         ]
     lines = handoff_lines(root)
     if lines:

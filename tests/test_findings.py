@@ -142,3 +142,29 @@ def test_a_probe_is_judged_by_the_bars_of_its_default_cells_teacher_with_the_lat
     assert len(rows) == 3  # the default row once, then each probe's other row
     assert [r.split("|")[2].strip() for r in rows] == ["other", "other", "default *"]  # by 1-step recall
     assert summary[4] == "Rows meeting all three bars: other (`p`, 1/1 seeds); other (`p`, 1/1 seeds)."
+
+
+def test_rows_at_equal_compute_and_steps_are_compared_on_fid_and_recall():
+    def r(label, evals, steps, fid, fid_ci, recall, recall_ci):
+        return {
+            "label": label,
+            "teacher_evals": evals,
+            "steps": steps,
+            **{"fid_mean": fid, "fid_ci95": fid_ci, "fid_n": 3},
+            **{"recall_mean": recall, "recall_ci95": recall_ci, "recall_n": 3},
+        }
+
+    head = pd.DataFrame(
+        [
+            r("PD", 38400, 1, 9.8, 0.3, 0.17, 0.01),
+            r("ADD", 38400, 1, 11.6, 3.7, 0.003, 0.006),
+            r("ADD", 38400, 4, 4.9, 1.9, 0.2, 0.1),  # no other row at 4 steps: no comparison
+            r("ADD+reg", 79360, 1, 4.6, 0.2, 0.40, 0.01),
+            r("DPM", 0, 1, 5.0, 0.0, 0.5, 0.0),  # not trained: not compared
+        ]
+    )
+    lines = findings.equal_compute_lines(findings.Ablation("methods", {}, pd.DataFrame(), pd.DataFrame(), head, ""))
+    assert [x for x in lines if x.startswith("- ")] == [
+        "- 1 step(s), 38,400 teacher evaluations each: PD against ADD: FID 9.80 ± 0.30 against 11.60 ± 3.70: "
+        "PD ahead, intervals overlap; recall 0.170 ± 0.010 against 0.003 ± 0.006: PD wins, intervals apart"
+    ]

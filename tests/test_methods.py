@@ -292,3 +292,8 @@ def test_table2_rows_at_adds_compute_spend_the_default_add_cells_teacher_evaluat
     assert equal and add.config.method == "add" and {c.config.method for c in equal} == {"progressive"}
     for c in equal:
         assert methods.teacher_evaluations(c.config) == methods.teacher_evaluations(add.config), c.name
+    extension = [c for c in ab.cells if c.name.startswith("add_reg")]
+    equal_reg = [c for c in ab.cells if "ADD + regression's compute" in c.label]
+    assert extension and equal_reg and not {c.name for c in equal_reg} & {c.name for c in equal}
+    for c in equal_reg:
+        assert methods.teacher_evaluations(c.config) == methods.teacher_evaluations(extension[0].config), c.name
