@@ -16,6 +16,7 @@ COMMANDS = (
     "discriminator_probe",
     "evaluate",
     "featnet_pretrain",
+    "handoff",
     "metric_sanity",
     "metrics",
     "plots",
