@@ -354,6 +354,13 @@ def handoff_lines(root: Path) -> list[str]:
             f"{'; the interval excludes 0' if sure else '; the interval includes 0'})"
         )
     return [
+        *ladder_text(table, lines),
+        *denoise_lines(root / "handoff" / "denoise.csv"),
+    ]
+
+
+def ladder_text(table: list[dict], lines: list[str]) -> list[str]:
+    return [
         "`results/handoff/table.md`: rung k runs ADD's sampler with the student at its first k timesteps and its "
         "teacher (at its training CFG) at the rest, on the same noise and draws; k = steps is the student's own "
         "sampling, k = 0 the teacher alone. `*`: the paired 95% interval over seeds excludes 0.",
@@ -361,6 +368,36 @@ def handoff_lines(root: Path) -> list[str]:
         T.to_markdown(pd.DataFrame(table)),
         "",
         *lines,
+        "",
+    ]
+
+
+def denoise_lines(path: Path) -> list[str]:
+    """The one-step denoising of real images (``handoff/denoise.csv``): per row and timestep the student's FID
+    against its teacher's, paired over seeds."""
+    if not path.is_file():
+        return []
+    df = pd.read_csv(path)
+    table = []
+    for (row, tau), g in df.groupby(["row", "t"], sort=False):
+        student = g[g["model"] == "student"].set_index("seed")["fid"]
+        teacher = g[g["model"] == "teacher"].set_index("seed")["fid"]
+        mean, ci, sure = paired(student, teacher)
+        table.append(
+            {
+                "setting": row,
+                "t": tau,
+                "student FID": T.fmt(student.mean(), T.ci95(student), len(student), 2),
+                "teacher FID": f"{teacher.mean():.2f}",
+                "student − teacher (paired)": f"{mean:+.2f} ± {ci:.2f}" + (" *" if sure else ""),
+            }
+        )
+    return [
+        "One-step denoising of real validation images noised to each of the student's timesteps "
+        "(`results/handoff/denoise.md`; each network on its own schedule, the teacher at its training CFG): "
+        "where the student's map is worse than its teacher's on real inputs. `*`: the interval excludes 0.",
+        "",
+        T.to_markdown(pd.DataFrame(table)),
         "",
     ]
 

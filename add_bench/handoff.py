@@ -16,6 +16,11 @@ Nothing is trained. If the student's n-step FID is worse than its 1-step refined
 student is worse than its teacher at the lower timesteps; the first k at which FID rises names the step.
 If the teacher alone (k = 0) is also worse on this sampler than with DDIM, the re-noising sampler itself loses.
 
+Beside the ladder (``--no-denoise``: without), each network's one-step denoising of real images: validation
+images (never trained on) noised to each τ of T_student, x0 predicted once by the student and by the teacher,
+scored like samples (``denoise.md``). A student worse than its teacher there on real inputs has a degraded map
+at that τ; equal there but worse in the ladder points at its own samples as inputs instead.
+
 Each rung is scored on the cell's own evaluation settings (``eval``: samples, seed, metrics) and written to
 ``<out>/rows/<key>.json`` with provenance (a re-run skips the finished ones; the teacher-alone rung is shared by
 every cell with that teacher and settings); ``<out>/table.md`` and ``table.csv`` hold mean ± 95% CI over seeds.
@@ -28,10 +33,13 @@ import hashlib
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
 from add_bench.config import check_positive, to_dict
 from add_bench.diffusion import Denoiser, add_timesteps, sample_add_chain
@@ -82,12 +90,12 @@ def rung_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_rung(cfg: Any, student_folder: Path, steps: int, k: int, suite) -> dict[str, Any]:
-    """Sample and score one rung on the cell's evaluation settings."""
+def run_rung(cfg: Any, folder: Path, steps: int, k: int, suite) -> dict[str, Any]:
+    """Sample and score one rung on the cell's evaluation settings (``suite()``: the metrics)."""
     from add_bench.evaluate import generate, load_denoiser
     from add_bench.metrics import score
 
-    student, _ = load_denoiser(student_folder)
+    student, _ = load_denoiser(folder)
     teacher, _ = load_denoiser(cfg.teacher.network)
     if k < steps and teacher.schedule.cfg != student.schedule.cfg:
         # the chain re-noises on the next model's schedule; below the top timestep the two must agree
@@ -97,7 +105,7 @@ def run_rung(cfg: Any, student_folder: Path, steps: int, k: int, suite) -> dict[
                 for a, b in zip(student.schedule.alpha_sigma(tau), teacher.schedule.alpha_sigma(tau))
             ):
                 raise ConfigError(
-                    f"{student_folder}: its schedule differs from its teacher's ({cfg.teacher.network}) at t = {tau}; "
+                    f"{folder}: its schedule differs from its teacher's ({cfg.teacher.network}) at t = {tau}; "
                     "the hand-off ladder needs one schedule below the student's top timestep"
                 )
     g = generate(
@@ -109,7 +117,7 @@ def run_rung(cfg: Any, student_folder: Path, steps: int, k: int, suite) -> dict[
         cfg.eval.batch_size,
         1.0,
     )
-    return {"nfe": rung_nfe(steps, k, float(cfg.teacher.cfg_scale)), **score(suite, g.samples)}
+    return {"nfe": rung_nfe(steps, k, float(cfg.teacher.cfg_scale)), **score(suite(), g.samples)}
 
 
 def cells_of(ablation: str, overrides: list[str], names: list[str], root: Path) -> list[tuple[Any, Path, dict]]:
@@ -141,40 +149,47 @@ def cell_fid(folder: Path, steps: int) -> float | None:
     return next((r["fid"] for r in rows if r["steps"] == steps), None)
 
 
-def ladder(
-    ablation: str, overrides: list[str], names: list[str], root: Path, out: Path, steps_list: list[int]
-) -> pd.DataFrame:
-    """Run every missing rung of the named rows' cells; return one row per (cell, steps, k)."""
-    from add_bench.metrics import build_suite
+def stored_row(out: Path, spec: dict[str, Any], what: str, compute, eval_cfg: Any) -> dict[str, Any]:
+    """The row of ``spec`` from ``<out>/rows/<key>.json``, or ``compute()``'s scores written there with provenance."""
+    path = out / "rows" / f"{rung_key(spec)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    print(f"handoff: {what}", file=sys.stderr)
+    start = time.time()
+    row = {
+        "spec": spec,
+        **compute(),
+        "provenance": provenance(
+            eval_cfg,
+            eval_cfg.seed,
+            time.time() - start,
+            command=" ".join(["python -m add_bench.handoff", *sys.argv[1:]]),
+        ),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, row)
+    print(f"wrote {path}: FID {row['fid']:.3f}", file=sys.stderr)
+    return row
 
-    cells = cells_of(ablation, overrides, names, root)
-    (out / "rows").mkdir(parents=True, exist_ok=True)
-    records, suite = [], None
+
+def student_folder(trained: dict[str, Any], steps: int) -> Path:
+    return Path(trained["checkpoints"].get(str(steps), next(iter(trained["checkpoints"].values()))))
+
+
+def ladder(cells: list[tuple[Any, Path, dict]], out: Path, steps_list: list[int], suite) -> pd.DataFrame:
+    """Every rung of each cell (missing ones are run); one row per (cell, steps, k)."""
+    records = []
     for cell, folder, trained in cells:
         for steps in steps_list:
-            student = Path(trained["checkpoints"].get(str(steps), next(iter(trained["checkpoints"].values()))))
+            student = student_folder(trained, steps)
             for k in range(steps + 1):
-                spec = rung_spec(cell.config, student, steps, k)
-                path = out / "rows" / f"{rung_key(spec)}.json"
-                if path.is_file():
-                    row = json.loads(path.read_text())
-                else:
-                    print(f"handoff: {cell.name} seed {cell.seed} ({cell.id}), {steps} steps, k = {k}", file=sys.stderr)
-                    suite = suite or build_suite(cell.config.eval)
-                    start = time.time()
-                    scores = run_rung(cell.config, student, steps, k, suite)
-                    row = {
-                        "spec": spec,
-                        **scores,
-                        "provenance": provenance(
-                            cell.config.eval,
-                            cell.config.eval.seed,
-                            time.time() - start,
-                            command=" ".join(["python -m add_bench.handoff", *sys.argv[1:]]),
-                        ),
-                    }
-                    atomic_write_json(path, row)
-                    print(f"wrote {path}: FID {row['fid']:.3f}", file=sys.stderr)
+                row = stored_row(
+                    out,
+                    rung_spec(cell.config, student, steps, k),
+                    f"{cell.name} seed {cell.seed} ({cell.id}), {steps} steps, k = {k}",
+                    partial(run_rung, cell.config, student, steps, k, suite),
+                    cell.config.eval,
+                )
                 records.append(
                     {
                         "row": cell.label,
@@ -184,6 +199,76 @@ def ladder(
                         "k": k,
                         "nfe": row["nfe"],
                         "cell_fid": cell_fid(folder, steps) if k == steps else None,
+                        **{m: row.get(m) for m in METRICS},
+                    }
+                )
+    return pd.DataFrame(records)
+
+
+# ------------------------------------------------------------------------- one-step denoising of real images
+@torch.no_grad()
+def denoise_real(load, weights: Path, cfg_scale: float, tau: int, cfg: Any, suite) -> dict[str, Any]:
+    """``load(weights)``'s x0 predicted in one step from validation images (never trained on) noised to ``tau`` on the denoiser's own
+    schedule with fixed noise (``eval.seed``), scored like samples; ``mse``: against the clean images, in [−1, 1]."""
+    from add_bench.data import load_split, to_uint8
+    from add_bench.diffusion import add_noise
+    from add_bench.metrics import SampleSet, score
+
+    denoiser, d = load(weights), cfg.data
+    x0, labels = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
+    n = min(cfg.eval.num_samples, len(x0))
+    x0, labels = x0[:n], labels[:n]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    alpha, sigma = denoiser.schedule.alpha_sigma(tau)
+    images, sq = [], 0.0
+    for i in range(0, n, cfg.eval.batch_size):
+        j = i + cfg.eval.batch_size
+        x0_hat = denoiser(add_noise(x0[i:j], eps[i:j], alpha, sigma), tau, labels[i:j], cfg_scale).x0
+        sq += float(((x0_hat.clamp(-1, 1) - x0[i:j]) ** 2).sum())
+        images.append(to_uint8(x0_hat))
+    scores = score(suite(), SampleSet(np.concatenate(images), labels.numpy()))
+    return {"nfe": 2 if cfg_scale != 1.0 else 1, "mse": sq / x0.numel(), **scores}
+
+
+def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataFrame:
+    """Student and teacher at each of the student's timesteps: one row per (cell, τ, model); the teacher's rows
+    (at its training CFG) are shared by every cell with that teacher and settings."""
+    from functools import cache
+
+    from add_bench.evaluate import load_denoiser
+
+    loaded = cache(lambda folder: load_denoiser(folder)[0])
+    records = []
+    for cell, _, trained in cells:
+        for model in ("student", "teacher"):
+            weights = student_folder(trained, 1) if model == "student" else resolve_weights(cell.config.teacher.network)
+            scale = 1.0 if model == "student" else float(cell.config.teacher.cfg_scale)
+            for tau in cell.config.student.timesteps:
+                spec = {
+                    "denoise": tau,
+                    "model": model,
+                    "weights": weights_versions({model: weights}).get(model, {}).get("blob"),
+                    "path": str(weights),
+                    "cfg_scale": scale,
+                    "eval": to_dict(cell.config.eval),
+                    "data": to_dict(cell.config.data),
+                }
+                row = stored_row(
+                    out,
+                    spec,
+                    f"{cell.name} seed {cell.seed}: {model} denoising at t = {tau}",
+                    partial(denoise_real, loaded, weights, scale, tau, cell.config, suite),
+                    cell.config.eval,
+                )
+                records.append(
+                    {
+                        "row": cell.label,
+                        "seed": cell.seed,
+                        "cell": cell.id,
+                        "t": tau,
+                        "model": model,
+                        "nfe": row["nfe"],
+                        "mse": row["mse"],
                         **{m: row.get(m) for m in METRICS},
                     }
                 )
@@ -229,6 +314,38 @@ def write_table(df: pd.DataFrame, out: Path) -> Path:
     return path
 
 
+def write_denoise_table(df: pd.DataFrame, out: Path) -> Path:
+    """``denoise.md`` / ``denoise.csv``: per row and timestep, the student's and the teacher's one-step denoising
+    of real images (mean ± 95% CI over seeds; the teacher's is one number)."""
+    from add_bench.tables import ci95
+
+    atomic_write_text(out / "denoise.csv", df.to_csv(index=False))
+    table = []
+    for (row, tau), g in df.groupby(["row", "t"], sort=False):
+        entry = {"setting": row, "t": tau}
+        for model in ("student", "teacher"):
+            m = g[g["model"] == model]
+            entry[f"{model} FID"] = f"{m['fid'].mean():.2f} ± {ci95(m['fid']):.2f}"
+            entry[f"{model} recall"] = f"{m['recall'].mean():.3f} ± {ci95(m['recall']):.3f}"
+            entry[f"{model} MSE"] = f"{m['mse'].mean():.4f}"
+        entry["seeds"] = int((g["model"] == "student").sum())
+        table.append(entry)
+    lines = [
+        "# One-step denoising of real images at the student's timesteps",
+        "",
+        "Written by `python -m add_bench.handoff`: validation images (never trained on) noised to t with fixed noise, "
+        "each network on its own schedule (the student's t = 999 is pure noise), x0 predicted in one step and scored "
+        "like samples (FID, recall) and against the clean images (MSE in [−1, 1]); the teacher at its training CFG.",
+        "",
+        pd.DataFrame(table).to_markdown(index=False),
+        "",
+        "- per cell and seed: `denoise.csv`; each row with its provenance: `rows/`",
+    ]
+    path = out / "denoise.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 @command_line(ValueError)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
@@ -241,14 +358,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/handoff")
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="the sampling step counts to ladder")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--no-denoise", action="store_true", help="only the ladder, not the one-step denoising rows")
     a = p.parse_intermixed_args(argv)
     for s in a.steps:
         check_positive(s, "--steps")
     from add_bench.loop import set_threads
 
     set_threads(a.threads)
-    df = ladder(a.ablation, a.overrides, a.cells.split(","), Path(a.root), Path(a.out), a.steps)
-    print(f"wrote {write_table(df, Path(a.out))}", file=sys.stderr)
+    out, made = Path(a.out), {}
+
+    def suite():
+        from add_bench.metrics import build_suite
+
+        if "suite" not in made:
+            made["suite"] = build_suite(cells[0][0].config.eval)
+        return made["suite"]
+
+    cells = cells_of(a.ablation, a.overrides, a.cells.split(","), Path(a.root))
+    df = ladder(cells, out, a.steps, suite)
+    print(f"wrote {write_table(df, out)}", file=sys.stderr)
+    if not a.no_denoise:
+        den = denoising(cells, out, suite)
+        print(f"wrote {write_denoise_table(den, out)}", file=sys.stderr)
     return 0
 
 

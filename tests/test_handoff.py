@@ -43,7 +43,7 @@ def test_the_end_rungs_are_the_student_and_the_teacher_on_adds_sampler(tiny_asse
 
 
 def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_assets, env):  # noqa: F811
-    preset = tiny_preset(tiny_assets, env, **{"teacher.cfg_scale": 1.5})
+    preset = tiny_preset(tiny_assets, env, **{"teacher.cfg_scale": 1.5, "data.val_size": 60})
     abl = ablation_file(env, preset, cells=[{"name": "exp", "default": True}])
     out, ladder = env / "out", env / "handoff"
     assert handoff.main([str(abl), "--cells", "exp", "--root", str(out), "--out", str(ladder)]) == 2  # not run yet
@@ -56,9 +56,18 @@ def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_as
     assert own["fid"] == own["cell_fid"]  # the same noise and draws as the sweep's own evaluation
     assert df[df["k"] == 1]["fid"].iloc[0] != own["fid"]
     rows = sorted((ladder / "rows").glob("*.json"))
-    assert len(rows) == 3
-    teacher_alone = [json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["spec"]["k"] == 0]
+    assert len(rows) == 3 + 2 * 4  # the ladder, and student and teacher denoising at each of the 4 timesteps
+    teacher_alone = [json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["spec"].get("k") == 0]
     assert teacher_alone[0]["spec"]["student"] is None and teacher_alone[0]["provenance"]["git_commit"]
+    den = pd.read_csv(ladder / "denoise.csv")
+    assert sorted(zip(den["model"], den["t"])) == sorted(
+        (m, t) for m in ("student", "teacher") for t in (999, 749, 499, 249)
+    )
+    by = den.set_index(["model", "t"])
+    assert by.loc[("teacher", 249), "mse"] < by.loc[("teacher", 999), "mse"]  # less noise, closer to the clean image
+    assert by.loc[("teacher", 249), "nfe"] == 2 and by.loc[("student", 249), "nfe"] == 1  # teacher at CFG 1.5
+    table = [line for line in (ladder / "denoise.md").read_text().splitlines() if line.startswith("| exp ")]
+    assert len(table) == 4  # one line per timestep
     stamps = [p.stat().st_mtime_ns for p in rows]
     assert handoff.main(args) == 0  # a re-run scores nothing again
     assert [p.stat().st_mtime_ns for p in rows] == stamps
@@ -94,3 +103,14 @@ def test_findings_read_the_ladder_as_paired_differences(tmp_path):
     assert "| ADD       |       4 |        2 |" in text and "+0.50 ± 0.00 *" in text  # k = 2 against k = 1
     assert "ADD, 4 steps: the student alone (k = 4) against its 1-step sample finished by the teacher (k = 1): " in text
     assert "FID +2.30 ± 0.00 (paired over 3 seeds; the interval excludes 0)" in text
+
+
+def test_findings_compare_the_students_denoising_with_its_teachers(tmp_path):
+    from add_bench.findings import denoise_lines
+
+    rows = [{"row": "ADD", "seed": s, "t": 249, "model": "teacher", "fid": 1.0} for s in range(3)]
+    rows += [{"row": "ADD", "seed": s, "t": 249, "model": "student", "fid": 3.0 + 0.1 * s} for s in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "denoise.csv", index=False)
+    text = "\n".join(denoise_lines(tmp_path / "denoise.csv"))
+    assert "| ADD       | 249 |   3.10 ± 0.25 |          1.00 |               +2.10 ± 0.25 * |" in text
+    assert denoise_lines(tmp_path / "none.csv") == []
