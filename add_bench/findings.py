@@ -126,6 +126,51 @@ def table1_overview(abls: list[Ablation]) -> str:
     return T.to_markdown(pd.DataFrame(rows))
 
 
+def direction(r, d) -> str | None:
+    """A row against its table's default row, judged against the paper's direction for the same pair:
+    reproduced / opposite (intervals apart), within seed noise, fewer than 2 seeds; None without a paper pair."""
+    if r["fid_n"] == 0 or pd.isna(r["paper_fid"]) or pd.isna(d["paper_fid"]) or r["paper_fid"] == d["paper_fid"]:
+        return None
+    if min(r["fid_n"], d["fid_n"]) < 2:
+        return "fewer than 2 seeds"
+    if not apart(r, d):
+        return "within seed noise"
+    same = (r["fid_mean"] < d["fid_mean"]) == (r["paper_fid"] < d["paper_fid"])
+    return "reproduced" if same else "opposite"
+
+
+def table1_verdict(abls: list[Ablation]) -> list[str]:
+    """How many of the paper's Table 1 directions (each row against its table's default row, by 1-step FID) are
+    reproduced or opposite with 95% intervals apart, or unresolved; and how many rows are collapsed."""
+    verdicts: dict[str, list[str]] = {}
+    collapsed, measured = 0, 0
+    for ab in abls:
+        default = ab.head[ab.head["default"]]
+        for _, r in ab.head.iterrows():
+            if r["recall_n"]:
+                measured += 1
+                collapsed += bool(r["recall_mean"] < T.COLLAPSE_RECALL)
+            if default.empty or r["default"]:
+                continue
+            v = direction(r, default.iloc[0])
+            if v:
+                verdicts.setdefault(v, []).append(f"{ab.manifest.get('table', '')} {r['label']}")
+    if not verdicts:
+        return []
+    order = ("reproduced", "opposite", "within seed noise", "fewer than 2 seeds")
+    total = sum(len(v) for v in verdicts.values())
+    lines = [f"The paper's {total} directions of Table 1 (each row against its table's default, by 1-step FID):", ""]
+    for name in order:
+        if name in verdicts:
+            lines.append(f"- {name}: {len(verdicts[name])} ({'; '.join(verdicts[name])})")
+    lines += [
+        "",
+        f"Rows collapsed at 1 step (recall < {T.COLLAPSE_RECALL}): {collapsed} of {measured} with recall measured.",
+        "",
+    ]
+    return lines
+
+
 def section(ab: Ablation, heading: str) -> list[str]:
     out = [f"### {heading}", "", f"`results/{ab.name}/table.md`. {agreement_line(ab)}", ""]
     diffs = against_default(ab)
@@ -575,6 +620,7 @@ def report(root: str | Path = "results") -> str:
         "",
         table1_overview(table1),
         "",
+        *table1_verdict(table1),
     ]
     for ab in table1:
         out += section(ab, ab.title)

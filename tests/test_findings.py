@@ -168,3 +168,25 @@ def test_rows_at_equal_compute_and_steps_are_compared_on_fid_and_recall():
         "- 1 step(s), 38,400 teacher evaluations each: PD against ADD: FID 9.80 ± 0.30 against 11.60 ± 3.70: "
         "PD ahead, intervals overlap; recall 0.170 ± 0.010 against 0.003 ± 0.006: PD wins, intervals apart"
     ]
+
+
+def test_table1_directions_are_counted_against_the_paper_with_intervals():
+    def r(label, mean, ci, n, paper, recall, default=False):
+        return {**row(mean, ci, n, label, default, paper), "recall_mean": recall, "recall_n": n}
+
+    head = pd.DataFrame(
+        [
+            r("default", 10.0, 0.5, 3, 20.0, 0.001, default=True),
+            r("as paper", 14.0, 0.5, 3, 25.0, 0.3),  # worse, paper worse, apart: reproduced
+            r("against", 7.0, 0.5, 3, 22.0, 0.001),  # better, paper worse, apart: opposite
+            r("noise", 10.4, 1.0, 3, 18.0, 0.001),
+            r("one seed", 12.0, 0.0, 1, 30.0, 0.001),
+            r("no paper", 5.0, 0.1, 3, None, 0.001),
+        ]
+    )
+    ab = findings.Ablation("a", {"table": "1x"}, pd.DataFrame(), pd.DataFrame(), head, "")
+    lines = findings.table1_verdict([ab])
+    assert lines[0].startswith("The paper's 4 directions of Table 1")
+    assert "- reproduced: 1 (1x as paper)" in lines and "- opposite: 1 (1x against)" in lines
+    assert "- within seed noise: 1 (1x noise)" in lines and "- fewer than 2 seeds: 1 (1x one seed)" in lines
+    assert "Rows collapsed at 1 step (recall < 0.2): 5 of 6 with recall measured." in lines
