@@ -143,11 +143,12 @@ def table1_verdict(abls: list[Ablation]) -> list[str]:
     """How many of the paper's Table 1 directions (each row against its table's default row, by 1-step FID) are
     reproduced or opposite with 95% intervals apart, or unresolved; and how many rows are collapsed."""
     verdicts: dict[str, list[str]] = {}
-    collapsed, measured = 0, 0
+    collapsed, measured, default_seen = 0, 0, False
     for ab in abls:
         default = ab.head[ab.head["default"]]
         for _, r in ab.head.iterrows():
-            if r["recall_n"]:
+            if r["recall_n"] and not (r["default"] and default_seen):  # the shared default row counts once
+                default_seen |= bool(r["default"])
                 measured += 1
                 collapsed += bool(r["recall_mean"] < T.COLLAPSE_RECALL)
             if default.empty or r["default"]:

@@ -190,3 +190,5 @@ def test_table1_directions_are_counted_against_the_paper_with_intervals():
     assert "- reproduced: 1 (1x as paper)" in lines and "- opposite: 1 (1x against)" in lines
     assert "- within seed noise: 1 (1x noise)" in lines and "- fewer than 2 seeds: 1 (1x one seed)" in lines
     assert "Rows collapsed at 1 step (recall < 0.2): 5 of 6 with recall measured." in lines
+    twice = findings.table1_verdict([ab, ab])  # two tables sharing the default row count it once
+    assert "Rows collapsed at 1 step (recall < 0.2): 9 of 11 with recall measured." in twice
