@@ -118,10 +118,10 @@ def sample_in_batches(
     progress: bool,
     shards: Shards | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Run ``sampler`` (a name in diffusion.SAMPLERS, or a sampler) over ``noise`` in batches: ``condition(i, j)`` gives the batch's condition,
-    ``to_images`` turns its output into uint8 images. Returns the images and the seconds taken. With
-    ``shards``, each batch is a shard: a finished one is read back (and ``gen`` set to its state after it),
-    a new one saved."""
+    """Run ``sampler`` (a name in diffusion.SAMPLERS, or a sampler function) over ``noise`` in batches:
+    ``condition(i, j)`` gives the batch's condition, ``to_images`` turns its output into uint8 images. Returns
+    the images and the seconds taken. With ``shards``, each batch is a shard: a finished one is read back (and
+    ``gen`` set to its state after it), a new one saved."""
     check_positive(steps, "steps")
     sample_fn = sampler if callable(sampler) else get_sampler(sampler)
     name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "sampler")

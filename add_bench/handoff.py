@@ -13,7 +13,7 @@ at ``teacher.cfg_scale``) at the others, on the same noise and fresh-noise draws
 - k = 1 is the student's 1-step sample refined by the teacher at the lower timesteps.
 
 Nothing is trained. If the student's n-step FID is worse than its 1-step refined by the teacher (k = 1), the
-student is worse than its teacher at the lower timesteps; the first k at which FID rises names the step.
+student is worse than its teacher at the lower timesteps; the rung at which FID rises names the step.
 If the teacher alone (k = 0) is also worse on this sampler than with DDIM, the re-noising sampler itself loses.
 
 Beside the ladder (``--no-denoise``: without), each network's one-step denoising of real images: validation
