@@ -399,7 +399,7 @@ def handoff_lines(root: Path) -> list[str]:
         mean, ci, sure = steps_up[worst]
         whole = paired(fid[n], fid[1])
         lines.append(
-            f"- {row}, {n} steps: the largest paired FID change is at rung {worst} (the student's step {worst} in "
+            f"- {row}, {n} steps: the largest paired FID rise is at rung {worst} (the student's step {worst} in "
             f"place of the teacher's): {mean:+.2f} ± {ci:.2f} ({'excludes' if sure else 'includes'} 0); the student "
             f"alone (k = {n}) against its 1-step sample finished by the teacher (k = 1): {whole[0]:+.2f} ± "
             f"{whole[1]:.2f} ({'excludes' if whole[2] else 'includes'} 0; {fid[[1, n]].dropna().shape[0]} seeds)"

@@ -102,7 +102,7 @@ def test_findings_read_the_ladder_as_paired_differences(tmp_path):
     text = "\n".join(handoff_lines(tmp_path))
     assert "| ADD       |       4 |        2 |" in text and "+0.50 ± 0.00 *" in text  # k = 2 against k = 1
     assert (
-        "ADD, 4 steps: the largest paired FID change is at rung 4 (the student's step 4 in place of the teacher's): "
+        "ADD, 4 steps: the largest paired FID rise is at rung 4 (the student's step 4 in place of the teacher's): "
         "+1.10 ± 0.00 (excludes 0); the student alone (k = 4) against its 1-step sample finished by the teacher "
         "(k = 1): +2.30 ± 0.00 (excludes 0; 3 seeds)"
     ) in text
