@@ -33,7 +33,7 @@ import hashlib
 import json
 import sys
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +90,20 @@ def rung_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+@cache
+def loaded(folder: str | Path) -> Denoiser:
+    """A weights folder's denoiser, loaded once per process (the ladder and the denoising rows share them)."""
+    from add_bench.evaluate import load_denoiser
+
+    return load_denoiser(folder)[0]
+
+
 def run_rung(cfg: Any, folder: Path, steps: int, k: int, suite) -> dict[str, Any]:
     """Sample and score one rung on the cell's evaluation settings (``suite()``: the metrics)."""
-    from add_bench.evaluate import generate, load_denoiser
+    from add_bench.evaluate import generate
     from add_bench.metrics import score
 
-    student, _ = load_denoiser(folder)
-    teacher, _ = load_denoiser(cfg.teacher.network)
+    student, teacher = loaded(folder), loaded(resolve_weights(cfg.teacher.network))
     if k < steps and teacher.schedule.cfg != student.schedule.cfg:
         # the chain re-noises on the next model's schedule; below the top timestep the two must agree
         for tau in add_timesteps(student.schedule, steps, student.student_timesteps)[1:]:
@@ -207,14 +214,14 @@ def ladder(cells: list[tuple[Any, Path, dict]], out: Path, steps_list: list[int]
 
 # ------------------------------------------------------------------------- one-step denoising of real images
 @torch.no_grad()
-def denoise_real(load, weights: Path, cfg_scale: float, tau: int, cfg: Any, suite) -> dict[str, Any]:
-    """``load(weights)``'s x0 predicted in one step from validation images (never trained on) noised to ``tau`` on the denoiser's own
+def denoise_real(weights: Path, cfg_scale: float, tau: int, cfg: Any, suite) -> dict[str, Any]:
+    """The ``weights`` folder's x0 predicted in one step from validation images (never trained on) noised to ``tau`` on the denoiser's own
     schedule with fixed noise (``eval.seed``), scored like samples; ``mse``: against the clean images, in [−1, 1]."""
     from add_bench.data import load_split, to_uint8
     from add_bench.diffusion import add_noise
     from add_bench.metrics import SampleSet, score
 
-    denoiser, d = load(weights), cfg.data
+    denoiser, d = loaded(weights), cfg.data
     x0, labels = load_split("val", d.root, d.val_size, d.split_seed, d.download).tensors()
     n = min(cfg.eval.num_samples, len(x0))
     x0, labels = x0[:n], labels[:n]
@@ -233,11 +240,6 @@ def denoise_real(load, weights: Path, cfg_scale: float, tau: int, cfg: Any, suit
 def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataFrame:
     """Student and teacher at each of the student's timesteps: one row per (cell, τ, model); the teacher's rows
     (at its training CFG) are shared by every cell with that teacher and settings."""
-    from functools import cache
-
-    from add_bench.evaluate import load_denoiser
-
-    loaded = cache(lambda folder: load_denoiser(folder)[0])
     records = []
     for cell, _, trained in cells:
         for model in ("student", "teacher"):
@@ -257,7 +259,7 @@ def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataF
                     out,
                     spec,
                     f"{cell.name} seed {cell.seed}: {model} denoising at t = {tau}",
-                    partial(denoise_real, loaded, weights, scale, tau, cell.config, suite),
+                    partial(denoise_real, weights, scale, tau, cell.config, suite),
                     cell.config.eval,
                 )
                 records.append(
@@ -275,17 +277,20 @@ def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataF
     return pd.DataFrame(records)
 
 
+def over_seeds(values: pd.Series, digits: int) -> str | None:
+    """Mean ± 95% CI over seeds as the sweep's tables write it (:func:`add_bench.tables.fmt`)."""
+    from add_bench.tables import ci95, fmt
+
+    return fmt(values.mean(), ci95(values), len(values), digits)
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Mean ± 95% CI over seeds per (row, steps, k)."""
-    from add_bench.tables import ci95
-
     out = []
     for (row, steps, k), g in df.groupby(["row", "steps", "k"], sort=False):
         entry = {"setting": row, "steps": steps, "student steps k": k, "NFE": int(g["nfe"].iloc[0])}
         for m in ("fid", "recall", "coverage"):
-            entry[m] = (
-                f"{g[m].mean():.2f} ± {ci95(g[m]):.2f}" if m == "fid" else f"{g[m].mean():.3f} ± {ci95(g[m]):.3f}"
-            )
+            entry[m] = over_seeds(g[m], 2 if m == "fid" else 3)
         entry["seeds"] = len(g)
         out.append(entry)
     return pd.DataFrame(out)
@@ -317,16 +322,14 @@ def write_table(df: pd.DataFrame, out: Path) -> Path:
 def write_denoise_table(df: pd.DataFrame, out: Path) -> Path:
     """``denoise.md`` / ``denoise.csv``: per row and timestep, the student's and the teacher's one-step denoising
     of real images (mean ± 95% CI over seeds; the teacher's is one number)."""
-    from add_bench.tables import ci95
-
     atomic_write_text(out / "denoise.csv", df.to_csv(index=False))
     table = []
     for (row, tau), g in df.groupby(["row", "t"], sort=False):
         entry = {"setting": row, "t": tau}
         for model in ("student", "teacher"):
             m = g[g["model"] == model]
-            entry[f"{model} FID"] = f"{m['fid'].mean():.2f} ± {ci95(m['fid']):.2f}"
-            entry[f"{model} recall"] = f"{m['recall'].mean():.3f} ± {ci95(m['recall']):.3f}"
+            entry[f"{model} FID"] = over_seeds(m["fid"], 2)
+            entry[f"{model} recall"] = over_seeds(m["recall"], 3)
             entry[f"{model} MSE"] = f"{m['mse'].mean():.4f}"
         entry["seeds"] = int((g["model"] == "student").sum())
         table.append(entry)
