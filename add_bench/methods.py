@@ -359,4 +359,6 @@ def changed_inputs(cell_folder: Path) -> list[str]:
         now = weights_versions(roles)
     except Exception:  # noqa: BLE001 - an unreadable cell is reported by whoever reads its results
         return []
-    return [f"{role} ({v['path']})" for role, v in now.items() if then.get(role) not in (None, v["blob"])]
+    return [
+        f"{role} ({v['path']})" for role, v in now.items() if then.get(role) not in (None, v["blob"], *v["aliases"])
+    ]

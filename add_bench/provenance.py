@@ -135,8 +135,9 @@ def display_path(path: Path) -> str:
 
 
 def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """``{role: {"path": folder, "blob": blob_id(its weights file)}}`` for the shipped-format weights folders
-    (``unet/diffusion_pytorch_model.safetensors`` or ``model.safetensors`` beside a card.json); Stable
+    """``{role: {"path": folder, "blob": blob_id(its weights file), "aliases": [...]}}`` for the shipped-format
+    weights folders (``unet/diffusion_pytorch_model.safetensors`` or ``model.safetensors`` beside a card.json);
+    ``aliases`` are the blobs of the same tensors in an earlier layout (the card's ``converted_from``). Stable
     Diffusion pipeline folders, hub names and seeded random networks are left out."""
     from add_bench.networks.unets import weights_file
 
@@ -148,7 +149,9 @@ def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
             and (Path(folder) / "card.json").is_file()
             and not (Path(folder) / "model_index.json").is_file()
         ):
-            out[role] = {"path": display_path(folder), "blob": blob_id(path)}
+            card = json.loads((Path(folder) / "card.json").read_text())
+            aliases = [card["converted_from"]["blob"]] if "converted_from" in card else []
+            out[role] = {"path": display_path(folder), "blob": blob_id(path), "aliases": aliases}
     return out
 
 

@@ -677,7 +677,7 @@ def test_a_cell_whose_teacher_changes_is_stale_left_out_of_tables_and_rerun(tiny
         "evaluation embedding",
     }
     old_blob = blob_id(weights_file(teacher))
-    assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob}
+    assert first["inputs"]["teacher"] == {"path": str(teacher), "blob": old_blob, "aliases": []}
     assert sweep.cell_status(wd) == "done"
 
     state = load_file(weights_file(teacher))  # "retrain" the teacher
@@ -729,8 +729,10 @@ def test_cells_finished_before_inputs_were_recorded_are_checked_against_git(tmp_
         metrics["provenance"]["git_commit"] = commit
         (cell / "metrics.json").write_text(json.dumps(metrics))
 
-    write(subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip())
-    assert methods.changed_inputs(cell) == []  # the shipped weights as committed at HEAD
+    own = metrics["provenance"]["git_commit"]
+    assert provenance.blob_at_commit(own, "add_bench/weights/teacher_small/model.safetensors")  # known at its commit
+    write(own)
+    assert methods.changed_inputs(cell) == []  # the same tensors, since moved to diffusers' layout (converted_from)
 
     real = provenance.blob_at_commit
     monkeypatch.setattr(

@@ -147,6 +147,36 @@ def save_unet(folder: str | Path, module: PatchUNet, card: dict[str, Any], fp16:
     os.replace(tmp, folder)
 
 
+def convert_to_diffusers(folder: str | Path) -> dict[str, str]:
+    """Rewrite a UNet weights folder of the suite's first layout (``model.safetensors`` beside card.json) in
+    diffusers' layout (:func:`save_unet`), tensors and dtypes unchanged. The card records the old file's git
+    blob id as ``converted_from``: cells computed on the old file stay current (``methods.changed_inputs``),
+    and the old file's bytes can be rebuilt from the new one (:func:`first_layout_bytes`). Returns that record."""
+    from safetensors.torch import load_file
+
+    from add_bench.provenance import blob_id
+
+    folder = Path(folder)
+    old = folder / "model.safetensors"
+    if weights_file(folder) != old or not old.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors to convert (already in diffusers' layout?)")
+    card = read_card(folder)
+    fp16 = all(v.dtype == torch.float16 for v in load_file(str(old)).values() if v.is_floating_point())
+    module = load_unet(folder)
+    card["converted_from"] = {"file": "model.safetensors", "blob": blob_id(old)}
+    save_unet(folder, module, card, fp16=fp16)
+    return card["converted_from"]
+
+
+def first_layout_bytes(folder: str | Path) -> bytes:
+    """The bytes a diffusers-layout UNet folder's tensors have as the suite's first layout
+    (``model.safetensors``, keys prefixed ``unet.``, stored dtypes kept)."""
+    from safetensors.torch import load_file, save
+
+    state = load_file(str(Path(folder) / DIFFUSERS_UNET))
+    return save({"unet." + k: v for k, v in state.items()})
+
+
 def read_card(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     card_file = folder / "card.json"
