@@ -111,10 +111,11 @@ def teacher_evaluations(cfg: TrainConfig) -> int:
 METHODS = {"add": make_add, "teacher": make_teacher, "progressive": make_progressive}
 
 # The part of the one config schema each method reads (dotted keys; a group name covers the group). ADD reads
-# all of it; a cell's id still hashes the whole config, so that committed cells keep their ids.
+# all of it; a cell's id still hashes the whole config, so that committed cells keep their ids. The teacher
+# reads no seed (it is sampled from the evaluation noise, ``eval.seed``): the sweep gives its cells seed 0, so
+# that one computation serves every seed of its row.
 COMMON_KEYS = (
     "method",
-    "seed",
     *RUN_KEYS,
     "data",
     "eval",
@@ -127,6 +128,7 @@ READS: dict[str, tuple[str, ...] | None] = {
     "teacher": COMMON_KEYS,
     "progressive": (
         *COMMON_KEYS,
+        "seed",
         "batch_size",
         "teacher.cfg_scale",
         "optim.ema_decay",

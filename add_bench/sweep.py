@@ -362,6 +362,8 @@ def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[st
         paper_note=data.paper_note,
         preset=preset_file(sweep_over.get("base", data.base), base_name),
     )
+    from add_bench import methods
+
     for i, spec in enumerate(data.cells):
         where = f"{path}: cells[{i}] ({spec.name})"
         if base_name not in (spec.bases if spec.bases is not None else [base_name]):
@@ -380,6 +382,8 @@ def expand(path: Path, data: AblationFile, sweep_over: dict, train_over: list[st
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             cfg = resolved(load_cli(cfg, train_over), f"{where} on base {base_name}")
+            if not methods.reads(cfg.method, "seed"):
+                cfg.seed = 0  # the same computation at every seed: one cell, shared by the row's seeds
             validate_names(cfg, where)
             check_row_reads(cfg.method, {**spec.set, **scale.set}, where)
             if spec.steps is not None and spec.steps not in cfg.eval_steps:

@@ -222,13 +222,26 @@ def test_a_row_that_sets_a_key_its_method_does_not_read_is_refused(tiny_assets, 
     with pytest.raises(
         ConfigError,
         match=r"cells\[1\] \(pd_d2\): discriminator.steps, loss.lambda_distill: not read by method=progressive, so "
-        r"setting it changes nothing; the keys method=progressive reads: method, seed, .*progressive$",
+        r"setting it changes nothing; the keys method=progressive reads: method, .*seed, .*progressive$",
     ):
         sweep.load_ablations(path)
     path = ablation_file(env, preset, cells=[{"name": "dpm", "set": {"method": "teacher", "batch_size": 64}}])
     with pytest.raises(ConfigError, match=r"\(dpm\): batch_size: not read by method=teacher"):
         sweep.load_ablations(path)
     assert len(sweep.load_ablations(ablation_file(env, preset, cells=cells[:1]))[0].cells) == 1
+
+
+def test_a_teacher_row_is_one_cell_for_all_its_seeds(tiny_assets, env):  # noqa: F811 (pytest fixture)
+    """The teacher reads no seed (its samples come from ``eval.seed``): its seeds share one cell at seed 0;
+    a trained method gets a cell per seed."""
+    preset = tiny_preset(tiny_assets, env)
+    cells = [{"name": "dpm", "set": {"method": "teacher"}}, {"name": "pd", "set": {"method": "progressive"}}]
+    [ablation] = sweep.load_ablations(ablation_file(env, preset, cells=cells), ["seeds=[0,1,2]"])
+    by_row = {row: [c for c in ablation.cells if c.name == row] for row in ("dpm", "pd")}
+    assert [c.seed for c in by_row["dpm"]] == [0, 1, 2]  # the table still lists the row at every seed
+    assert len({c.id for c in by_row["dpm"]}) == 1 and {c.config.seed for c in by_row["dpm"]} == {0}
+    assert len({c.id for c in by_row["pd"]}) == 3 and [c.config.seed for c in by_row["pd"]] == [0, 1, 2]
+    assert not methods.reads("teacher", "seed") and methods.reads("progressive", "seed")
 
 
 def test_every_key_a_method_reads_is_in_the_schema():
