@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from add_bench import tables as T
@@ -144,6 +145,7 @@ def table1_verdict(abls: list[Ablation]) -> list[str]:
     reproduced or opposite with 95% intervals apart, or unresolved; and how many rows are collapsed."""
     verdicts: dict[str, list[str]] = {}
     collapsed, measured, default_seen = 0, 0, False
+    gaps, widths, default_width = [], [], None
     for ab in abls:
         default = ab.head[ab.head["default"]]
         for _, r in ab.head.iterrows():
@@ -156,6 +158,10 @@ def table1_verdict(abls: list[Ablation]) -> list[str]:
             v = direction(r, default.iloc[0])
             if v:
                 verdicts.setdefault(v, []).append(f"{ab.manifest.get('table', '')} {r['label']}")
+            if v == "within seed noise":
+                gaps.append(abs(r["fid_mean"] - default.iloc[0]["fid_mean"]))
+                widths.append(r["fid_ci95"])
+                default_width = default.iloc[0]["fid_ci95"]
     if not verdicts:
         return []
     order = ("reproduced", "opposite", "within seed noise", "fewer than 2 seeds")
@@ -169,6 +175,19 @@ def table1_verdict(abls: list[Ablation]) -> list[str]:
         f"Rows collapsed at 1 step (recall < {T.COLLAPSE_RECALL}): {collapsed} of {measured} with recall measured.",
         "",
     ]
+    if gaps:
+        lines += [
+            f"The {len(gaps)} row(s) within seed noise: their 1-step FID is {np.median(gaps):.2f} from the default's "
+            f"(median; at most {max(gaps):.2f}), while a row's 95% interval is ±{np.median(widths):.2f} (median; "
+            f"the default's ±{default_width:.2f})"
+            + (
+                ": every row collapsed, and which modes a seed's student keeps moves its FID more than the "
+                "ablated choice does."
+                if collapsed == measured
+                else "."
+            ),
+            "",
+        ]
     return lines
 
 
@@ -406,8 +425,25 @@ def handoff_lines(root: Path) -> list[str]:
         )
     return [
         *ladder_text(table, lines),
-        *denoise_lines(root / "handoff" / "denoise.csv"),
+        *denoise_lines(
+            root / "handoff" / "denoise.csv",
+            "One-step denoising of real validation images noised to each of the student's timesteps "
+            "(`results/handoff/denoise.md`; each network on its own schedule, the teacher at its training CFG): "
+            "where the student's map is worse than its teacher's on real inputs. `*`: the interval excludes 0.",
+        ),
     ]
+
+
+def loss_term_denoise_lines(root: Path) -> list[str]:
+    """The one-step denoising rows of Table 1d's students (``results/handoff_loss_terms``): which loss term
+    moves the student's low-noise map away from its input."""
+    return denoise_lines(
+        root / "handoff_loss_terms" / "denoise.csv",
+        "The same one-step denoising for Table 1d's students, trained with L_adv only, λ·L_distill only and both "
+        "(`results/handoff_loss_terms/denoise.md`, written by `python -m add_bench.handoff ablations/loss_terms.yaml "
+        "--no-ladder`): which loss term moves the student's map away from its input. MSE to the clean image in "
+        "[−1, 1]. `*`: the interval excludes 0.",
+    )
 
 
 def ladder_text(table: list[dict], lines: list[str]) -> list[str]:
@@ -423,34 +459,25 @@ def ladder_text(table: list[dict], lines: list[str]) -> list[str]:
     ]
 
 
-def denoise_lines(path: Path) -> list[str]:
-    """The one-step denoising of real images (``handoff/denoise.csv``): per row and timestep the student's FID
-    against its teacher's, paired over seeds."""
+def denoise_lines(path: Path, intro: str) -> list[str]:
+    """The one-step denoising of real images (a ``denoise.csv`` of ``python -m add_bench.handoff``): per row and
+    timestep the student's FID and MSE to the clean image against its teacher's, paired over seeds."""
     if not path.is_file():
         return []
     df = pd.read_csv(path)
     table = []
     for (row, tau), g in df.groupby(["row", "t"], sort=False):
-        student = g[g["model"] == "student"].set_index("seed")["fid"]
-        teacher = g[g["model"] == "teacher"].set_index("seed")["fid"]
-        mean, ci, sure = paired(student, teacher)
-        table.append(
-            {
-                "setting": row,
-                "t": tau,
-                "student FID": T.fmt(student.mean(), T.ci95(student), len(student), 2),
-                "teacher FID": f"{teacher.mean():.2f}",
-                "student − teacher (paired)": f"{mean:+.2f} ± {ci:.2f}" + (" *" if sure else ""),
-            }
-        )
-    return [
-        "One-step denoising of real validation images noised to each of the student's timesteps "
-        "(`results/handoff/denoise.md`; each network on its own schedule, the teacher at its training CFG): "
-        "where the student's map is worse than its teacher's on real inputs. `*`: the interval excludes 0.",
-        "",
-        T.to_markdown(pd.DataFrame(table)),
-        "",
-    ]
+        student, teacher = (g[g["model"] == m].set_index("seed") for m in ("student", "teacher"))
+        entry = {"setting": row, "t": tau}
+        for name, col, digits in (("FID", "fid", 2), ("MSE", "mse", 4)):
+            mean, ci, sure = paired(student[col], teacher[col])
+            entry[f"student {name}"] = T.fmt(student[col].mean(), T.ci95(student[col]), len(student), digits)
+            entry[f"teacher {name}"] = f"{teacher[col].mean():.{digits}f}"
+            entry[f"student − teacher {name} (paired)"] = f"{mean:+.{digits}f} ± {ci:.{digits}f}" + (
+                " *" if sure else ""
+            )
+        table.append(entry)
+    return [intro, "", T.to_markdown(pd.DataFrame(table)), ""]
 
 
 def compute_lines(ab: Ablation) -> list[str]:
@@ -648,7 +675,7 @@ def report(root: str | Path = "results") -> str:
             *compute_lines(ab),
             *equal_compute_lines(ab),
         ]
-    lines = handoff_lines(root)
+    lines = handoff_lines(root) + loss_term_denoise_lines(root)
     if lines:
         out += ["## Where the student's multi-step sampling loses: the hand-off ladder", "", *lines]
     if probes:

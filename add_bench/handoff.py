@@ -16,7 +16,7 @@ Nothing is trained. If the student's n-step FID is worse than its 1-step refined
 student is worse than its teacher at the lower timesteps; the rung at which FID rises names the step.
 If the teacher alone (k = 0) is also worse on this sampler than with DDIM, the re-noising sampler itself loses.
 
-Beside the ladder (``--no-denoise``: without), each network's one-step denoising of real images: validation
+Beside the ladder (``--no-denoise``: without it; ``--no-ladder``: only it), each network's one-step denoising of real images: validation
 images (never trained on) noised to each τ of T_student, x0 predicted once by the student and by the teacher,
 scored like samples (``denoise.md``). A student worse than its teacher there on real inputs has a degraded map
 at that τ; equal there but worse in the ladder points at its own samples as inputs instead.
@@ -362,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[2, 4], help="the sampling step counts to ladder")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--no-denoise", action="store_true", help="only the ladder, not the one-step denoising rows")
+    p.add_argument("--no-ladder", action="store_true", help="only the one-step denoising rows, not the ladder")
     a = p.parse_intermixed_args(argv)
+    if a.no_ladder and a.no_denoise:
+        raise ValueError("--no-ladder and --no-denoise together leave nothing to do: give at most one")
     for s in a.steps:
         check_positive(s, "--steps")
     from add_bench.loop import set_threads
@@ -378,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         return made["suite"]
 
     cells = cells_of(a.ablation, a.overrides, a.cells.split(","), Path(a.root))
-    df = ladder(cells, out, a.steps, suite)
-    print(f"wrote {write_table(df, out)}", file=sys.stderr)
+    if not a.no_ladder:
+        df = ladder(cells, out, a.steps, suite)
+        print(f"wrote {write_table(df, out)}", file=sys.stderr)
     if not a.no_denoise:
         den = denoising(cells, out, suite)
         print(f"wrote {write_denoise_table(den, out)}", file=sys.stderr)

@@ -190,5 +190,10 @@ def test_table1_directions_are_counted_against_the_paper_with_intervals():
     assert "- reproduced: 1 (1x as paper)" in lines and "- opposite: 1 (1x against)" in lines
     assert "- within seed noise: 1 (1x noise)" in lines and "- fewer than 2 seeds: 1 (1x one seed)" in lines
     assert "Rows collapsed at 1 step (recall < 0.2): 5 of 6 with recall measured." in lines
+    # the one row within noise: 0.4 from the default, its interval ±1.0, the default's ±0.5; not all collapsed
+    assert (
+        "The 1 row(s) within seed noise: their 1-step FID is 0.40 from the default's (median; at most 0.40), while "
+        "a row's 95% interval is ±1.00 (median; the default's ±0.50)."
+    ) in lines
     twice = findings.table1_verdict([ab, ab])  # two tables sharing the default row count it once
     assert "Rows collapsed at 1 step (recall < 0.2): 9 of 11 with recall measured." in twice

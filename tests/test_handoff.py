@@ -72,6 +72,12 @@ def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_as
     assert handoff.main(args) == 0  # a re-run scores nothing again
     assert [p.stat().st_mtime_ns for p in rows] == stamps
     assert "largest |FID difference| 0 over 1 cell" in (ladder / "table.md").read_text()
+    only = env / "denoise_only"
+    args = [str(abl), "--cells", "exp", "--root", str(out), "--out", str(only), "--threads", "1"]
+    assert handoff.main([*args, "--no-ladder"]) == 0
+    assert len(list((only / "rows").glob("*.json"))) == 2 * 4 and not (only / "table.md").exists()
+    assert pd.read_csv(only / "denoise.csv").equals(den)  # the same rows, scored again in another folder
+    assert handoff.main([*args, "--no-ladder", "--no-denoise"]) == 2
 
 
 def test_bad_rows_are_refused_by_name(tiny_assets, env, capsys):  # noqa: F811
@@ -111,9 +117,23 @@ def test_findings_read_the_ladder_as_paired_differences(tmp_path):
 def test_findings_compare_the_students_denoising_with_its_teachers(tmp_path):
     from add_bench.findings import denoise_lines
 
-    rows = [{"row": "ADD", "seed": s, "t": 249, "model": "teacher", "fid": 1.0} for s in range(3)]
-    rows += [{"row": "ADD", "seed": s, "t": 249, "model": "student", "fid": 3.0 + 0.1 * s} for s in range(3)]
+    rows = [{"row": "ADD", "seed": s, "t": 249, "model": "teacher", "fid": 1.0, "mse": 0.03} for s in range(3)]
+    rows += [
+        {"row": "ADD", "seed": s, "t": 249, "model": "student", "fid": 3.0 + 0.1 * s, "mse": 0.03 + 0.001 * (s - 1)}
+        for s in range(3)
+    ]
     pd.DataFrame(rows).to_csv(tmp_path / "denoise.csv", index=False)
-    text = "\n".join(denoise_lines(tmp_path / "denoise.csv"))
-    assert "| ADD       | 249 |   3.10 ± 0.25 |          1.00 |               +2.10 ± 0.25 * |" in text
-    assert denoise_lines(tmp_path / "none.csv") == []
+    text = denoise_lines(tmp_path / "denoise.csv", "intro")
+    assert text[0] == "intro"
+    table = (line.split("|") for line in "\n".join(text).splitlines())
+    [line] = [cells for cells in table if len(cells) > 2 and cells[1].strip() == "ADD"]
+    assert [c.strip() for c in line[2:-1]] == [
+        "249",
+        "3.10 ± 0.25",
+        "1.00",
+        "+2.10 ± 0.25 *",  # FID worse, the interval excludes 0
+        "0.0300 ± 0.0025",
+        "0.0300",
+        "+0.0000 ± 0.0025",  # MSE within noise
+    ]
+    assert denoise_lines(tmp_path / "none.csv", "intro") == []
