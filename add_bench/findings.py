@@ -441,8 +441,9 @@ def loss_term_denoise_lines(root: Path) -> list[str]:
         root / "handoff_loss_terms" / "denoise.csv",
         "The same one-step denoising for Table 1d's students, trained with L_adv only, λ·L_distill only and both "
         "(`results/handoff_loss_terms/denoise.md`, written by `python -m add_bench.handoff ablations/loss_terms.yaml "
-        "--no-ladder`): which loss term moves the student's map away from its input. MSE to the clean image in "
-        "[−1, 1]. `*`: the interval excludes 0.",
+        "--no-ladder`): which loss term moves the student's map away from its input. L_distill's target is the "
+        "teacher's denoising of x̂θ re-noised to an independent t, so nothing in it refers to the student's input "
+        "x_s. MSE to the clean image in [−1, 1]. `*`: the interval excludes 0.",
     )
 
 
@@ -477,7 +478,18 @@ def denoise_lines(path: Path, intro: str) -> list[str]:
                 " *" if sure else ""
             )
         table.append(entry)
-    return [intro, "", T.to_markdown(pd.DataFrame(table)), ""]
+    low = df[df["t"] == df["t"].min()]
+    ratios = {
+        row: g[g["model"] == "student"]["mse"].mean() / g[g["model"] == "teacher"]["mse"].mean()
+        for row, g in low.groupby("row", sort=False)
+    }
+    worst = max(ratios, key=ratios.get)
+    summary = (
+        f"- At the lowest timestep (t = {int(low['t'].iloc[0])}) the student's MSE to the clean image is "
+        + ", ".join(f"{r:.1f}× its teacher's ({row})" for row, r in ratios.items())
+        + f"; the farthest from its input: {worst}."
+    )
+    return [intro, "", T.to_markdown(pd.DataFrame(table)), "", summary, ""]
 
 
 def compute_lines(ab: Ablation) -> list[str]:

@@ -136,4 +136,8 @@ def test_findings_compare_the_students_denoising_with_its_teachers(tmp_path):
         "0.0300",
         "+0.0000 ± 0.0025",  # MSE within noise
     ]
+    assert (
+        "- At the lowest timestep (t = 249) the student's MSE to the clean image is 1.0× its teacher's (ADD)"
+        in (text[-2])
+    )
     assert denoise_lines(tmp_path / "none.csv", "intro") == []
