@@ -291,14 +291,16 @@ def first_error(errors: pd.Series) -> str | None:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, ci95 and n over seeds for FID and alignment, one row per cell × step count (manifest order)."""
-    grouped = df.dropna(subset=["steps"]).groupby(["order", "name", "steps"], sort=True)
+    """Mean, ci95 and n over seeds for FID and alignment, one row per cell × step count (manifest order). Seeds
+    of a row that share one cell (a method that reads no seed: the teacher) are one measurement, n = 1."""
+    df = df.dropna(subset=["steps"])
+    keys = ["order", "name", "steps"]
+    seeds = df.groupby(keys, sort=True).agg(status=("status", cell_status), n_seeds=("seed", "nunique"))
+    grouped = df.drop_duplicates([*keys, "id"]).groupby(keys, sort=True)
     agg = grouped.agg(
         label=("label", "first"),
         default=("default", "first"),
-        status=("status", cell_status),
         error=("error", first_error),
-        n_seeds=("seed", "nunique"),
         fid_mean=("fid", "mean"),
         fid_ci95=("fid", ci95),
         fid_n=("fid", "count"),
@@ -320,7 +322,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         paper_cs=("paper_cs", "first"),
         paper_time=("paper_time", "first"),
         row_steps=("row_steps", "first"),
-    ).reset_index()
+    )
+    order = ["label", "default", "status", "error", "n_seeds"]
+    agg = agg.join(seeds)[[*order, *(c for c in agg.columns if c not in order)]].reset_index()
     agg["steps"] = agg["steps"].astype(int)
     return agg
 

@@ -57,6 +57,16 @@ def test_load_and_aggregate(root):
     assert list(dict.fromkeys(agg.reset_index()["name"])) == ["exp", "sds", "nfsd"]  # manifest order
 
 
+def test_seeds_sharing_one_cell_are_one_measurement(root):
+    """A row whose seeds are one cell (the teacher reads no seed) is one measurement: n = 1, no interval."""
+    df = load_results(root / "loss_weighting")
+    exp = df["name"] == "exp"
+    df.loc[exp, "id"] = df.loc[exp, "id"].iloc[0]
+    df.loc[exp, "fid"] = df.loc[exp].groupby("steps")["fid"].transform("first")
+    one = aggregate(df).set_index(["name", "steps"]).loc[("exp", 1)]
+    assert (one.fid_n, one.fid_ci95, one.n_seeds, one.status) == (1, 0.0, 2, "done")
+
+
 def test_write_tables(root):
     folder = root / "loss_weighting"
     written = write_tables(folder)
