@@ -1,5 +1,7 @@
 """docs/findings.md is generated from results/ (add_bench.findings) and must be current."""
 
+import json
+
 import pandas as pd
 
 from add_bench import findings
@@ -197,3 +199,33 @@ def test_table1_directions_are_counted_against_the_paper_with_intervals():
     ) in lines
     twice = findings.table1_verdict([ab, ab])  # two tables sharing the default row count it once
     assert "Rows collapsed at 1 step (recall < 0.2): 9 of 11 with recall measured." in twice
+
+
+def test_the_student_against_its_teacher_within_a_budget_of_network_evaluations(tmp_path):
+    """Each step count against the teacher's best at ≤ as many evaluations, and the student's best sampling
+    within 4 when fewer steps beat its own 4-step sampling; the teacher's value inside or outside the interval."""
+    (tmp_path / "cells" / "c0").mkdir(parents=True)
+    (tmp_path / "cells" / "c0" / "config.yaml").write_text("teacher: {network: tt}\n")
+    (tmp_path / "teacher" / "rows").mkdir(parents=True)
+    for steps, cfg, nfe, fid in ((1, 1.0, 1, 30.0), (2, 1.0, 2, 10.0), (4, 1.0, 4, 4.0), (4, 2.0, 8, 2.0)):
+        entry = {"model": "tt", "steps": steps, "cfg_scale": cfg, "nfe": nfe, "fid": fid}
+        (tmp_path / "teacher" / "rows" / f"tt_{steps}_{cfg}.json").write_text(json.dumps(entry))
+    agg = pd.DataFrame(
+        [
+            {**row(m, ci, 3, "d", True), "name": "d", "steps": s}
+            for s, m, ci in ((1, 12.0, 4.0), (2, 3.5, 1.0), (4, 5.0, 0.5))
+        ]
+    )
+    df = pd.DataFrame([{"default": True, "id": "c0"}])
+    ab = findings.Ablation("loss_weighting", {}, df, agg, agg[agg["steps"] == 1], "")
+    lines = [x for x in findings.equal_nfe_lines(tmp_path, ab) if x.startswith("- ")]
+    assert lines == [
+        "- 1 network evaluation: ADD 1-step FID 12.00 ± 4.00; the teacher's best at ≤ 1 (DDIM 1 step, CFG 1) 30.00; "
+        "ratio 0.40 (the teacher's outside the student's interval)",
+        "- 2 network evaluations: ADD 2-step FID 3.50 ± 1.00; the teacher's best at ≤ 2 (DDIM 2 steps, CFG 1) "
+        "10.00; ratio 0.35 (the teacher's outside the student's interval)",
+        "- 4 network evaluations: ADD 4-step FID 5.00 ± 0.50; the teacher's best at ≤ 4 (DDIM 4 steps, CFG 1) "
+        "4.00; ratio 1.25 (the teacher's outside the student's interval)",
+        "- within 4 network evaluations ADD's best is its 2-step sampling, FID 3.50 ± 1.00, against the teacher's "
+        "best at ≤ 4 (DDIM 4 steps, CFG 1) 4.00: ratio 0.88 (the teacher's inside the student's interval)",
+    ]
