@@ -16,10 +16,11 @@ Nothing is trained. If the student's n-step FID is worse than its 1-step refined
 student is worse than its teacher at the lower timesteps; the rung at which FID rises names the step.
 If the teacher alone (k = 0) is also worse on this sampler than with DDIM, the re-noising sampler itself loses.
 
-Beside the ladder (``--no-denoise``: without it; ``--no-ladder``: only it), each network's one-step denoising of real images: validation
-images (never trained on) noised to each τ of T_student, x0 predicted once by the student and by the teacher,
-scored like samples (``denoise.md``). A student worse than its teacher there on real inputs has a degraded map
-at that τ; equal there but worse in the ladder points at its own samples as inputs instead.
+Beside the ladder (``--no-denoise``: without it; ``--no-ladder``: only it), each network's one-step denoising
+of real images: validation images (never trained on) noised to each τ of T_student, x0 predicted once by the
+student and by the teacher, scored like samples (``denoise.md``). A student worse than its teacher there on
+real inputs has a degraded map at that τ; equal there but worse in the ladder points at its own samples as
+inputs instead.
 
 Each rung is scored on the cell's own evaluation settings (``eval``: samples, seed, metrics) and written to
 ``<out>/rows/<key>.json`` with provenance (a re-run skips the finished ones; the teacher-alone rung is shared by
