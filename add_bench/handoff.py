@@ -191,9 +191,10 @@ def ladder(cells: list[tuple[Any, Path, dict]], out: Path, steps_list: list[int]
         for steps in steps_list:
             student = student_folder(trained, steps)
             for k in range(steps + 1):
+                spec = rung_spec(cell.config, student, steps, k)
                 row = stored_row(
                     out,
-                    rung_spec(cell.config, student, steps, k),
+                    spec,
                     f"{cell.name} seed {cell.seed} ({cell.id}), {steps} steps, k = {k}",
                     partial(run_rung, cell.config, student, steps, k, suite),
                     cell.config.eval,
@@ -203,6 +204,7 @@ def ladder(cells: list[tuple[Any, Path, dict]], out: Path, steps_list: list[int]
                         "row": cell.label,
                         "seed": cell.seed,
                         "cell": cell.id,
+                        "key": rung_key(spec),  # the teacher-alone rung is one row shared by every seed
                         "steps": steps,
                         "k": k,
                         "nfe": row["nfe"],
@@ -268,6 +270,7 @@ def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataF
                         "row": cell.label,
                         "seed": cell.seed,
                         "cell": cell.id,
+                        "key": rung_key(spec),  # the teacher's rows are shared by every seed
                         "t": tau,
                         "model": model,
                         "nfe": row["nfe"],
@@ -278,10 +281,12 @@ def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataF
     return pd.DataFrame(records)
 
 
-def over_seeds(values: pd.Series, digits: int) -> str | None:
-    """Mean ± 95% CI over seeds as the sweep's tables write it (:func:`add_bench.tables.fmt`)."""
+def over_seeds(rows: pd.DataFrame, metric: str, digits: int) -> str | None:
+    """Mean ± 95% CI over seeds as the sweep's tables write it (:func:`add_bench.tables.fmt`); seeds that share
+    one stored row (the teacher's) are one measurement."""
     from add_bench.tables import ci95, fmt
 
+    values = rows.drop_duplicates("key")[metric]
     return fmt(values.mean(), ci95(values), len(values), digits)
 
 
@@ -291,7 +296,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     for (row, steps, k), g in df.groupby(["row", "steps", "k"], sort=False):
         entry = {"setting": row, "steps": steps, "student steps k": k, "NFE": int(g["nfe"].iloc[0])}
         for m in ("fid", "recall", "coverage"):
-            entry[m] = over_seeds(g[m], 2 if m == "fid" else 3)
+            entry[m] = over_seeds(g, m, 2 if m == "fid" else 3)
         entry["seeds"] = len(g)
         out.append(entry)
     return pd.DataFrame(out)
@@ -329,8 +334,8 @@ def write_denoise_table(df: pd.DataFrame, out: Path) -> Path:
         entry = {"setting": row, "t": tau}
         for model in ("student", "teacher"):
             m = g[g["model"] == model]
-            entry[f"{model} FID"] = over_seeds(m["fid"], 2)
-            entry[f"{model} recall"] = over_seeds(m["recall"], 3)
+            entry[f"{model} FID"] = over_seeds(m, "fid", 2)
+            entry[f"{model} recall"] = over_seeds(m, "recall", 3)
             entry[f"{model} MSE"] = f"{m['mse'].mean():.4f}"
         entry["seeds"] = int((g["model"] == "student").sum())
         table.append(entry)

@@ -100,13 +100,16 @@ def test_findings_read_the_ladder_as_paired_differences(tmp_path):
     rows = []
     for seed, shift in enumerate((0.0, 0.1, -0.1)):
         for k, fid in enumerate((3.2, 3.0, 3.5, 4.2, 5.3)):  # k = 0..4: the loss grows with the student's steps
+            shift, key = (0.0, "teacher") if k == 0 else (shift, f"{seed}-{k}")  # k = 0: one row for every seed
             rows.append(
-                {"row": "ADD", "seed": seed, "steps": 4, "k": k, "nfe": 8 - k, "fid": fid + shift, "recall": 0.5}
+                {"row": "ADD", "seed": seed, "key": key, "steps": 4, "k": k, "nfe": 8 - k, "fid": fid + shift}
+                | {"recall": 0.5}
             )
     (tmp_path / "handoff").mkdir()
     pd.DataFrame(rows).to_csv(tmp_path / "handoff" / "table.csv", index=False)
     text = "\n".join(handoff_lines(tmp_path))
     assert "| ADD       |       4 |        2 |" in text and "+0.50 ± 0.00 *" in text  # k = 2 against k = 1
+    assert "| ADD       |       4 |        0 |     8 | 3.20 (n=1)  |" in text  # the shared row counts once
     assert (
         "ADD, 4 steps: the largest paired FID rise is at rung 4 (the student's step 4 in place of the teacher's): "
         "+1.10 ± 0.00 (excludes 0); the student alone (k = 4) against its 1-step sample finished by the teacher "
