@@ -498,17 +498,23 @@ def denoise_lines(path: Path, intro: str) -> list[str]:
             entry[f"student − teacher {name} (paired)"] = f"{mean:+.{digits}f} ± {ci:.{digits}f}" + (
                 " *" if sure else ""
             )
+        if (g["model"] == "init").any():  # where the student started: the same weights, unguided
+            entry["init MSE"] = f"{g[g['model'] == 'init']['mse'].mean():.4f}"
         table.append(entry)
     low = df[df["t"] == df["t"].min()]
-    ratios = {
-        row: g[g["model"] == "student"]["mse"].mean() / g[g["model"] == "teacher"]["mse"].mean()
-        for row, g in low.groupby("row", sort=False)
-    }
-    worst = max(ratios, key=ratios.get)
+
+    def mse(g: pd.DataFrame, model: str) -> float:
+        return g[g["model"] == model]["mse"].mean()
+
+    parts, ratios = [], {}
+    for row, g in low.groupby("row", sort=False):
+        ratios[row] = mse(g, "student") / mse(g, "teacher")
+        init = f" and {mse(g, 'student') / mse(g, 'init'):.1f}× its init's" if (g["model"] == "init").any() else ""
+        parts.append(f"{ratios[row]:.1f}× its teacher's{init} ({row})")
     summary = (
         f"- At the lowest timestep (t = {int(low['t'].iloc[0])}) the student's MSE to the clean image is "
-        + ", ".join(f"{r:.1f}× its teacher's ({row})" for row, r in ratios.items())
-        + f"; the farthest from its input: {worst}."
+        + ", ".join(parts)
+        + f"; the farthest from its input: {max(ratios, key=ratios.get)}."
     )
     return [intro, "", T.to_markdown(pd.DataFrame(table)), "", summary, ""]
 

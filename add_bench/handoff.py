@@ -241,13 +241,18 @@ def denoise_real(weights: Path, cfg_scale: float, tau: int, cfg: Any, suite) -> 
 
 
 def denoising(cells: list[tuple[Any, Path, dict]], out: Path, suite) -> pd.DataFrame:
-    """Student and teacher at each of the student's timesteps: one row per (cell, τ, model); the teacher's rows
-    (at its training CFG) are shared by every cell with that teacher and settings."""
+    """Student, teacher and the student's initial weights (``init``: the network it was copied from, unguided, on
+    that network's own schedule; pretrained init only) at each of the student's timesteps: one row per (cell, τ,
+    model). The teacher's rows (at its training CFG) and the init's are shared by every cell with those settings."""
     records = []
     for cell, _, trained in cells:
-        for model in ("student", "teacher"):
-            weights = student_folder(trained, 1) if model == "student" else resolve_weights(cell.config.teacher.network)
-            scale = 1.0 if model == "student" else float(cell.config.teacher.cfg_scale)
+        models = {
+            "student": (student_folder(trained, 1), 1.0),
+            "teacher": (resolve_weights(cell.config.teacher.network), float(cell.config.teacher.cfg_scale)),
+        }
+        if cell.config.student.init == "pretrained":
+            models["init"] = (resolve_weights(cell.config.student.network), 1.0)
+        for model, (weights, scale) in models.items():
             for tau in cell.config.student.timesteps:
                 spec = {
                     "denoise": tau,
@@ -332,8 +337,10 @@ def write_denoise_table(df: pd.DataFrame, out: Path) -> Path:
     table = []
     for (row, tau), g in df.groupby(["row", "t"], sort=False):
         entry = {"setting": row, "t": tau}
-        for model in ("student", "teacher"):
+        for model in ("student", "teacher", "init"):
             m = g[g["model"] == model]
+            if m.empty:
+                continue
             entry[f"{model} FID"] = over_seeds(m, "fid", 2)
             entry[f"{model} recall"] = over_seeds(m, "recall", 3)
             entry[f"{model} MSE"] = f"{m['mse'].mean():.4f}"
@@ -344,7 +351,8 @@ def write_denoise_table(df: pd.DataFrame, out: Path) -> Path:
         "",
         "Written by `python -m add_bench.handoff`: validation images (never trained on) noised to t with fixed noise, "
         "each network on its own schedule (the student's t = 999 is pure noise), x0 predicted in one step and scored "
-        "like samples (FID, recall) and against the clean images (MSE in [−1, 1]); the teacher at its training CFG.",
+        "like samples (FID, recall) and against the clean images (MSE in [−1, 1]); the teacher at its training CFG; "
+        "init: the weights the student started from, unguided, on their own schedule.",
         "",
         pd.DataFrame(table).to_markdown(index=False),
         "",

@@ -56,16 +56,17 @@ def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_as
     assert own["fid"] == own["cell_fid"]  # the same noise and draws as the sweep's own evaluation
     assert df[df["k"] == 1]["fid"].iloc[0] != own["fid"]
     rows = sorted((ladder / "rows").glob("*.json"))
-    assert len(rows) == 3 + 2 * 4  # the ladder, and student and teacher denoising at each of the 4 timesteps
+    assert len(rows) == 3 + 3 * 4  # the ladder; student, teacher and init denoising at each of the 4 timesteps
     teacher_alone = [json.loads(p.read_text()) for p in rows if json.loads(p.read_text())["spec"].get("k") == 0]
     assert teacher_alone[0]["spec"]["student"] is None and teacher_alone[0]["provenance"]["git_commit"]
     den = pd.read_csv(ladder / "denoise.csv")
     assert sorted(zip(den["model"], den["t"])) == sorted(
-        (m, t) for m in ("student", "teacher") for t in (999, 749, 499, 249)
+        (m, t) for m in ("student", "teacher", "init") for t in (999, 749, 499, 249)
     )
     by = den.set_index(["model", "t"])
     assert by.loc[("teacher", 249), "mse"] < by.loc[("teacher", 999), "mse"]  # less noise, closer to the clean image
     assert by.loc[("teacher", 249), "nfe"] == 2 and by.loc[("student", 249), "nfe"] == 1  # teacher at CFG 1.5
+    assert by.loc[("init", 249), "nfe"] == 1  # the student's starting weights (the teacher's), unguided
     table = [line for line in (ladder / "denoise.md").read_text().splitlines() if line.startswith("| exp ")]
     assert len(table) == 4  # one line per timestep
     stamps = [p.stat().st_mtime_ns for p in rows]
@@ -75,7 +76,7 @@ def test_ladder_of_a_finished_cell_reproduces_its_evaluation_and_resumes(tiny_as
     only = env / "denoise_only"
     args = [str(abl), "--cells", "exp", "--root", str(out), "--out", str(only), "--threads", "1"]
     assert handoff.main([*args, "--no-ladder"]) == 0
-    assert len(list((only / "rows").glob("*.json"))) == 2 * 4 and not (only / "table.md").exists()
+    assert len(list((only / "rows").glob("*.json"))) == 3 * 4 and not (only / "table.md").exists()
     assert pd.read_csv(only / "denoise.csv").equals(den)  # the same rows, scored again in another folder
     assert handoff.main([*args, "--no-ladder", "--no-denoise"]) == 2
 
@@ -143,4 +144,9 @@ def test_findings_compare_the_students_denoising_with_its_teachers(tmp_path):
         "- At the lowest timestep (t = 249) the student's MSE to the clean image is 1.0× its teacher's (ADD)"
         in (text[-2])
     )
+    rows += [{"row": "ADD", "seed": s, "t": 249, "model": "init", "fid": 1.5, "mse": 0.015} for s in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "denoise.csv", index=False)  # the weights the student started from
+    text = denoise_lines(tmp_path / "denoise.csv", "intro")
+    assert "init MSE |" in text[2] and text[2].splitlines()[-1].rstrip(" |").endswith("0.0150")
+    assert "2.0× its init's (ADD)" in text[-2]
     assert denoise_lines(tmp_path / "none.csv", "intro") == []
