@@ -218,19 +218,19 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
         best = min((r for r in rows if 0 < r["nfe"] <= steps), key=lambda r: r["fid"], default=None)
         if student is None or best is None or not student["fid_n"]:
             continue
-        measured[steps] = student
+        measured[steps] = student, best
         lines.append(
             f"- {steps} network evaluation{'s' if steps > 1 else ''}: ADD {steps}-step FID {fid_text(student)}; "
             f"{teacher_text(best, steps)}; ratio {student['fid_mean'] / best['fid']:.2f}{inside(student, best)}"
         )
     if MULTI_STEP in measured:
-        steps = min(measured, key=lambda s: measured[s]["fid_mean"])
-        best = min((r for r in rows if 0 < r["nfe"] <= MULTI_STEP), key=lambda r: r["fid"])
+        steps = min(measured, key=lambda s: measured[s][0]["fid_mean"])
+        student, best = measured[steps][0], measured[MULTI_STEP][1]
         if steps != MULTI_STEP:
             lines.append(
                 f"- within {MULTI_STEP} network evaluations ADD's best is its {steps}-step sampling, FID "
-                f"{fid_text(measured[steps])}, against {teacher_text(best, MULTI_STEP)}: ratio "
-                f"{measured[steps]['fid_mean'] / best['fid']:.2f}{inside(measured[steps], best)}"
+                f"{fid_text(student)}, against {teacher_text(best, MULTI_STEP)}: ratio "
+                f"{student['fid_mean'] / best['fid']:.2f}{inside(student, best)}"
             )
     header = f"Default cell of Table 1 against `results/teacher` ({teacher}, DDIM, best CFG)."
     return [header, "", *lines] if lines else []

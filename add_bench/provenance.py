@@ -139,7 +139,7 @@ def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
     weights folders (``unet/diffusion_pytorch_model.safetensors`` or ``model.safetensors`` beside a card.json);
     ``aliases`` are the blobs of the same tensors in an earlier layout (the card's ``converted_from``). Stable
     Diffusion pipeline folders, hub names and seeded random networks are left out."""
-    from add_bench.networks.unets import weights_file
+    from add_bench.networks.unets import read_card, weights_file
 
     out = {}
     for role, folder in folders.items():
@@ -149,7 +149,7 @@ def weights_versions(folders: dict[str, Path]) -> dict[str, dict[str, str]]:
             and (Path(folder) / "card.json").is_file()
             and not (Path(folder) / "model_index.json").is_file()
         ):
-            card = json.loads((Path(folder) / "card.json").read_text())
+            card = read_card(folder)
             aliases = [card["converted_from"]["blob"]] if "converted_from" in card else []
             out[role] = {"path": display_path(folder), "blob": blob_id(path), "aliases": aliases}
     return out
