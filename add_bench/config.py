@@ -29,7 +29,7 @@ T = TypeVar("T")
 # Version 1 is the schema of the first computed cells; a field added later is declared with
 # ``added(version, ...)``, and SCHEMA_VERSION is the highest version in use. Bump it when adding a field:
 # ``field_name: int = added(SCHEMA_VERSION + 1, default)`` and SCHEMA_VERSION = that version.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 class Added(NamedTuple):
@@ -299,6 +299,11 @@ class LossConfig:
     regression_weight: float = added(7, 0.0)
     regression_pairs: int = added(7, 2048)  # (ε, class, teacher output) pairs, made once per cell in its work folder
     regression_steps: int = added(7, 10)  # DPM-Solver++ steps of the teacher (guided by teacher.cfg_scale) per pair
+    # an extension, not the paper's: weight of the student's own diffusion loss on its real inputs at every
+    # student timestep below τN (losses.denoising_anchor); 0 = off
+    denoising_weight: float = added(9, 0.0)
+    # its w(s): v (1/σ², the teachers' v-prediction MSE) | eps (α²/σ², the ε-prediction MSE); losses.DENOISING_WEIGHTINGS
+    denoising_weighting: str = added(9, "v")
 
 
 @dataclass

@@ -201,13 +201,24 @@ def teacher_rows(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((root / "teacher" / "rows").glob("*.json"))]
 
 
-def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
-    """The default ADD cell against its own teacher at equal network evaluations (best teacher row with
-    NFE ≤ the student's steps, CFG counted as two evaluations)."""
+# Table 2's extension arm that meets the issue's three bars (ablations/methods.yaml; its evidence: the
+# denoising_anchor probe), set against its teacher beside the paper recipe's default cell
+EXTENSION_ROW = "add_reg_anchor1"
+EXTENSION_HEADER = (
+    "Table 2's ADD + regression + denoising anchor arm (an extension: `ablations/probes/denoising_anchor.yaml`)"
+)
+
+
+def equal_nfe_lines(
+    root: Path, default: Ablation | None, row: str | None = None, name: str = "ADD", header: str | None = None
+) -> list[str]:
+    """An ADD row (``row``; None: the ablation's default row) against its own teacher at equal network
+    evaluations (best teacher row with NFE ≤ the student's steps, CFG counted as two evaluations)."""
     if default is None:
         return []
-    d_row = default.head[default.head["default"]]
-    row = str(d_row.iloc[0]["name"]) if not d_row.empty else None
+    if row is None:
+        d_row = default.head[default.head["default"]]
+        row = str(d_row.iloc[0]["name"]) if not d_row.empty else None
     teacher = default_teacher(root, default)
     rows = [r for r in teacher_rows(root) if r.get("model") == teacher and r.get("fid") is not None]
     if row is None or not rows:
@@ -220,7 +231,7 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
             continue
         measured[steps] = student, best
         lines.append(
-            f"- {steps} network evaluation{'s' if steps > 1 else ''}: ADD {steps}-step FID {fid_text(student)}; "
+            f"- {steps} network evaluation{'s' if steps > 1 else ''}: {name} {steps}-step FID {fid_text(student)}; "
             f"{teacher_text(best, steps)}; ratio {student['fid_mean'] / best['fid']:.2f}{inside(student, best)}"
         )
     if MULTI_STEP in measured:
@@ -228,12 +239,12 @@ def equal_nfe_lines(root: Path, default: Ablation | None) -> list[str]:
         student, best = measured[steps][0], measured[MULTI_STEP][1]
         if steps != MULTI_STEP:
             lines.append(
-                f"- within {MULTI_STEP} network evaluations ADD's best is its {steps}-step sampling, FID "
+                f"- within {MULTI_STEP} network evaluations {name}'s best is its {steps}-step sampling, FID "
                 f"{fid_text(student)}, against {teacher_text(best, MULTI_STEP)}: ratio "
                 f"{student['fid_mean'] / best['fid']:.2f}{inside(student, best)}"
             )
-    header = f"Default cell of Table 1 against `results/teacher` ({teacher}, DDIM, best CFG)."
-    return [header, "", *lines] if lines else []
+    header = header or "Default cell of Table 1"
+    return [f"{header} against `results/teacher` ({teacher}, DDIM, best CFG).", "", *lines] if lines else []
 
 
 def inside(student, best: dict) -> str:
@@ -455,17 +466,31 @@ def handoff_lines(root: Path) -> list[str]:
     ]
 
 
-def loss_term_denoise_lines(root: Path) -> list[str]:
-    """The one-step denoising rows of Table 1d's students (``results/handoff_loss_terms``): which loss term
-    moves the student's low-noise map away from its input."""
-    return denoise_lines(
-        root / "handoff_loss_terms" / "denoise.csv",
+# further one-step denoising tables (``python -m add_bench.handoff ... --no-ladder --out results/<folder>``): folder,
+# then what its rows answer
+DENOISE_STUDIES = (
+    (
+        "handoff_loss_terms",
         "The same one-step denoising for Table 1d's students, trained with L_adv only, λ·L_distill only and both "
         "(`results/handoff_loss_terms/denoise.md`, written by `python -m add_bench.handoff ablations/loss_terms.yaml "
-        "--no-ladder`): which loss term moves the student's map away from its input. L_distill's target is the "
+        "'seeds=[0,1,2]' --cells adv_only,distill_only,both --no-ladder --out results/handoff_loss_terms`): which loss term moves the student's map away from its input. L_distill's target is the "
         "teacher's denoising of x̂θ re-noised to an independent t, so nothing in it refers to the student's input "
         "x_s. MSE to the clean image in [−1, 1]. `*`: the interval excludes 0.",
-    )
+    ),
+    (
+        "handoff_denoising_anchor",
+        "The same one-step denoising for the denoising-anchor probe (`results/handoff_denoising_anchor/denoise.md`, "
+        "written by `python -m add_bench.handoff ablations/probes/denoising_anchor.yaml 'seeds=[0,1,2]' --cells reg,reg_eps16 "
+        "--no-ladder --out results/handoff_denoising_anchor`): whether the "
+        "student's own diffusion loss below τN keeps its low-noise map where its init's was. MSE to the clean image "
+        "in [−1, 1]. `*`: the interval excludes 0.",
+    ),
+)
+
+
+def denoise_study_lines(root: Path) -> list[str]:
+    """The one-step denoising rows of each of :data:`DENOISE_STUDIES` that has been computed."""
+    return [line for folder, intro in DENOISE_STUDIES for line in denoise_lines(root / folder / "denoise.csv", intro)]
 
 
 def ladder_text(table: list[dict], lines: list[str]) -> list[str]:
@@ -697,6 +722,8 @@ def report(root: str | Path = "results") -> str:
     for ab in table1:
         out += section(ab, ab.title)
     lines = equal_nfe_lines(root, abls.get("loss_weighting"))
+    extension = equal_nfe_lines(root, abls.get(METHODS), EXTENSION_ROW, "the extension", EXTENSION_HEADER)
+    lines += [""] + extension if lines and extension else extension
     if lines:
         out += [
             "## The ADD student against its own teacher at equal network evaluations",
@@ -714,7 +741,7 @@ def report(root: str | Path = "results") -> str:
             *compute_lines(ab),
             *equal_compute_lines(ab),
         ]
-    lines = handoff_lines(root) + loss_term_denoise_lines(root)
+    lines = handoff_lines(root) + denoise_study_lines(root)
     if lines:
         out += ["## Where the student's multi-step sampling loses: the hand-off ladder", "", *lines]
     if probes:

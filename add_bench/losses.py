@@ -86,6 +86,28 @@ def noise_anchored_regression(x_student: torch.Tensor, x_teacher_ode: torch.Tens
     return (x_student - x_teacher_ode.detach()).pow(2).flatten(1).mean(1).mean()
 
 
+def denoising_anchor(x_student: torch.Tensor, x0: torch.Tensor, w_s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """An extension, not the paper's: the student's own diffusion loss on its real inputs, written on x0
+    predictions, E[ 1[s < τN]·w(s)·||x̂θ(x_s, s) − x0||² ] (pixel mean), with w(s) from
+    :data:`DENOISING_WEIGHTINGS`. ``keep`` masks the rows whose s is below τN (at τN, x_s holds no x0); the
+    mean runs over the whole batch, as Eq. 1's terms do."""
+    per_sample = (x_student - x0.detach()).pow(2).flatten(1).mean(1)
+    return (keep.float() * w_s.flatten() * per_sample).mean()
+
+
+def v_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """1/σ²: ||x̂0 − x0||²/σ² = ||v̂ − v||², the v-prediction MSE the teachers were trained with."""
+    return sigma.pow(-2)
+
+
+def eps_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """α²/σ²: ||x̂0 − x0||²·α²/σ² = ||ε̂ − ε||², DDPM's ε-prediction MSE (weight ∝ SNR: the low-noise steps)."""
+    return (alpha / sigma).pow(2)
+
+
+DENOISING_WEIGHTINGS = {"v": v_weight, "eps": eps_weight}
+
+
 # ------------------------------------------------------------------ c(t): the distillation weighting
 def c_exp(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Exponential weighting c(t) = α_t (the paper's default in the ablations)."""

@@ -41,6 +41,8 @@ from add_bench.errors import ConfigError, TrainingDiverged, command_line
 from add_bench.loop import LR_SCHEDULES, Run, drive, lr_at, set_threads
 from add_bench.losses import (
     C_WEIGHTINGS,
+    DENOISING_WEIGHTINGS,
+    denoising_anchor,
     discriminator_hinge_loss,
     distillation_loss,
     generator_adversarial_loss,
@@ -100,6 +102,7 @@ def validate(cfg: TrainConfig) -> None:
     check_positive(cfg.batch_size, "batch_size")
     execution.check(cfg.precision, cfg.micro_batch_size, cfg.batch_size, cfg.vae_decode_chunk)
     choose(C_WEIGHTINGS, cfg.loss.weighting, "loss.weighting")
+    choose(DENOISING_WEIGHTINGS, cfg.loss.denoising_weighting, "loss.denoising_weighting")
     choose(dict.fromkeys(TEACHER_SAMPLING), cfg.teacher.timestep_sampling, "teacher.timestep_sampling")
     choose(dict.fromkeys(NFSD_NEGATIVES), cfg.loss.nfsd_negative, "loss.nfsd_negative")
     choose(dict.fromkeys(("pretrained", "random")), cfg.student.init, "student.init")
@@ -119,15 +122,17 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.discriminator.minibatch_std < 0:
         raise ConfigError(f"discriminator.minibatch_std={cfg.discriminator.minibatch_std}: a group size ≥ 0 (0 = off)")
-    if cfg.loss.regression_weight < 0:
-        raise ConfigError(f"loss.regression_weight={cfg.loss.regression_weight}: must be ≥ 0 (0 = off)")
+    for key in ("regression_weight", "denoising_weight"):
+        if getattr(cfg.loss, key) < 0:
+            raise ConfigError(f"loss.{key}={getattr(cfg.loss, key)}: must be ≥ 0 (0 = off)")
     if cfg.loss.regression_weight > 0:
         check_positive(cfg.loss.regression_pairs, "loss.regression_pairs")
         check_positive(cfg.loss.regression_steps, "loss.regression_steps")
-    if not cfg.loss.adversarial and not cfg.loss.distillation and cfg.loss.regression_weight == 0:
+    lc = cfg.loss
+    if not lc.adversarial and not lc.distillation and lc.regression_weight == 0 and lc.denoising_weight == 0:
         raise ConfigError(
-            "loss.adversarial=false, loss.distillation=false and loss.regression_weight=0: at least one loss term "
-            "is needed"
+            "loss.adversarial=false, loss.distillation=false, loss.regression_weight=0 and loss.denoising_weight=0: "
+            "at least one loss term is needed"
         )
     if not 0 <= cfg.teacher.t_min < cfg.teacher.t_max <= 999:
         raise ConfigError(
@@ -443,6 +448,7 @@ def add_step(
             g = generator_losses(
                 nets,
                 cfg,
+                x0[rows],
                 x_s[rows],
                 s[rows],
                 labels[rows],
@@ -501,7 +507,7 @@ class Draws:
 
 @dataclass
 class GeneratorLosses:
-    total: torch.Tensor  # Eq. 1 (+ the regression term) of the micro-batch
+    total: torch.Tensor  # Eq. 1 (+ the extensions' terms, when on) of the micro-batch
     adv: torch.Tensor | None  # L_adv^G
     weighted_distill: torch.Tensor | None  # λ·L_distill
     fake_features: list[torch.Tensor] | None  # F(aug(x̂θ)), for the discriminator update
@@ -509,7 +515,7 @@ class GeneratorLosses:
 
 
 def generator_losses(
-    nets: Networks, cfg: TrainConfig, x_s, s, labels, c_text, c_img, teacher_cond, draws: Draws, gen
+    nets: Networks, cfg: TrainConfig, x0, x_s, s, labels, c_text, c_img, teacher_cond, draws: Draws, gen
 ) -> GeneratorLosses:
     """The student's x̂θ(x_s, s) on one micro-batch and its losses (fp32), with the draws made beforehand."""
     x_student = nets.student(x_s, s, labels).x0.float()  # x̂θ(x_s, s)
@@ -537,6 +543,11 @@ def generator_losses(
         loss_regression = regression_term(nets, cfg, len(s), gen, draws.regression_idx[draws.rows])
         total = total + cfg.loss.regression_weight * loss_regression
         values["loss_regression"] = loss_regression
+    if cfg.loss.denoising_weight > 0:
+        w_s = DENOISING_WEIGHTINGS[cfg.loss.denoising_weighting](*nets.student.schedule.alpha_sigma(s, x_s.ndim))
+        loss_denoising = denoising_anchor(x_student, x0.float(), w_s, s < max(cfg.student.timesteps))
+        total = total + cfg.loss.denoising_weight * loss_denoising
+        values["loss_denoising"] = loss_denoising
     return GeneratorLosses(total, loss_adv, weighted_distill, fake_features, values)
 
 

@@ -229,3 +229,9 @@ def test_the_student_against_its_teacher_within_a_budget_of_network_evaluations(
         "- within 4 network evaluations ADD's best is its 2-step sampling, FID 3.50 ± 1.00, against the teacher's "
         "best at ≤ 4 (DDIM 4 steps, CFG 1) 4.00: ratio 0.88 (the teacher's inside the student's interval)",
     ]
+    # a named row (Table 2's extension arm) under its own name and header
+    agg = pd.concat([agg, agg.assign(name="x", fid_mean=agg["fid_mean"] - 2.0, default=False)])
+    ab = findings.Ablation("methods", {}, df, agg, agg[agg["steps"] == 1], "")
+    named = findings.equal_nfe_lines(tmp_path, ab, row="x", name="the extension", header="Arm x")
+    assert named[0] == "Arm x against `results/teacher` (tt, DDIM, best CFG)."
+    assert named[-1].startswith("- within 4 network evaluations the extension's best is its 2-step sampling, FID 1.50")

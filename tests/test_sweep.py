@@ -173,6 +173,8 @@ def test_added_fields_are_the_hand_kept_list_they_replace():
         "loss.regression_weight": 0.0,
         "loss.regression_pairs": 2048,
         "loss.regression_steps": 10,
+        "loss.denoising_weight": 0.0,
+        "loss.denoising_weighting": "v",
         "eval.coco": {"root": None, "split": "val2017", "resolution": 512},
         "eval.cluster": {"inception": None, "clip_model": "ViT-g-14", "clip_weights": None},
         "coco": {"root": None, "split": "train2017", "resolution": 512},
