@@ -473,17 +473,18 @@ DENOISE_STUDIES = (
         "handoff_loss_terms",
         "The same one-step denoising for Table 1d's students, trained with L_adv only, λ·L_distill only and both "
         "(`results/handoff_loss_terms/denoise.md`, written by `python -m add_bench.handoff ablations/loss_terms.yaml "
-        "'seeds=[0,1,2]' --cells adv_only,distill_only,both --no-ladder --out results/handoff_loss_terms`): which loss term moves the student's map away from its input. L_distill's target is the "
-        "teacher's denoising of x̂θ re-noised to an independent t, so nothing in it refers to the student's input "
-        "x_s. MSE to the clean image in [−1, 1]. `*`: the interval excludes 0.",
+        "'seeds=[0,1,2]' --cells adv_only,distill_only,both --no-ladder --out results/handoff_loss_terms`): which "
+        "loss term moves the student's map away from its input. L_distill's target is the teacher's denoising of x̂θ "
+        "re-noised to an independent t, so nothing in it refers to the student's input x_s. MSE to the clean image "
+        "in [−1, 1]. `*`: the interval excludes 0.",
     ),
     (
         "handoff_denoising_anchor",
         "The same one-step denoising for the denoising-anchor probe (`results/handoff_denoising_anchor/denoise.md`, "
-        "written by `python -m add_bench.handoff ablations/probes/denoising_anchor.yaml 'seeds=[0,1,2]' --cells reg,reg_eps16 "
-        "--no-ladder --out results/handoff_denoising_anchor`): whether the "
-        "student's own diffusion loss below τN keeps its low-noise map where its init's was. MSE to the clean image "
-        "in [−1, 1]. `*`: the interval excludes 0.",
+        "written by `python -m add_bench.handoff ablations/probes/denoising_anchor.yaml 'seeds=[0,1,2]' --cells "
+        "reg,reg_eps16 --no-ladder --out results/handoff_denoising_anchor`): whether the student's own diffusion "
+        "loss below τN keeps its low-noise map where its init's was. MSE to the clean image in [−1, 1]. `*`: the "
+        "interval excludes 0.",
     ),
 )
 
@@ -721,9 +722,12 @@ def report(root: str | Path = "results") -> str:
     ]
     for ab in table1:
         out += section(ab, ab.title)
-    lines = equal_nfe_lines(root, abls.get("loss_weighting"))
-    extension = equal_nfe_lines(root, abls.get(METHODS), EXTENSION_ROW, "the extension", EXTENSION_HEADER)
-    lines += [""] + extension if lines and extension else extension
+    lines: list[str] = []
+    for block in (
+        equal_nfe_lines(root, abls.get("loss_weighting")),
+        equal_nfe_lines(root, abls.get(METHODS), EXTENSION_ROW, "the extension", EXTENSION_HEADER),
+    ):
+        lines += ([""] if lines and block else []) + block
     if lines:
         out += [
             "## The ADD student against its own teacher at equal network evaluations",
